@@ -1,0 +1,259 @@
+"""The stage spec: one declaration of every exportable graph's inputs, outputs and dynamic dims.
+
+Everything that needs a shape reads it from here: ONNX export (names, dynamic axes), TensorRT
+optimisation profiles, calibration and validation feeds (min / opt / max points), and the runtime's
+input checks. A shape entry is an int (static) or an expression over dim names, such as "T", "T*480"
+or "P+S"; every dim must appear alone in at least one input so that sizes can be read back from a
+feed. `fill` says how synthetic data for that input is drawn, so validation feeds look like real
+ones (token ids in range, masks of ones, flow time in [0, 1)).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from models.errors import UserError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+POINTS = ("min", "opt", "max")
+
+
+@dataclass(frozen=True)
+class Dim:
+    name: str
+    min: int
+    opt: int
+    max: int
+    doc: str = ""
+
+    def __post_init__(self):
+        if not (0 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"dim {self.name}: need 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+@dataclass(frozen=True)
+class Fill:
+    """How synthetic values for an input are drawn: normal(a=mean, b=std), uniform[a, b),
+    integers[a, b), const(a), or one of `values`."""
+
+    kind: str = "normal"
+    a: float = 0.0
+    b: float = 1.0
+    values: tuple = ()
+
+
+def normal(std: float = 1.0, mean: float = 0.0) -> Fill:
+    return Fill("normal", mean, std)
+
+
+def uniform(lo: float = 0.0, hi: float = 1.0) -> Fill:
+    return Fill("uniform", lo, hi)
+
+
+def integers(lo: int, hi: int) -> Fill:
+    return Fill("integers", lo, hi)
+
+
+def const(value: float) -> Fill:
+    return Fill("const", value)
+
+
+def choice(*values) -> Fill:
+    return Fill("choice", values=tuple(values))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple
+    fill: Fill = field(default_factory=Fill)
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name}: unknown dtype {self.dtype}")
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _eval(expr: str, sizes: dict[str, int]) -> int:
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return sizes[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        raise ValueError(f"unsupported shape expression {expr!r}")
+
+    return walk(ast.parse(expr, mode="eval"))
+
+
+def _names(expr) -> set[str]:
+    if isinstance(expr, int):
+        return set()
+    return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    stage: str
+    inputs: tuple
+    outputs: tuple
+    dims: tuple
+    doc: str = ""
+
+    def __post_init__(self):
+        declared = {d.name for d in self.dims}
+        alone = {s for t in self.inputs for s in t.shape if isinstance(s, str) and s.isidentifier()}
+        for t in (*self.inputs, *self.outputs):
+            for s in t.shape:
+                unknown = _names(s) - declared
+                if unknown:
+                    raise ValueError(f"{self.name}.{t.name}: undeclared dims {sorted(unknown)}")
+        missing = declared - alone
+        if missing:
+            raise ValueError(f"{self.name}: dims {sorted(missing)} never appear alone in an input shape")
+
+    # -- sizes and shapes -------------------------------------------------------------------------
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def sizes_at(self, point: str | dict) -> dict[str, int]:
+        if isinstance(point, dict):
+            sizes = {d.name: getattr(d, "opt") for d in self.dims}
+            sizes.update(point)
+            return sizes
+        if point not in POINTS:
+            raise ValueError(f"point must be one of {POINTS}")
+        return {d.name: getattr(d, point) for d in self.dims}
+
+    @staticmethod
+    def shape_of(tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(s if isinstance(s, int) else _eval(s, sizes) for s in tensor.shape)
+
+    def input_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: self.shape_of(t, sizes) for t in self.inputs}
+
+    def output_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: self.shape_of(t, sizes) for t in self.outputs}
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Per-input (min, opt, max) shapes: a TensorRT optimisation profile."""
+        points = [self.input_shapes(self.sizes_at(p)) for p in POINTS]
+        return {t.name: tuple(p[t.name] for p in points) for t in self.inputs}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Axis names per input and output for ONNX export (an expression keeps its text)."""
+        return {t.name: {i: s for i, s in enumerate(t.shape) if isinstance(s, str)}
+                for t in (*self.inputs, *self.outputs)}
+
+    # -- checking a feed --------------------------------------------------------------------------
+    def check_feed(self, feed: dict) -> dict[str, int]:
+        """Validate names, ranks, dtypes and dim ranges of `feed`; return the dim sizes.
+
+        Raises UserError naming the offending input and the allowed range, so a request beyond
+        an engine profile is refused before any backend sees it."""
+        names = [t.name for t in self.inputs]
+        missing = [n for n in names if n not in feed]
+        extra = [n for n in feed if n not in names]
+        if missing or extra:
+            raise UserError(f"graph {self.name}: inputs {sorted(feed)} do not match the spec {names}.",
+                            "pass exactly the inputs the spec lists")
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            shape = tuple(feed[t.name].shape)
+            if len(shape) != len(t.shape):
+                raise UserError(f"graph {self.name}: input {t.name} has rank {len(shape)}, expected {len(t.shape)} {t.shape}.",
+                                "reshape the input to the spec")
+            dtype = str(feed[t.name].dtype).replace("torch.", "")
+            if dtype != t.dtype:
+                raise UserError(f"graph {self.name}: input {t.name} is {dtype}, expected {t.dtype}.",
+                                f"cast it to {t.dtype}")
+            for s, n in zip(t.shape, shape):
+                if isinstance(s, str) and s.isidentifier():
+                    if sizes.setdefault(s, n) != n:
+                        raise UserError(f"graph {self.name}: dim {s} is {sizes[s]} in one input and {n} in {t.name}.",
+                                        "make the inputs agree")
+        for d in self.dims:
+            n = sizes[d.name]
+            if not d.min <= n <= d.max:
+                what = d.doc or d.name
+                raise UserError(
+                    f"graph {self.name}: {what} = {n} is outside the supported range [{d.min}, {d.max}] "
+                    f"(dim {d.name}).", "shorten or split the request, or rebuild with a larger profile")
+        for t in self.inputs:
+            want = self.shape_of(t, sizes)
+            got = tuple(feed[t.name].shape)
+            if want != got:
+                raise UserError(f"graph {self.name}: input {t.name} has shape {got}, expected {want}.",
+                                "make its shape follow the spec")
+        return sizes
+
+    # -- synthetic feeds --------------------------------------------------------------------------
+    def sample_feed(self, point: str | dict = "opt", seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+        sizes = self.sizes_at(point)
+        gen = torch.Generator().manual_seed(seed)
+        feed = {}
+        for t in self.inputs:
+            feed[t.name] = sample_tensor(t, self.shape_of(t, sizes), gen).to(device)
+        return feed
+
+    # -- serialisation (ONNX metadata, manifests) --------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphSpec":
+        def tensor(x):
+            return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]),
+                              Fill(x["fill"]["kind"], x["fill"]["a"], x["fill"]["b"], tuple(x["fill"]["values"])),
+                              x.get("doc", ""))
+        return cls(d["name"], d["stage"], tuple(tensor(t) for t in d["inputs"]),
+                   tuple(tensor(t) for t in d["outputs"]), tuple(Dim(**x) for x in d["dims"]), d.get("doc", ""))
+
+    @classmethod
+    def from_json(cls, s: str) -> "GraphSpec":
+        return cls.from_dict(json.loads(s))
+
+
+def sample_tensor(t: TensorSpec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    dtype = DTYPES[t.dtype]
+    f = t.fill
+    if f.kind == "normal":
+        x = torch.randn(shape, generator=gen) * f.b + f.a
+    elif f.kind == "uniform":
+        x = torch.rand(shape, generator=gen) * (f.b - f.a) + f.a
+    elif f.kind == "integers":
+        x = torch.randint(int(f.a), int(f.b), shape, generator=gen)
+    elif f.kind == "const":
+        x = torch.full(shape, f.a)
+    elif f.kind == "choice":
+        idx = torch.randint(0, len(f.values), shape, generator=gen)
+        x = torch.tensor(f.values)[idx]
+    else:
+        raise ValueError(f"unknown fill {f.kind}")
+    return x.to(dtype)
