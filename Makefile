@@ -1,0 +1,36 @@
+# make setup       create .venv with pinned dependencies (CPU torch unless TORCH says otherwise)
+# make synthesize  text -> out.wav on the default tiny model, with per-stage times and RTF
+# make test        the test suite (CPU; GPU / TensorRT tests skip with a reason)
+# make engines     export + fp32/fp16/int8 artifacts (+ TensorRT plans where TensorRT is installed)
+
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  ?= cosyvoice3-tiny
+TEXT   ?= Hello! This is a quick test of the speech pipeline. It runs every stage on the CPU.
+OUT    ?= out.wav
+DEVICE ?= cpu
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup synthesize test engines clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+synthesize: setup
+	$(BIN)/python -m runtime.synthesize --model $(MODEL) --text "$(TEXT)" --out $(OUT) --device $(DEVICE)
+
+test: setup
+	$(BIN)/python -m pytest
+
+engines: setup
+	$(BIN)/python -m export build --model $(MODEL) --precision fp32,fp16,int8 --trt
+
+clean:
+	rm -rf engines/*/ reports/*.tmp .pytest_cache
