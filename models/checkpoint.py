@@ -43,9 +43,10 @@ def strip_prefix(sd: dict, prefix: str) -> dict:
 
 
 def _fold(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # weight_norm(dim=0): the norm is taken over every dim but 0 (for ConvTranspose1d dim 0 is in_channels)
-    dims = tuple(range(1, v.dim()))
-    return (g * v / v.norm(dim=dims, keepdim=True)).to(v.dtype)
+    # weight_norm(dim=0): the norm is taken over every dim but 0 (for ConvTranspose1d dim 0 is
+    # in_channels). torch._weight_norm is the exact kernel upstream's parametrization runs, so the
+    # folded weight is bitwise what upstream computes at every forward.
+    return torch._weight_norm(v, g, 0)
 
 
 def fold_weight_norm(sd: dict) -> dict:

@@ -1,0 +1,282 @@
+"""CosyVoice3's flow-matching estimator: the DiT (diffusion transformer) of upstream
+`cosyvoice/flow/DiT/dit.py` + `modules.py`, rewritten as one export-friendly graph.
+
+The module tree mirrors upstream so that `state_dict()` keys equal upstream's
+`flow.decoder.estimator.*` keys (with that prefix removed), including the persistent
+`rotary_embed.inv_freq` buffer upstream files carry:
+
+    time_embed.time_mlp.{0,2}                  sinusoidal(256, scale 1000) -> Linear -> SiLU -> Linear
+    input_embed.proj                           Linear(cat[x, cond, mu, spks] -> dim)
+    input_embed.conv_pos_embed.conv{1,2}.0     causal grouped Conv1d(k=31, groups=16) + Mish, residual
+    rotary_embed.inv_freq                      x-transformers RotaryEmbedding(dim_head) buffer
+    transformer_blocks.N.attn_norm.linear      AdaLayerNormZero (6 modulation vectors from t)
+    transformer_blocks.N.attn.to_{q,k,v}, to_out.0
+    transformer_blocks.N.ff.ff.0.0, ff.ff.2    FeedForward, GELU(tanh)
+    norm_out.linear                            AdaLayerNormZero_Final (scale, shift)
+    proj_out                                   Linear(dim -> mel_dim)
+
+Numerics follow upstream op for op (same op order, same SDPA call with a boolean [B,1,T,T] mask),
+so outputs agree with upstream to float32 rounding. Two upstream quirks are kept on purpose:
+
+* Rotary embedding (x-transformers, interleaved pairs, freqs of width dim_head) is applied to the
+  full-width q/k BEFORE the head split, so only the first dim_head channels (head 0) rotate.
+* Each attention output is zeroed where the LAST ROW of the attention mask is False
+  (`x.masked_fill(~mask[:, 0, -1, :, None], 0)`), i.e. at invalid frames.
+
+Graph rules: no host syncs, no branches on tensor values, no random ops (dropout is replaced by
+identities; it only exists in training). Streaming vs offline is an input, `chunk_frames` (int64 [1]):
+0 = full attention over valid frames (upstream streaming=False), >0 = static-chunk attention with
+that chunk size in frames (upstream streaming=True uses static_chunk_size = 50).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.errors import UserError
+from models.layers import chunk_attention_mask
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int
+    depth: int
+    heads: int
+    dim_head: int
+    ff_mult: int = 2
+    mel_dim: int = 80
+    mu_dim: int = 80
+    spk_dim: int = 80
+    out_channels: int = 80
+    static_chunk_size: int = 50
+    num_decoding_left_chunks: int = -1
+
+    @classmethod
+    def from_upstream(cls, kwargs: dict) -> "DiTConfig":
+        """Build from upstream `DiT(**kwargs)` constructor kwargs (config.json
+        `flow.decoder.estimator.kwargs` or a `{"kwargs": ...}` entry). Training-only kwargs (dropout)
+        are ignored; options this implementation does not provide raise UserError."""
+        if "kwargs" in kwargs and isinstance(kwargs["kwargs"], dict):
+            kwargs = kwargs["kwargs"]
+        kw = dict(kwargs)
+        if kw.pop("long_skip_connection", False):
+            raise UserError("DiT config sets long_skip_connection=True, which CosyVoice3 does not use and this "
+                            "implementation does not provide.", "use a CosyVoice3 flow config (long_skip_connection=false)")
+        kw.pop("dropout", None)
+        if "dim" not in kw:
+            raise UserError("DiT config has no 'dim'.", "pass the flow.decoder.estimator kwargs of the model config")
+        if kw.get("mu_dim") is None:
+            kw["mu_dim"] = kw.get("mel_dim", cls.mel_dim)
+        if kw.get("spk_dim") is None:
+            # upstream treats spk_dim=None as 0 (no speaker input); CosyVoice3 always has one
+            raise UserError("DiT config has spk_dim=None (no speaker input), which CosyVoice3 does not use.",
+                            "use a CosyVoice3 flow config (spk_dim=80)")
+        if kw.get("out_channels") is None:
+            kw["out_channels"] = kw.get("mel_dim", cls.mel_dim)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise UserError(f"DiT config has unknown keys {unknown}.", "pass upstream DiT constructor kwargs")
+        cfg = cls(**{k: int(v) for k, v in kw.items()})
+        if cfg.dim % 16:
+            raise UserError(f"DiT dim {cfg.dim} is not divisible by 16 (the conv position embedding groups).",
+                            "use the model's own config")
+        return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks (names follow upstream so state_dict keys match)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of the flow time (scale 1000, `freq_embed_dim` wide) -> MLP."""
+
+    def __init__(self, dim: int, freq_embed_dim: int = 256):
+        super().__init__()
+        self.freq_embed_dim = freq_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_embed_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # [B] -> [B, dim]
+        half = self.freq_embed_dim // 2
+        step = math.log(10000) / (half - 1)
+        freqs = torch.exp(torch.arange(half, device=t.device).float() * -step)
+        arg = 1000 * t.unsqueeze(1) * freqs.unsqueeze(0)
+        hidden = torch.cat((arg.sin(), arg.cos()), dim=-1).to(t.dtype)
+        return self.time_mlp(hidden)
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        h = x.permute(0, 2, 1)
+        h = self.conv1(F.pad(h, (self.kernel_size - 1, 0)))
+        h = self.conv2(F.pad(h, (self.kernel_size - 1, 0)))
+        return h.permute(0, 2, 1)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, mu_dim: int, out_dim: int, spk_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(mel_dim * 2 + mu_dim + spk_dim, out_dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(out_dim)
+
+    def forward(self, x, cond, mu, spks):  # [B,T,80] x3, [B,S] -> [B,T,D]
+        spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)
+        h = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
+        return self.conv_pos_embed(h) + h
+
+
+class RotaryEmbedding(nn.Module):
+    """x-transformers RotaryEmbedding(dim) without xpos / interpolation: holds the persistent
+    `inv_freq` buffer ([dim/2], 1/base^(2i/dim)) and returns interleaved angles [1, T, dim]."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)))
+
+    def forward(self, seq_len_like: torch.Tensor) -> torch.Tensor:
+        """Angles for positions 0..T-1, T = seq_len_like.shape[1]."""
+        pos = torch.arange(seq_len_like.shape[1], device=self.inv_freq.device).to(self.inv_freq.dtype)
+        freqs = pos[:, None] * self.inv_freq[None, :]  # [T, dim/2]
+        return torch.stack((freqs, freqs), dim=-1).flatten(-2).unsqueeze(0)  # [1, T, dim], pairs interleaved
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of x [B, T, C] (interleaved pairs (x0, x1) ->
+    (x0 cos - x1 sin, x1 cos + x0 sin)); the remaining channels pass through."""
+    rot_dim = cos.shape[-1]
+    xr, xp = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = xr.unflatten(-1, (rot_dim // 2, 2))
+    x1, x2 = pairs.unbind(dim=-1)
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    return torch.cat((xr * cos + rotated * sin, xp), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])  # [1] was Dropout upstream
+
+    def forward(self, x, attn_mask, cos, sin):
+        """x [B,T,D]; attn_mask bool [B,1,T,T] (True = may attend); cos/sin [1,T,dim_head]."""
+        B = x.shape[0]
+        q = apply_rotary(self.to_q(x), cos, sin)
+        k = apply_rotary(self.to_k(x), cos, sin)
+        v = self.to_v(x)
+        head_dim = k.shape[-1] // self.heads
+        q = q.view(B, -1, self.heads, head_dim).transpose(1, 2)
+        k = k.view(B, -1, self.heads, head_dim).transpose(1, 2)
+        v = v.view(B, -1, self.heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        o = o.transpose(1, 2).reshape(B, -1, self.heads * head_dim).to(q.dtype)
+        o = self.to_out[1](self.to_out[0](o))
+        # upstream: zero the output where the last row of the attention mask is False
+        return o.masked_fill(~attn_mask[:, 0, -1].unsqueeze(-1), 0.0)
+
+
+class AdaLayerNormZero(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 6)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, emb):
+        emb = self.linear(self.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = torch.chunk(emb, 6, dim=1)
+        x = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroFinal(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 2)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, emb):
+        emb = self.linear(self.silu(emb))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        inner = int(dim * mult)
+        # indices as upstream: ff.0 = (Linear, GELU), ff.1 = Dropout (identity here), ff.2 = Linear
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+                                nn.Identity(), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(dim)
+        self.attn = Attention(dim, heads, dim_head)
+        self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x, t, attn_mask, cos, sin):
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
+        x = x + gate_msa.unsqueeze(1) * self.attn(norm, attn_mask, cos, sin)
+        ff_in = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp.unsqueeze(1) * self.ff(ff_in)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Velocity estimator of CosyVoice3's flow matching.
+
+    forward(x [B,80,T], mask [B,1,T] float (1 = valid frame), mu [B,80,T], t [B], spks [B,80],
+            cond [B,80,T], chunk_frames int64 [1]) -> velocity [B,80,T]
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.static_chunk_size = cfg.static_chunk_size
+        self.time_embed = TimestepEmbedding(cfg.dim)
+        self.input_embed = InputEmbedding(cfg.mel_dim, cfg.mu_dim, cfg.dim, cfg.spk_dim)
+        self.rotary_embed = RotaryEmbedding(cfg.dim_head)
+        self.transformer_blocks = nn.ModuleList(
+            [DiTBlock(cfg.dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)])
+        self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
+
+    def forward(self, x, mask, mu, t, spks, cond, chunk_frames):
+        x = x.transpose(1, 2)
+        mu = mu.transpose(1, 2)
+        cond = cond.transpose(1, 2)
+        temb = self.time_embed(t)
+        h = self.input_embed(x, cond, mu, spks)
+
+        angles = self.rotary_embed(h)
+        cos, sin = angles.cos(), angles.sin()
+        attn_mask = chunk_attention_mask(mask[:, 0, :] != 0, chunk_frames).unsqueeze(1)  # [B,1,T,T]
+
+        for block in self.transformer_blocks:
+            h = block(h, temb, attn_mask, cos, sin)
+        h = self.norm_out(h, temb)
+        return self.proj_out(h).transpose(1, 2)

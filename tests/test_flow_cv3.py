@@ -1,0 +1,320 @@
+"""CosyVoice3 flow stage (models/dit.py, models/flow.py) against the golden upstream data.
+
+Golden: tests/data/golden/cosyvoice3/ (see tests/data/golden/README.md). Upstream outputs were computed
+on another CPU; recomputing them here with upstream's own code differs from the files by ~1e-6
+(float32 rounding), and our modules reproduce that local upstream run bit for bit, so the
+tolerances below are float32-rounding tolerances, not model slack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim, export
+
+from models.checkpoint import fold_weight_norm, load_strict
+from models.dit import DiT, DiTConfig
+from models.errors import UserError
+from models.flow import (CV3TokenEncoder, Flow, FlowConfig, FlowSolver, SolverConfig, TokenEncoder,
+                         build_cosyvoice3_flow, euler_schedule)
+from models.layers import chunk_attention_mask
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden", "cosyvoice3")
+ATOL = 1e-4
+CASES = ("", "stream_")  # case A (no prompt, offline, finalize) and case B (prompt, streaming, not finalize)
+
+
+def _load(name):
+    return torch.load(os.path.join(GOLDEN, name), map_location="cpu", weights_only=True)
+
+
+def _maxdiff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def config():
+    with open(os.path.join(GOLDEN, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def flow_sd():
+    return _load("flow.pt")
+
+
+@pytest.fixture(scope="module")
+def flow(config, flow_sd):
+    f = build_cosyvoice3_flow(FlowConfig.from_upstream(config))
+    load_strict(f, fold_weight_norm(flow_sd), "flow.pt")
+    return f.eval()
+
+
+@pytest.fixture(scope="module")
+def est_io():
+    return _load("estimator_io.pt")
+
+
+@pytest.fixture(scope="module")
+def inf_io():
+    return _load("flow_inference_io.pt")
+
+
+def _cond(io, p):
+    """The cond upstream passes to the decoder: prompt mel on the first frames, zeros after."""
+    mu = io[p + "decoder_mu"]
+    cond = torch.zeros_like(mu)
+    pf = io[p + "prompt_feat"]
+    cond[:, :, : pf.shape[1]] = pf.transpose(1, 2)
+    return cond
+
+
+def _solver_args(io, p):
+    chunk = torch.tensor([50 if io[p + "streaming"] else 0])
+    return (io[p + "z"], io[p + "decoder_mask"], io[p + "decoder_mu"], io[p + "decoder_spks"], _cond(io, p), chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# config and checkpoint
+
+
+def test_config_from_upstream(config):
+    cfg = FlowConfig.from_upstream(config)
+    assert cfg.estimator == DiTConfig(dim=64, depth=2, heads=2, dim_head=32, ff_mult=2, mel_dim=80, mu_dim=80,
+                                      spk_dim=80, out_channels=80, static_chunk_size=50, num_decoding_left_chunks=-1)
+    assert (cfg.vocab_size, cfg.input_size, cfg.output_size, cfg.spk_embed_dim) == (100, 80, 80, 192)
+    assert (cfg.token_mel_ratio, cfg.pre_lookahead_len, cfg.pre_lookahead_channels) == (2, 3, 64)
+    assert (cfg.n_timesteps, cfg.inference_cfg_rate, cfg.t_scheduler) == (10, 0.7, "cosine")
+    # the resolved kwargs (with training-only dropout / long_skip_connection=False) are accepted too
+    assert DiTConfig.from_upstream(config["resolved_kwargs"]["flow.decoder.estimator"]) == cfg.estimator
+    with pytest.raises(UserError):
+        DiTConfig.from_upstream({**config["flow.decoder.estimator"]["kwargs"], "long_skip_connection": True})
+    with pytest.raises(UserError):
+        SolverConfig(t_scheduler="exp")
+
+
+def test_state_dict_keys_match_upstream(flow, flow_sd):
+    assert isinstance(flow.token_encoder, CV3TokenEncoder) and isinstance(flow.decoder.estimator, DiT)
+    assert set(flow.state_dict()) == set(flow_sd)
+    assert "decoder.estimator.rotary_embed.inv_freq" in flow.state_dict()
+    assert "rand_noise" not in flow.state_dict()  # non-persistent, like upstream
+    est_keys = {k[len("decoder.estimator."):] for k in flow_sd if k.startswith("decoder.estimator.")}
+    assert set(flow.decoder.estimator.state_dict()) == est_keys
+    for k, v in flow.state_dict().items():
+        assert torch.equal(v, flow_sd[k]), k
+
+
+def test_wrong_checkpoint_raises_user_error(config, flow_sd):
+    kw = dict(config["flow.decoder.estimator"]["kwargs"], dim=32)
+    small = build_cosyvoice3_flow(FlowConfig.from_upstream({**config, "flow.decoder.estimator": kw}))
+    with pytest.raises(UserError, match="wrong shapes"):
+        load_strict(small, fold_weight_norm(flow_sd), "flow.pt")
+    deeper = build_cosyvoice3_flow(FlowConfig.from_upstream(
+        {**config, "flow.decoder.estimator": dict(config["flow.decoder.estimator"]["kwargs"], depth=3)}))
+    with pytest.raises(UserError, match="missing keys"):
+        load_strict(deeper, fold_weight_norm(flow_sd), "flow.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# estimator
+
+
+def test_estimator_matches_golden(flow, est_io):
+    est = flow.decoder.estimator
+    io = est_io
+    with torch.inference_mode():
+        out = est(io["x"], io["mask"], io["mu"], io["t"], io["spks"], io["cond"], torch.tensor([0]))
+        out_s = est(io["x_streaming"], io["mask_streaming"], io["mu_streaming"], io["t_streaming"],
+                    io["spks_streaming"], io["cond_streaming"], torch.tensor([50]))
+    assert _maxdiff(out, io["out"]) < ATOL
+    assert _maxdiff(out_s, io["out_streaming"]) < ATOL
+    # the chunk input really switches the attention (first chunk no longer sees frames 50..55) ...
+    with torch.inference_mode():
+        full = est(io["x_streaming"], io["mask_streaming"], io["mu_streaming"], io["t_streaming"],
+                   io["spks_streaming"], io["cond_streaming"], torch.tensor([0]))
+    assert _maxdiff(full[:, :, :50], io["out_streaming"][:, :, :50]) > 1e-3
+    # ... and the mask it builds is upstream's
+    valid = io["mask_streaming"][:, 0] != 0
+    assert torch.equal(chunk_attention_mask(valid, torch.tensor([50])), io["chunk_mask_streaming"])
+
+
+def test_estimator_masks_invalid_frames(flow, est_io):
+    """Padded frames: attention ignores them and the attention output there is zeroed, as upstream."""
+    est = flow.decoder.estimator
+    io = est_io
+    mask = io["mask"].clone()
+    mask[0, :, 12:] = 0
+    args = (io["x"], mask, io["mu"], io["t"], io["spks"], io["cond"], torch.tensor([0]))
+    with torch.inference_mode():
+        out = est(*args)
+        # frames < 12 never see the padded ones (causal convs, masked keys): equal to a run on the prefix
+        short = est(*(a[:1, ..., :12] if a.dim() == 3 else a[:1] for a in args[:6]), torch.tensor([0]))
+    assert _maxdiff(out[:1, :, :12], short) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# encoder, noise, solver, inference
+
+
+def test_fixed_noise_equals_golden(flow, inf_io):
+    assert flow.rand_noise.shape == (1, 80, 15000)
+    assert torch.equal(flow.rand_noise[:, :, :20], inf_io["z"])
+    assert torch.equal(flow.rand_noise[:, :, :54], inf_io["stream_z"])
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_encoder_matches_golden(flow, inf_io, p):
+    io = inf_io
+    tokens = torch.cat([io[p + "prompt_token"], io[p + "token"]], dim=1).long()
+    with torch.inference_mode():
+        mu, spks = flow.token_encoder.encode(tokens, io[p + "embedding"], io[p + "streaming"], io[p + "finalize"])
+    assert _maxdiff(mu, io[p + "decoder_mu"]) < 1e-5
+    assert _maxdiff(spks, io[p + "decoder_spks"]) < 1e-5
+
+
+def test_padding_tokens_embed_to_zero(flow, inf_io):
+    enc = flow.token_encoder
+    tok = inf_io["stream_token"].long()[:, :8]
+    padded = torch.cat([tok, torch.cat([tok[:, :5], torch.full((1, 3), -1)], dim=1)], dim=0)
+    emb = inf_io["embedding"].expand(2, -1)
+    seen = []
+
+    def grab(module, inputs):  # the embedded tokens entering the pre-lookahead conv
+        seen.append(inputs[0].clone())
+
+    hook = enc.pre_lookahead_layer.register_forward_pre_hook(grab)
+    try:
+        with torch.inference_mode():
+            mu, spks = enc(padded, emb)
+            mu_short, _ = enc(tok[:, :5], emb[:1])
+    finally:
+        hook.remove()
+    assert mu.shape == (2, 80, 16) and spks.shape == (2, 80)
+    assert torch.count_nonzero(seen[0][1, 5:]) == 0
+    assert torch.count_nonzero(seen[0][1, :5]) > 0
+    # zero embeddings equal the conv's zero padding: the valid frames match an unpadded run
+    assert _maxdiff(mu[1:, :, :10], mu_short) < 1e-6
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_solver_matches_golden(flow, inf_io, p):
+    args = _solver_args(inf_io, p)
+    with torch.inference_mode():
+        mel = flow.decoder(*args)
+    prompt = inf_io[p + "prompt_feat"].shape[1]
+    assert _maxdiff(mel[:, :, prompt:], inf_io[p + "mel"]) < ATOL
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_inference_matches_golden(flow, inf_io, p):
+    io = inf_io
+    mel = flow.inference(io[p + "token"], io[p + "prompt_token"], io[p + "prompt_feat"], io[p + "embedding"],
+                         streaming=io[p + "streaming"], finalize=io[p + "finalize"])
+    assert mel.dtype == torch.float32
+    assert _maxdiff(mel, io[p + "mel"]) < ATOL
+
+
+def test_euler_schedule():
+    t, dt = euler_schedule(SolverConfig())
+    span = 1 - torch.cos(torch.linspace(0, 1, 11) * 0.5 * torch.pi)
+    assert t[0] == 0 and len(t) == len(dt) == 10
+    torch.testing.assert_close(t, span[:-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(t + dt, span[1:], rtol=0, atol=1e-6)
+
+
+class _ToyEstimator(nn.Module):
+    """Velocity mu + spks: zero on the unconditional half of the CFG batch."""
+
+    def forward(self, x, mask, mu, t, spks, cond, chunk_frames):
+        return (mu + spks[:, :, None] + cond) * mask
+
+
+def test_solver_takes_any_estimator():
+    solver = FlowSolver(_ToyEstimator(), SolverConfig(n_timesteps=4, inference_cfg_rate=0.5, t_scheduler="linear"))
+    g = torch.Generator().manual_seed(1)
+    z, mu, cond = (torch.randn(3, 80, 7, generator=g) for _ in range(3))
+    spks = torch.randn(3, 80, generator=g)
+    mel = solver(z, torch.ones(3, 1, 7), mu, spks, cond, torch.tensor([0]))
+    torch.testing.assert_close(mel, z + 1.5 * (mu + spks[:, :, None] + cond), rtol=0, atol=1e-5)
+
+
+def test_flow_accepts_any_token_encoder():
+    class Enc(TokenEncoder):
+        def __init__(self):
+            super().__init__()
+            self.input_embedding = nn.Embedding(10, 80)
+            self.encoder_proj = nn.Linear(80, 80)
+
+        def forward(self, tokens, embedding):
+            h = self.encoder_proj(self.input_embedding(tokens.clamp(min=0)))
+            return h.repeat_interleave(2, dim=1).transpose(1, 2), embedding[:, :80]
+
+    f = Flow(Enc(), FlowSolver(_ToyEstimator(), SolverConfig(n_timesteps=2)), static_chunk_size=50)
+    assert {k.split(".")[0] for k in f.state_dict()} == {"input_embedding", "encoder_proj"}
+    mel = f.inference(torch.tensor([[1, 2, 3, 4]]), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80),
+                      torch.randn(1, 192), streaming=True, finalize=False)
+    assert mel.shape == (1, 80, 2)
+
+    # an encoder that is not a TokenEncoder (other graph inputs) plugs in through encode_fn
+    class Plain(nn.Module):
+        pre_lookahead_len = 3
+
+        def __init__(self):
+            super().__init__()
+            self.input_embedding = nn.Embedding(10, 80)
+
+        def forward(self, tokens, embedding, chunk_tokens, context_tokens):
+            return self.input_embedding(tokens).repeat_interleave(2, dim=1).transpose(1, 2), embedding[:, :80]
+
+    plain = Plain()
+    calls = []
+
+    def encode(tokens, embedding, streaming, finalize):
+        calls.append((streaming, finalize))
+        ctx = 0 if finalize else plain.pre_lookahead_len
+        mu, spks = plain(tokens, embedding, torch.tensor([25 if streaming else 0]), torch.tensor([ctx]))
+        return mu[:, :, : 2 * (tokens.shape[1] - ctx)], spks
+
+    f = Flow(plain, FlowSolver(_ToyEstimator(), SolverConfig(n_timesteps=2)), encode_fn=encode)
+    mel = f.inference(torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[1]]), torch.zeros(1, 2, 80),
+                      torch.randn(1, 192), streaming=False, finalize=False)
+    assert mel.shape == (1, 80, 4) and calls == [(False, False)]
+    with pytest.raises(ValueError):
+        Flow(Plain(), FlowSolver(_ToyEstimator()))
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_dit_dynamic(flow, est_io):
+    est = flow.decoder.estimator
+    io = est_io
+    B, T = Dim("B", min=1, max=64), Dim("T", min=2, max=4096)
+    args = (io["x"], io["mask"], io["mu"], io["t"], io["spks"], io["cond"], torch.tensor([0]))
+    ep = export(est, args, dynamic_shapes=({0: B, 2: T}, {0: B, 2: T}, {0: B, 2: T}, {0: B}, {0: B}, {0: B, 2: T}, None))
+    m = ep.module()
+    stream = (io["x_streaming"], io["mask_streaming"], io["mu_streaming"], io["t_streaming"], io["spks_streaming"],
+              io["cond_streaming"], torch.tensor([50]))
+    one = tuple(a[:1] for a in stream[:6]) + (torch.tensor([50]),)
+    with torch.inference_mode():
+        for a in (args, stream, one):
+            assert _maxdiff(m(*a), est(*a)) < 1e-6
+        assert _maxdiff(m(*stream), io["out_streaming"]) < ATOL
+
+
+def test_export_solver_dynamic(flow, inf_io):
+    T = Dim("T", min=2, max=4096)
+    args = _solver_args(inf_io, "stream_")
+    ep = export(flow.decoder, args, dynamic_shapes=({2: T}, {2: T}, {2: T}, None, {2: T}, None))
+    m = ep.module()
+    other = _solver_args(inf_io, "")
+    with torch.inference_mode():
+        for a in (args, other):
+            assert _maxdiff(m(*a), flow.decoder(*a)) < 1e-6
+        assert _maxdiff(m(*other), inf_io["mel"]) < ATOL
