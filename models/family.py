@@ -33,6 +33,7 @@ class Utterance:
     min_tokens: int
     max_tokens: int
     speaker: dict = field(default_factory=dict)  # family-specific conditioning tensors
+    warnings: list = field(default_factory=list)  # problems found on the way (e.g. undecodable tokens)
 
 
 class Sampler(abc.ABC):
@@ -82,8 +83,9 @@ class TTSModel(abc.ABC):
         """Normalise and split text into utterances; UserError on empty text."""
 
     @abc.abstractmethod
-    def make_speaker(self, prompt_wav: str | None, prompt_text: str | None) -> dict:
-        """Speaker conditioning (embedding, prompt tokens / mel) from an optional prompt recording."""
+    def make_speaker(self, prompt_wav: str | None, prompt_text: str | None, voice: str | None = None) -> dict:
+        """Speaker conditioning: a prompt recording (zero-shot cloning) or a named voice, or the
+        family's default speaker when both are None. UserError for what the family cannot do."""
 
     @abc.abstractmethod
     def make_utterance(self, text: str, speaker: dict) -> Utterance: ...

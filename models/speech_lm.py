@@ -41,6 +41,7 @@ from torch import nn
 from models.checkpoint import load_strict, read_state_dict
 from models.errors import UserError
 from models.transformer_lm import DecoderBody, DecoderConfig
+from models.spec import Dim, GraphSpec, TensorSpec, const, integers, normal
 
 GRAPH_INPUTS = ("input_ids", "attention_mask", "past_keys", "past_values")
 GRAPH_OUTPUTS = ("logits", "present_keys", "present_values")
@@ -145,6 +146,76 @@ class CosyVoiceLMConfig:
     def input_vocab(self) -> int:
         return self.text_vocab + self.speech_rows + self.extra_rows
 
+    @property
+    def sos_id(self) -> int:
+        """Input id of sos (CV2: llm_embedding row 0; CV3: speech_embedding row speech_token_size)."""
+        c = self
+        if c.variant == "cosyvoice2":
+            return c.text_vocab + c.speech_rows + 0
+        return c.text_vocab + c.speech_token_size + 0
+
+    @property
+    def task_id(self) -> int:
+        """Input id of task_id (CV2: llm_embedding row 1; CV3: speech_embedding row speech_token_size + 2)."""
+        c = self
+        if c.variant == "cosyvoice2":
+            return c.text_vocab + c.speech_rows + 1
+        return c.text_vocab + c.speech_token_size + 2
+
+    @property
+    def eos_token(self) -> int:
+        """Logit index of eos (CV2: speech_token_size; CV3: speech_token_size + 1)."""
+        return self.speech_token_size + (0 if self.variant == "cosyvoice2" else 1)
+
+    @property
+    def fill_token(self) -> int:
+        """Logit index of the bistream fill token (CV2: speech_token_size + 2; CV3: + 3)."""
+        return self.speech_token_size + (2 if self.variant == "cosyvoice2" else 3)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Logit indices that end generation: every index >= speech_token_size (CV2: 3 of them, CV3: 200)."""
+        n = 3 if self.variant == "cosyvoice2" else 200
+        return tuple(self.speech_token_size + i for i in range(n))
+
+    def is_stop(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean tensor: which logit indices are stop tokens."""
+        return token_ids >= self.speech_token_size
+
+    def speech_id(self, token):
+        """Input id of a speech-table row (a generated logit index or a prompt speech token)."""
+        return token + self.text_vocab
+
+    def prompt_ids(self, text, prompt_text=None, prompt_speech=None) -> torch.Tensor:
+        """[1, L] int64 input ids exactly as upstream inference builds lm_input:
+        [sos, prompt_text..., text..., task_id, prompt_speech...].
+
+        `text` / `prompt_text`: text token ids (tensor or list, any shape with one row);
+        `prompt_speech`: speech tokens in [0, speech_token_size). For CosyVoice3 upstream also requires
+        <|endofprompt|> (COSYVOICE3_END_OF_PROMPT) in the text; the frontend is responsible for it."""
+        c = self
+
+        def as_list(x, what, hi):
+            if x is None:
+                return []
+            vals = torch.as_tensor(x).reshape(-1).tolist()
+            bad = [v for v in vals if not 0 <= int(v) < hi]
+            if bad:
+                raise UserError(f"{what} id {bad[0]} is outside [0, {hi}).",
+                                "use the tokenizer / speech tokenizer that belongs to this model")
+            return [int(v) for v in vals]
+
+        t = as_list(prompt_text, "prompt text token", c.text_vocab) + as_list(text, "text token", c.text_vocab)
+        s = as_list(prompt_speech, "prompt speech token", c.speech_token_size)
+        ids = [self.sos_id] + t + [self.task_id] + [c.text_vocab + v for v in s]
+        return torch.tensor([ids], dtype=torch.int64)
+
+    @staticmethod
+    def length_limits(num_text_tokens: int, min_token_text_ratio: float = 2.0, max_token_text_ratio: float = 20.0) -> tuple[int, int]:
+        """Upstream (min_len, max_len) of generated speech tokens: ratio x the number of text tokens
+        to synthesise (prompt text excluded). Eos is suppressed for the first min_len steps."""
+        return int(num_text_tokens * min_token_text_ratio), int(num_text_tokens * max_token_text_ratio)
+
     @classmethod
     def from_hf_config(cls, hf_config: dict, speech_token_size: int, variant: str) -> "CosyVoiceLMConfig":
         return cls(DecoderConfig.from_hf_config(hf_config), int(speech_token_size), variant)
@@ -162,6 +233,10 @@ class CosyVoiceLMConfig:
         if size <= 0:
             raise UserError(f"speech_embedding has {rows} rows, too few for {variant}.", "pass an upstream CosyVoice llm.pt")
         return cls.from_hf_config(hf_config, size, variant)
+
+
+_CONFIG_ID_API = ("sos_id", "task_id", "eos_token", "fill_token", "stop_token_ids", "is_stop", "speech_id",
+                   "prompt_ids", "length_limits")
 
 
 class _TiedHead(nn.Module):
@@ -225,75 +300,11 @@ class CosyVoiceLM(_SpeechLMBase):
     def speech_token_size(self) -> int:
         return self.config.speech_token_size
 
-    @property
-    def sos_id(self) -> int:
-        """Input id of sos (CV2: llm_embedding row 0; CV3: speech_embedding row speech_token_size)."""
-        c = self.config
-        if c.variant == "cosyvoice2":
-            return c.text_vocab + c.speech_rows + 0
-        return c.text_vocab + c.speech_token_size + 0
-
-    @property
-    def task_id(self) -> int:
-        """Input id of task_id (CV2: llm_embedding row 1; CV3: speech_embedding row speech_token_size + 2)."""
-        c = self.config
-        if c.variant == "cosyvoice2":
-            return c.text_vocab + c.speech_rows + 1
-        return c.text_vocab + c.speech_token_size + 2
-
-    @property
-    def eos_token(self) -> int:
-        """Logit index of eos (CV2: speech_token_size; CV3: speech_token_size + 1)."""
-        return self.config.speech_token_size + (0 if self.config.variant == "cosyvoice2" else 1)
-
-    @property
-    def fill_token(self) -> int:
-        """Logit index of the bistream fill token (CV2: speech_token_size + 2; CV3: + 3)."""
-        return self.config.speech_token_size + (2 if self.config.variant == "cosyvoice2" else 3)
-
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        """Logit indices that end generation: every index >= speech_token_size (CV2: 3 of them, CV3: 200)."""
-        n = 3 if self.config.variant == "cosyvoice2" else 200
-        return tuple(self.config.speech_token_size + i for i in range(n))
-
-    def is_stop(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Boolean tensor: which logit indices are stop tokens."""
-        return token_ids >= self.config.speech_token_size
-
-    def speech_id(self, token):
-        """Input id of a speech-table row (a generated logit index or a prompt speech token)."""
-        return token + self.config.text_vocab
-
-    def prompt_ids(self, text, prompt_text=None, prompt_speech=None) -> torch.Tensor:
-        """[1, L] int64 input ids exactly as upstream inference builds lm_input:
-        [sos, prompt_text..., text..., task_id, prompt_speech...].
-
-        `text` / `prompt_text`: text token ids (tensor or list, any shape with one row);
-        `prompt_speech`: speech tokens in [0, speech_token_size). For CosyVoice3 upstream also requires
-        <|endofprompt|> (COSYVOICE3_END_OF_PROMPT) in the text; the frontend is responsible for it."""
-        c = self.config
-
-        def as_list(x, what, hi):
-            if x is None:
-                return []
-            vals = torch.as_tensor(x).reshape(-1).tolist()
-            bad = [v for v in vals if not 0 <= int(v) < hi]
-            if bad:
-                raise UserError(f"{what} id {bad[0]} is outside [0, {hi}).",
-                                "use the tokenizer / speech tokenizer that belongs to this model")
-            return [int(v) for v in vals]
-
-        t = as_list(prompt_text, "prompt text token", c.text_vocab) + as_list(text, "text token", c.text_vocab)
-        s = as_list(prompt_speech, "prompt speech token", c.speech_token_size)
-        ids = [self.sos_id] + t + [self.task_id] + [c.text_vocab + v for v in s]
-        return torch.tensor([ids], dtype=torch.int64)
-
-    @staticmethod
-    def length_limits(num_text_tokens: int, min_token_text_ratio: float = 2.0, max_token_text_ratio: float = 20.0) -> tuple[int, int]:
-        """Upstream (min_len, max_len) of generated speech tokens: ratio x the number of text tokens
-        to synthesise (prompt text excluded). Eos is suppressed for the first min_len steps."""
-        return int(num_text_tokens * min_token_text_ratio), int(num_text_tokens * max_token_text_ratio)
+    # ids are a property of the config (so the front end needs no weights); the module forwards them
+    def __getattr__(self, name):
+        if name in _CONFIG_ID_API:
+            return getattr(self.config, name)
+        return super().__getattr__(name)
 
     # -- graph pieces ------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -432,3 +443,22 @@ def _finish(model: _SpeechLMBase, dtype: torch.dtype | None):
         model.to(dtype)
     model.requires_grad_(False)
     return model.eval()
+
+
+def llm_graph_spec(layers: int, kv_heads: int, head_dim: int, input_vocab: int, logits: int, max_batch: int,
+                   max_new: int, max_past: int, opt_past: int) -> GraphSpec:
+    """The `llm` graph of every family: input ids + explicit KV cache in, last-position logits +
+    grown cache out. S = 1 is a decode step, P = 0 a prefill; one graph serves both."""
+    cache = (layers, "B", kv_heads, "P", head_dim)
+    grown = (layers, "B", kv_heads, "P+S", head_dim)
+    return GraphSpec(
+        "llm", "llm",
+        (TensorSpec("input_ids", "int64", ("B", "S"), integers(0, input_vocab)),
+         TensorSpec("attention_mask", "int64", ("B", "P+S"), const(1), doc="1 = token, 0 = left padding"),
+         TensorSpec("past_keys", "float32", cache, normal(1.0)),
+         TensorSpec("past_values", "float32", cache, normal(1.0))),
+        (TensorSpec("logits", "float32", ("B", logits)),
+         TensorSpec("present_keys", "float32", grown),
+         TensorSpec("present_values", "float32", grown)),
+        (Dim("B", 1, 1, max_batch, "batch"), Dim("S", 1, 1, max_new, "new tokens per LLM call"),
+         Dim("P", 0, opt_past, max_past, "cached tokens")))

@@ -25,6 +25,7 @@ class SynthesisResult:
     wall_seconds: float
     tokens: list[list[int]] = field(default_factory=list)  # generated speech tokens per utterance
     utterances: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def audio_seconds(self) -> float:
@@ -84,7 +85,13 @@ class Pipeline:
 
     # -- LLM --------------------------------------------------------------------------------------
     def generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None) -> list[int]:
+        """Autoregressive loop over the `llm` graph; the llm stage time includes sampling."""
+        with self._timed("llm"):
+            return self._generate(utt, generator, fixed_tokens)
+
+    def _generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> list[int]:
         model, dev = self.model, self.device
+        llm = self.runners["llm"]
         layers, kv_heads, head_dim = model.llm_cache_shape()
         ids = torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev)
         mask = torch.ones_like(ids)
@@ -94,7 +101,7 @@ class Pipeline:
         steps = fixed_tokens if fixed_tokens is not None else utt.max_tokens
         tokens: list[int] = []
         for step in range(steps):
-            out = self.run("llm", {"input_ids": ids, "attention_mask": mask, "past_keys": keys, "past_values": values})
+            out = llm.infer({"input_ids": ids, "attention_mask": mask, "past_keys": keys, "past_values": values})
             token = sampler(out["logits"][0], tokens, step)
             if fixed_tokens is None and model.is_stop(token):
                 break
@@ -106,20 +113,21 @@ class Pipeline:
 
     # -- whole request ----------------------------------------------------------------------------
     def synthesize(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
-                   seed: int = 0, fixed_tokens: int | None = None) -> SynthesisResult:
+                   voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None) -> SynthesisResult:
         self.stage_seconds = {s: 0.0 for s in self.model.stages}
         generator = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
         sentences = self.model.split_text(text)
-        speaker = self.model.make_speaker(prompt_wav, prompt_text)
-        pieces, all_tokens = [], []
+        speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
+        pieces, all_tokens, warnings = [], [], []
         for sentence in sentences:
             utt = self.model.make_utterance(sentence, speaker)
             tokens = self.generate(utt, generator, fixed_tokens)
             all_tokens.append(tokens)
             if tokens:
                 pieces.append(self.model.token2wav(tokens, utt, self.run, generator, self.device).float().cpu())
+            warnings += [f"sentence {len(all_tokens)}: {w}" for w in utt.warnings]
         self._sync()
         wall = time.perf_counter() - t0
         audio = torch.cat(pieces) if pieces else torch.zeros(0)
-        return SynthesisResult(audio, self.model.sample_rate, dict(self.stage_seconds), wall, all_tokens, sentences)
+        return SynthesisResult(audio, self.model.sample_rate, dict(self.stage_seconds), wall, all_tokens, sentences, warnings)

@@ -6,6 +6,7 @@ Writes a 24 kHz WAV and prints, per stage, time and share, then audio seconds an
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 import torch
@@ -52,8 +53,9 @@ def user_errors(fn):
 @click.option("--precision", default="fp32", show_default=True, help="Artifact precision for ort/trt backends.")
 @click.option("--prompt-wav", default=None, help="Prompt recording for zero-shot voice cloning.")
 @click.option("--prompt-text", default=None, help="Transcript of the prompt recording.")
+@click.option("--voice", default=None, help="Named voice (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).")
 @user_errors
-def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text):
+def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text, voice):
     from models.audio import check_writable, save_wav
     from models.family import require_text
     from models.registry import load_model
@@ -68,7 +70,13 @@ def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engin
     if model.random_weights:
         click.echo(f"NOTE: {model.name} has RANDOM weights: its audio is noise; use it for speed, not for listening.", err=True)
     pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision)
-    result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, seed=seed, fixed_tokens=fixed_tokens)
+    t0 = time.perf_counter()
+    pipe.activate()  # load / build every backend first: the RTF below is the steady-state cost
+    click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", err=True)
+    result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
+                             fixed_tokens=fixed_tokens)
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
     if result.audio.numel() == 0:
         raise UserError("the model produced no speech tokens, so there is no audio.",
                         "check the text, or pass --tokens N to force a length")

@@ -10,7 +10,7 @@ from models.errors import UserError
 from models.hyperyaml import load_hyperyaml
 from models.text import COSYVOICE2_SPECIAL, ByteTokenizer, HFTokenizer, split_sentences
 
-REF = "tests/data/reference"
+REF = "models/configs"
 
 
 def test_split_sentences_follows_upstream_rules():

@@ -1,0 +1,458 @@
+"""CosyVoice2 and CosyVoice3: configuration, presets, graphs, front end and tokens -> audio.
+
+Both families run the same three stages (Qwen2 speech-token LM, conditional flow matching, HiFT
+vocoder) and differ only in their modules, so one class serves both; the differences live in the
+config (which encoder / estimator / vocoder variant) and in the graph specs (CosyVoice2's encoder
+takes chunk and look-ahead inputs). An upstream model folder and the presets go through the same
+path: upstream yaml hyper-parameters + a Hugging Face Qwen2 config -> module configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from models.checkpoint import sha256_file
+from models.errors import UserError
+from models.family import Sampler, TTSModel, Utterance, require_text
+from models.flow import Flow, FlowConfig, FlowSolver, SolverConfig, build_cosyvoice3_flow, upstream_noise
+from models.hift import HiFTConfig, HiFTGenerator, SourceNoise, load_hift
+from models.hyperyaml import Tagged, load_hyperyaml
+from models.sampling import ras_sampling
+from models.spec import Dim, GraphSpec, TensorSpec, choice, const, integers, normal, uniform
+from models.speech_lm import CosyVoiceLM, CosyVoiceLMConfig, llm_graph_spec, load_cosyvoice_lm
+from models.text import COSYVOICE2_SPECIAL, COSYVOICE3_SPECIAL, ByteTokenizer, HFTokenizer, normalize_text, split_sentences
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# CosyVoice3's LM expects <|endofprompt|> after a system prompt; upstream's examples use this one
+SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
+END_OF_PROMPT = "<|endofprompt|>"
+VOCODER_NOISE_SEED = 1986  # upstream yaml's seed; CosyVoice3's fixed source noise is drawn from it
+PROMPT_MAX_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest shapes the graphs accept (and engine profiles cover), with typical (opt) values."""
+
+    max_batch: int
+    llm_new: int  # tokens per LLM call (prompt prefill)
+    llm_past: int  # cached tokens
+    llm_past_opt: int
+    flow_tokens: int  # prompt + generated speech tokens per flow call
+    flow_tokens_opt: int
+
+
+TINY_LIMITS = Limits(max_batch=4, llm_new=512, llm_past=1024, llm_past_opt=64, flow_tokens=300, flow_tokens_opt=20)
+REAL_LIMITS = Limits(max_batch=8, llm_new=1024, llm_past=4096, llm_past_opt=256, flow_tokens=3000, flow_tokens_opt=100)
+
+
+@dataclass(frozen=True)
+class CosyVoiceConfig:
+    family: str  # "cosyvoice2" | "cosyvoice3"
+    lm: CosyVoiceLMConfig
+    sampling: dict  # ras_sampling kwargs: top_p, top_k, win_size, tau_r
+    flow: FlowConfig | tuple  # CosyVoice3: FlowConfig; CosyVoice2: (TokenEncoderConfig, UNetConfig, SolverConfig)
+    hift: HiFTConfig
+    limits: Limits
+    sample_rate: int = 24000
+    token_mel_ratio: int = 2
+
+    @property
+    def flow_frames_max(self) -> int:
+        return self.limits.flow_tokens * self.token_mel_ratio
+
+
+# -- config parsing ----------------------------------------------------------------------------------
+def _kw(node) -> dict:
+    """kwargs of a Tagged node without nested module nodes."""
+    return {k: v for k, v in node.kwargs.items() if not isinstance(v, Tagged)}
+
+
+def config_from_upstream(family: str, yaml_cfg: dict, qwen: dict, limits: Limits, source: str) -> CosyVoiceConfig:
+    """Module configs from an upstream yaml (parsed by models.hyperyaml) and the Qwen2 HF config."""
+    want_lm = {"cosyvoice2": "Qwen2LM", "cosyvoice3": "CosyVoice3LM"}[family]
+    try:
+        llm, flow, hift = yaml_cfg["llm"], yaml_cfg["flow"], yaml_cfg["hift"]
+    except KeyError as e:
+        raise UserError(f"config {source} has no {e.args[0]!r} entry.", "use the model's own upstream yaml") from None
+    if not isinstance(llm, Tagged) or llm.class_name != want_lm:
+        got = llm.class_name if isinstance(llm, Tagged) else type(llm).__name__
+        other = "cosyvoice3" if got == "CosyVoice3LM" else "cosyvoice2" if got == "Qwen2LM" else "another model"
+        raise UserError(f"config {source} describes a {got} model ({other}), not {family}.",
+                        f"use the {family}.yaml that belongs to this model folder")
+    sampling = llm.kwargs.get("sampling")
+    sampling = dict(sampling.kwargs) if isinstance(sampling, Tagged) else {}
+    lm = CosyVoiceLMConfig.from_hf_config(qwen, llm.kwargs["speech_token_size"], family)
+    decoder = flow.kwargs["decoder"]
+    cfm = decoder.kwargs.get("cfm_params")
+    cfm = cfm.kwargs.get("content", cfm.kwargs) if isinstance(cfm, Tagged) else (cfm or {})
+    estimator = decoder.kwargs["estimator"]
+    if family == "cosyvoice3":
+        flow_cfg = FlowConfig.from_upstream({
+            "flow": _kw(flow), "flow.pre_lookahead_layer": _kw(flow.kwargs["pre_lookahead_layer"]),
+            "flow.decoder": {**_kw(decoder), "cfm_params": cfm}, "flow.decoder.estimator": _kw(estimator)})
+    else:
+        from models.conformer import TokenEncoderConfig
+        from models.unet import UNetConfig
+
+        flow_cfg = (TokenEncoderConfig.from_upstream(_kw(flow), _kw(flow.kwargs["encoder"])),
+                    UNetConfig.from_upstream(_kw(estimator)), SolverConfig.from_upstream(cfm))
+    f0 = hift.kwargs["f0_predictor"]
+    hift_cfg = HiFTConfig.from_upstream(_kw(hift), _kw(f0), causal=family == "cosyvoice3")
+    return CosyVoiceConfig(family, lm, sampling, flow_cfg, hift_cfg, limits,
+                           sample_rate=int(yaml_cfg.get("sample_rate", 24000)),
+                           token_mel_ratio=int(yaml_cfg.get("token_mel_ratio", 2)))
+
+
+def _tiny(cfg: dict, family: str) -> tuple[dict, dict]:
+    """Shrink the upstream yaml + Qwen config to a model that runs in seconds on a CPU."""
+    qwen = {"model_type": "qwen2", "hidden_act": "silu", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "tie_word_embeddings": True, "max_position_embeddings": 32768}
+    speech_vocab = 512
+    llm, flow, hift = cfg["llm"], cfg["flow"], cfg["hift"]
+    llm.kwargs.update(llm_input_size=64, llm_output_size=64, speech_token_size=speech_vocab)
+    flow.kwargs["vocab_size"] = speech_vocab
+    est = flow.kwargs["decoder"].kwargs["estimator"].kwargs
+    if family == "cosyvoice3":
+        flow.kwargs["pre_lookahead_layer"].kwargs["channels"] = 64
+        est.update(dim=64, depth=2, heads=2, dim_head=32)
+    else:
+        flow.kwargs["input_size"] = 32
+        flow.kwargs["encoder"].kwargs.update(input_size=32, output_size=32, attention_heads=2, linear_units=64, num_blocks=2)
+        est.update(channels=[16], attention_head_dim=16, n_blocks=1, num_mid_blocks=2, num_heads=2)
+    hift.kwargs["base_channels"] = 32
+    hift.kwargs["f0_predictor"].kwargs["cond_channels"] = 32
+    return cfg, qwen
+
+
+# -- sampling ------------------------------------------------------------------------------------------
+class RASSampler(Sampler):
+    """Upstream repetition-aware sampling (top-p 0.8 / top-k 25, window 10, tau_r 0.1).
+
+    While fewer than `min_len` tokens exist, every stop token is masked. Upstream masks only logit
+    index speech_token_size, which for CosyVoice3 is sos rather than eos, so upstream CosyVoice3 can
+    stop before min_len; we apply the rule upstream intends. With `fixed` (benchmarks) stop tokens are
+    masked at every step."""
+
+    def __init__(self, speech_token_size: int, sampling: dict, min_len: int, generator: torch.Generator, fixed: bool):
+        self.stop_from = speech_token_size
+        self.sampling = {k: sampling[k] for k in ("top_p", "top_k", "win_size", "tau_r") if k in sampling}
+        self.min_len = min_len
+        self.generator = generator
+        self.fixed = fixed
+
+    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
+        if self.fixed or step < self.min_len:
+            logits = logits.clone()
+            logits[self.stop_from:] = float("-inf")
+        return int(ras_sampling(logits, history, self.generator, **self.sampling))
+
+
+# -- the family ----------------------------------------------------------------------------------------
+class CosyVoice(TTSModel):
+    stages = ("llm", "flow", "vocoder")
+
+    def __init__(self, name: str, source: str, cfg: CosyVoiceConfig, files: dict[str, str] | None,
+                 tokenizer, seed: int = 0, device: str = "cpu", folder: str | None = None):
+        super().__init__(name, source, random_weights=files is None)
+        self.family = cfg.family
+        self.cfg = cfg
+        self.files = files  # stage -> checkpoint path (None: seeded random weights)
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.build_device = torch.device(device)
+        self.folder = folder
+        self.sample_rate = cfg.sample_rate
+        self._noise_cache: dict = {}
+
+    # -- graphs -----------------------------------------------------------------------------------
+    def graph_specs(self) -> dict[str, GraphSpec]:
+        return self._specs
+
+    @cached_property
+    def _specs(self) -> dict[str, GraphSpec]:
+        c, lim = self.cfg, self.cfg.limits
+        dec = c.lm.decoder
+        specs = {"llm": llm_graph_spec(dec.num_layers, dec.num_kv_heads, dec.head_dim, c.lm.input_vocab,
+                                       c.lm.speech_rows, lim.max_batch, lim.llm_new, lim.llm_past, lim.llm_past_opt)}
+        r = c.token_mel_ratio
+        B = Dim("B", 1, 1, lim.max_batch, "batch")
+        N = Dim("N", 4, lim.flow_tokens_opt, lim.flow_tokens, "speech tokens per flow call (prompt included)")
+        T = Dim("T", 4, lim.flow_tokens_opt * r, lim.flow_tokens * r, "mel frames")
+        CB = Dim("B", 2, 2, 2 * lim.max_batch, "estimator batch (conditional + unconditional rows)")
+        mel = lambda name, b="B": TensorSpec(name, "float32", (b, 80, "T"), normal(1.0))
+        chunk = TensorSpec("chunk_frames", "int64", (1,), choice(0, 2 * self._chunk_tokens),
+                           doc="0 = offline, else streaming chunk in mel frames")
+        enc_inputs = [TensorSpec("tokens", "int64", ("B", "N"), integers(0, self._flow_vocab), doc="-1 = padding"),
+                      TensorSpec("embedding", "float32", ("B", 192), normal(1.0))]
+        if c.family == "cosyvoice2":
+            enc_inputs += [TensorSpec("chunk_tokens", "int64", (1,), choice(0, self._chunk_tokens)),
+                           TensorSpec("context_tokens", "int64", (1,), choice(0, 3), doc="look-ahead-only tail")]
+        specs["flow_encoder"] = GraphSpec(
+            "flow_encoder", "flow", tuple(enc_inputs),
+            (TensorSpec("mu", "float32", ("B", 80, f"N*{r}")), TensorSpec("spks", "float32", ("B", 80))), (B, N))
+        specs["flow_estimator"] = GraphSpec(
+            "flow_estimator", "flow",
+            (mel("x"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
+             TensorSpec("t", "float32", ("B",), uniform(0, 1)), TensorSpec("spks", "float32", ("B", 80), normal(1.0)),
+             mel("cond"), chunk),
+            (TensorSpec("velocity", "float32", ("B", 80, "T")),), (CB, T))
+        specs["flow_solver"] = GraphSpec(
+            "flow_solver", "flow",
+            (mel("z"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
+             TensorSpec("spks", "float32", ("B", 80), normal(1.0)), mel("cond"), chunk),
+            (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T))
+        hop = c.hift.samples_per_frame
+        noise_fill = uniform(0, 1) if c.hift.causal else normal(1.0)
+        specs["vocoder"] = GraphSpec(
+            "vocoder", "vocoder",
+            (TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
+             TensorSpec("noise", "float32", ("B", f"T*{hop}", 9), noise_fill)),
+            (TensorSpec("audio", "float32", ("B", f"T*{hop}")),), (B, T))
+        return specs
+
+    def stage_graphs(self) -> dict[str, list[str]]:
+        return {"llm": ["llm"], "flow": ["flow_encoder", "flow_solver"], "vocoder": ["vocoder"]}
+
+    def graph_module(self, name: str) -> torch.nn.Module:
+        if name == "llm":
+            return self._lm
+        if name == "flow_encoder":
+            return self._flow.token_encoder
+        if name == "flow_solver":
+            return self._flow.decoder
+        if name == "flow_estimator":
+            return self._flow.decoder.estimator
+        if name == "vocoder":
+            return self._hift
+        raise KeyError(f"{self.name} has no graph {name!r}; it has {', '.join(self.graph_specs())}")
+
+    def _random(self, build, offset: int):
+        """Build a module with seeded random weights, without touching the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000 + offset)
+            with torch.device(self.build_device):
+                return build()
+
+    @cached_property
+    def _lm(self) -> CosyVoiceLM:
+        if self.files is None:
+            return self._random(lambda: CosyVoiceLM(self.cfg.lm), 1).eval()
+        return load_cosyvoice_lm(self.files["llm"], self.cfg.lm).eval()
+
+    @cached_property
+    def _flow(self) -> Flow:
+        def build():
+            if self.family == "cosyvoice3":
+                return build_cosyvoice3_flow(self.cfg.flow)
+            return build_cosyvoice2_flow(*self.cfg.flow)
+
+        flow = self._random(build, 2) if self.files is None else build()
+        if self.files is not None:
+            flow.load_checkpoint(self.files["flow"])
+        return flow.eval()
+
+    @cached_property
+    def _hift(self) -> HiFTGenerator:
+        if self.files is None:
+            return self._random(lambda: HiFTGenerator(self.cfg.hift), 3).eval()
+        return load_hift(self.cfg.hift, self.files["vocoder"]).eval()
+
+    def checkpoint_hashes(self) -> dict[str, str]:
+        return {} if self.files is None else {k: sha256_file(p) for k, p in self.files.items()}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(limits=self.cfg.limits.__dict__, speech_token_size=self.cfg.lm.speech_token_size)
+        return d
+
+    @property
+    def _chunk_tokens(self) -> int:
+        return 25  # upstream streaming chunk (tokens); the estimators' static chunk is 2x in frames
+
+    @property
+    def _flow_vocab(self) -> int:
+        return self.cfg.flow.vocab_size if self.family == "cosyvoice3" else self.cfg.flow[0].vocab_size
+
+    # -- front end --------------------------------------------------------------------------------
+    def split_text(self, text: str) -> list[str]:
+        text = normalize_text(require_text(text))
+        utts = split_sentences(text, self.tokenizer.encode)
+        if not utts:
+            raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
+        return utts
+
+    def make_speaker(self, prompt_wav: str | None, prompt_text: str | None, voice: str | None = None) -> dict:
+        if voice is not None:
+            raise UserError(f"{self.family} has no named voices.", "clone a voice with --prompt-wav (and --prompt-text) instead")
+        speaker = {"embedding": torch.zeros(1, 192), "prompt_tokens": [], "llm_prompt_tokens": [],
+                   "prompt_mel": torch.zeros(1, 0, 80), "prompt_text_ids": []}
+        if prompt_wav is None:
+            if prompt_text:
+                raise UserError("--prompt-text was given without --prompt-wav.", "pass the recording with --prompt-wav")
+        else:
+            speaker.update(self._zero_shot(prompt_wav))
+            if prompt_text:  # zero-shot: the LLM continues the prompt; without text: cross-lingual mode
+                speaker["llm_prompt_tokens"] = speaker["prompt_tokens"]
+        prefix = prompt_text or ""
+        if self.family == "cosyvoice3" and self.tokenizer.token_id(END_OF_PROMPT) is not None and END_OF_PROMPT not in prefix:
+            prefix = SYSTEM_PROMPT + prefix  # upstream CosyVoice3 refuses text without <|endofprompt|>
+        speaker["prompt_text_ids"] = self.tokenizer.encode(prefix) if prefix else []
+        return speaker
+
+    def _zero_shot(self, prompt_wav: str) -> dict:
+        import numpy as np
+
+        from models.audio import cosyvoice_mel, kaldi_fbank, load_wav, whisper_log_mel
+
+        version = "v3" if self.family == "cosyvoice3" else "v2"
+        need = ["campplus.onnx", f"speech_tokenizer_{version}.onnx"]
+        missing = [f for f in need if self.folder is None or not os.path.isfile(os.path.join(self.folder, f))]
+        if missing:
+            where = f"the model folder {self.folder}" if self.folder else f"the preset {self.name}"
+            raise UserError(f"zero-shot cloning needs {' and '.join(missing)}, which {where} does not have.",
+                            "use an upstream model folder that contains them, or leave out --prompt-wav")
+        import onnxruntime as ort
+
+        wav16 = load_wav(prompt_wav, 16000)
+        if wav16.shape[1] > PROMPT_MAX_SECONDS * 16000:
+            raise UserError(f"the prompt recording is {wav16.shape[1] / 16000:.1f} s long; at most {PROMPT_MAX_SECONDS} s are supported.",
+                            "trim the prompt to a few seconds of clean speech")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        tok_sess = ort.InferenceSession(os.path.join(self.folder, need[1]), opts, providers=["CPUExecutionProvider"])
+        feat = whisper_log_mel(wav16, 128).numpy()
+        ins = tok_sess.get_inputs()
+        tokens = tok_sess.run(None, {ins[0].name: feat, ins[1].name: np.array([feat.shape[2]], dtype=np.int32)})[0]
+        tokens = [int(t) for t in tokens.reshape(-1)]
+        spk_sess = ort.InferenceSession(os.path.join(self.folder, need[0]), opts, providers=["CPUExecutionProvider"])
+        fbank = kaldi_fbank(wav16)
+        fbank = fbank - fbank.mean(dim=0, keepdim=True)
+        emb = spk_sess.run(None, {spk_sess.get_inputs()[0].name: fbank.unsqueeze(0).numpy()})[0]
+        wav24 = load_wav(prompt_wav, self.sample_rate)
+        mel = cosyvoice_mel(wav24, self.sample_rate, fmax=8000 if self.family == "cosyvoice2" else None)  # [1, 80, F]
+        n = min(mel.shape[2] // self.cfg.token_mel_ratio, len(tokens))  # upstream: force frames = 2 x tokens
+        return {"embedding": torch.from_numpy(emb.reshape(1, -1).astype(np.float32)), "prompt_tokens": tokens[:n],
+                "prompt_mel": mel[:, :, : n * self.cfg.token_mel_ratio].transpose(1, 2).contiguous()}
+
+    def make_utterance(self, text: str, speaker: dict) -> Utterance:
+        text_ids = self.tokenizer.encode(text)
+        ids = self.cfg.lm.prompt_ids(text_ids, speaker["prompt_text_ids"], speaker["llm_prompt_tokens"])
+        lo, hi = self.cfg.lm.length_limits(len(text_ids))
+        return Utterance(text, ids.reshape(-1).tolist(), len(text_ids), lo, hi, speaker)
+
+    # -- LLM --------------------------------------------------------------------------------------
+    def make_sampler(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> Sampler:
+        return RASSampler(self.cfg.lm.speech_token_size, self.cfg.sampling, utt.min_tokens, generator, fixed_tokens is not None)
+
+    def is_stop(self, token: int) -> bool:
+        return token >= self.cfg.lm.speech_token_size
+
+    def next_input_id(self, token: int) -> int:
+        return self.cfg.lm.speech_id(token)
+
+    def llm_cache_shape(self) -> tuple[int, int, int]:
+        d = self.cfg.lm.decoder
+        return d.num_layers, d.num_kv_heads, d.head_dim
+
+    # -- tokens -> audio ----------------------------------------------------------------------------
+    def _noises(self, device: torch.device):
+        key = str(device)
+        if key not in self._noise_cache:
+            frames = self.cfg.flow_frames_max
+            self._noise_cache[key] = (
+                upstream_noise(80, 15000)[:, :, :frames].to(device),
+                SourceNoise.for_config(self.cfg.hift, seed=VOCODER_NOISE_SEED,
+                                       max_samples=frames * self.cfg.hift.samples_per_frame, device=device))
+        return self._noise_cache[key]
+
+    def feed(self, graph: str, **values) -> dict:
+        """The inputs graph `graph` declares, picked from `values` (families share call sites)."""
+        return {t.name: values[t.name] for t in self.graph_specs()[graph].inputs}
+
+    def token2wav(self, tokens, utt, run, generator, device) -> torch.Tensor:
+        spk = utt.speaker
+        prompt = list(spk["prompt_tokens"])
+        ids = torch.tensor([prompt + list(tokens)], dtype=torch.int64, device=device)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        enc = run("flow_encoder", self.feed("flow_encoder", tokens=ids, embedding=spk["embedding"].to(device),
+                                            chunk_tokens=zero, context_tokens=zero))
+        mu, spks = enc["mu"], enc["spks"]
+        frames = mu.shape[2]
+        prompt_frames = spk["prompt_mel"].shape[1]
+        z_table, source_noise = self._noises(device)
+        if frames > z_table.shape[2]:
+            raise UserError(f"{frames} mel frames exceed the {z_table.shape[2]} this model is set up for.",
+                            "synthesize shorter sentences")
+        cond = torch.zeros(1, 80, frames, device=device)
+        cond[:, :, :prompt_frames] = spk["prompt_mel"].to(device).transpose(1, 2)
+        mel = run("flow_solver", self.feed("flow_solver", z=z_table[:, :, :frames], mask=torch.ones(1, 1, frames, device=device),
+                                           mu=mu, spks=spks, cond=cond, chunk_frames=zero))["mel"]
+        mel = mel[:, :, prompt_frames:].contiguous()
+        noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame, generator).to(device).contiguous()
+        return run("vocoder", self.feed("vocoder", mel=mel, noise=noise))["audio"][0]
+
+
+def build_cosyvoice2_flow(enc_cfg, unet_cfg, solver_cfg) -> Flow:
+    from models.conformer import CosyVoice2TokenEncoder
+    from models.unet import CausalConditionalDecoder
+
+    encoder = CosyVoice2TokenEncoder(enc_cfg)
+
+    def encode(tokens, embedding, streaming, finalize):
+        # upstream passes the last pre_lookahead_len tokens as look-ahead context when not finalizing
+        context = 0 if finalize else enc_cfg.pre_lookahead_len
+        chunk = enc_cfg.encoder.static_chunk_size if streaming else 0
+        dev = tokens.device
+        mu, spks = encoder(tokens, embedding, torch.tensor([chunk], device=dev), torch.tensor([context], device=dev))
+        return mu[:, :, : mu.shape[2] - context * enc_cfg.token_mel_ratio], spks
+
+    return Flow(encoder, FlowSolver(CausalConditionalDecoder(unet_cfg), solver_cfg), encode_fn=encode).eval()
+
+
+# -- construction ------------------------------------------------------------------------------------
+def _upstream_yaml(family: str) -> dict:
+    return load_hyperyaml(os.path.join(CONFIG_DIR, f"{family}.yaml"))
+
+
+def from_preset(name: str, family: str, size: str, device: str = "cpu", seed: int = 0) -> CosyVoice:
+    yaml_cfg = _upstream_yaml(family)
+    if size == "tiny":
+        yaml_cfg, qwen = _tiny(yaml_cfg, family)
+        limits = TINY_LIMITS
+    else:
+        with open(os.path.join(CONFIG_DIR, "qwen2-0.5b.json")) as f:
+            qwen = json.load(f)
+        limits = REAL_LIMITS
+    cfg = config_from_upstream(family, yaml_cfg, qwen, limits, f"preset {name}")
+    specials = COSYVOICE3_SPECIAL if family == "cosyvoice3" else COSYVOICE2_SPECIAL
+    tokenizer = ByteTokenizer(specials[:20])  # the byte vocabulary fits the tiny 300-token text embedding
+    return CosyVoice(name, f"preset:{name}", cfg, None, tokenizer, seed=seed, device=device)
+
+
+def from_folder(folder: str, family: str, device: str = "cpu") -> CosyVoice:
+    """An upstream model folder: <family>.yaml, llm.pt, flow.pt, hift.pt, CosyVoice-BlankEN/."""
+    files = {"llm": "llm.pt", "flow": "flow.pt", "vocoder": "hift.pt"}
+    need = [f"{family}.yaml", *files.values(), "CosyVoice-BlankEN/config.json"]
+    missing = [f for f in need if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UserError(f"model folder {folder} lacks {', '.join(missing)}.",
+                        f"download the complete {family} model folder (it must hold {', '.join(need)})")
+    yaml_path = os.path.join(folder, f"{family}.yaml")
+    with open(os.path.join(folder, "CosyVoice-BlankEN", "config.json")) as f:
+        qwen = json.load(f)
+    cfg = config_from_upstream(family, load_hyperyaml(yaml_path), qwen, REAL_LIMITS, yaml_path)
+    specials = COSYVOICE3_SPECIAL if family == "cosyvoice3" else COSYVOICE2_SPECIAL
+    tokenizer = HFTokenizer(os.path.join(folder, "CosyVoice-BlankEN"), specials)
+    if tokenizer.vocab_size > cfg.lm.text_vocab:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the LLM embeds only {cfg.lm.text_vocab}.",
+                        "use the CosyVoice-BlankEN folder that belongs to this model")
+    paths = {stage: os.path.join(folder, f) for stage, f in files.items()}
+    return CosyVoice(os.path.basename(os.path.normpath(folder)), os.path.abspath(folder), cfg, paths, tokenizer,
+                     device=device, folder=folder)

@@ -1,0 +1,219 @@
+"""Orpheus: a Llama-3.2 speech LM whose audio tokens are SNAC codes, and the SNAC 24 kHz decoder.
+
+Two stages (`llm`, `vocoder`); no flow. The prompt format, sampling defaults and stop token follow
+canopyai/Orpheus-TTS: [start-of-human] + tokenizer("{voice}: {text}") + [eot, end-of-human,
+start-of-ai, start-of-speech], temperature 0.6, top-p 0.8, repetition penalty 1.3, stop at
+end-of-speech (128258), at most 1200 new tokens. Audio token id = 128266 + (i mod 7) * 4096 + code.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import torch
+
+from models.errors import UserError
+from models.family import Sampler, TTSModel, Utterance, require_text
+from models.sampling import OrpheusSampling, orpheus_sampling
+from models.snac import (AUDIO_TOKEN_BASE, FRAME_LAYOUT, FRAME_TOKENS, ORPHEUS_CODEBOOK, SNAC_24KHZ, SNACConfig,
+                         SNACDecoder, graph_spec, load_snac, make_noise, tokens_to_codes)
+from models.speech_lm import ORPHEUS_STOP_TOKEN_ID, OrpheusLM, llm_graph_spec, load_orpheus_lm, read_hf_config
+from models.text import ByteTokenizer, HFTokenizer, normalize_text, split_sentences
+from models.transformer_lm import DecoderConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+START_OF_HUMAN = 128259
+END_OF_TEXT = 128009  # <|eot_id|>
+PROMPT_TAIL = (END_OF_TEXT, 128260, 128261, 128257)  # end-of-human, start-of-ai, start-of-speech
+BEGIN_OF_TEXT = 128000
+VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+DEFAULT_VOICE = "tara"
+MAX_NEW_TOKENS = 1200  # Orpheus' default max_tokens (~7 s of audio)
+
+
+class OrpheusSampler(Sampler):
+    """Orpheus sampling (temperature, top-p, repetition penalty over prompt + generated ids).
+
+    `grammar=True` restricts every step to the audio token of the next frame position (plus the stop
+    token unless `fixed`). Random-weight presets use it so their output always decodes; a real model
+    samples freely and undecodable tokens are reported, not hidden."""
+
+    def __init__(self, params: OrpheusSampling, prompt_ids: list[int], generator: torch.Generator,
+                 grammar: bool, fixed: bool):
+        self.params = params
+        self.prompt = list(prompt_ids)
+        self.generator = generator
+        self.grammar = grammar
+        self.fixed = fixed
+
+    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
+        if self.grammar or self.fixed:
+            logits = logits.clone()
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            if self.grammar:
+                pos = sum(1 for t in history if t >= AUDIO_TOKEN_BASE) % FRAME_TOKENS
+                lo = AUDIO_TOKEN_BASE + pos * ORPHEUS_CODEBOOK
+                allowed[lo: lo + ORPHEUS_CODEBOOK] = True
+            else:
+                allowed[:] = True
+            allowed[ORPHEUS_STOP_TOKEN_ID] = not self.fixed
+            logits[~allowed] = float("-inf")
+        p = self.params
+        return int(orpheus_sampling(logits, self.prompt + list(history), self.generator, temperature=p.temperature,
+                                    top_p=p.top_p, repetition_penalty=p.repetition_penalty, top_k=p.top_k))
+
+
+class Orpheus(TTSModel):
+    family = "orpheus"
+    stages = ("llm", "vocoder")
+
+    def __init__(self, name: str, source: str, llm_cfg: DecoderConfig, snac_cfg: SNACConfig, tokenizer,
+                 folders: dict | None, max_frames: tuple[int, int], seed: int = 0, device: str = "cpu",
+                 llm_past: int = 4096):
+        super().__init__(name, source, random_weights=folders is None)
+        self.llm_cfg = llm_cfg
+        self.snac_cfg = snac_cfg
+        self.tokenizer = tokenizer
+        self.folders = folders
+        self.max_frames = max_frames  # (opt, max) SNAC frames per vocoder call
+        self.seed = seed
+        self.build_device = torch.device(device)
+        self.llm_past = llm_past
+        self.sample_rate = snac_cfg.sampling_rate
+        if llm_cfg.vocab_size <= AUDIO_TOKEN_BASE + FRAME_TOKENS * ORPHEUS_CODEBOOK - 1:
+            raise UserError(f"the LLM vocabulary ({llm_cfg.vocab_size}) does not hold Orpheus' audio tokens.",
+                            "use an Orpheus checkpoint (vocab >= 156938)")
+
+    # -- graphs -----------------------------------------------------------------------------------
+    @cached_property
+    def _specs(self):
+        c = self.llm_cfg
+        return {"llm": llm_graph_spec(c.num_layers, c.num_kv_heads, c.head_dim, c.vocab_size, c.vocab_size,
+                                      8, 1024, self.llm_past, 256),
+                "vocoder": graph_spec(self.snac_cfg, frames=(1, self.max_frames[0], self.max_frames[1]))}
+
+    def graph_specs(self):
+        return self._specs
+
+    def graph_module(self, name: str) -> torch.nn.Module:
+        if name == "llm":
+            return self._lm
+        if name == "vocoder":
+            return self._snac
+        raise KeyError(f"{self.name} has no graph {name!r}; it has {', '.join(self.graph_specs())}")
+
+    def _random(self, build, offset: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1000 + offset)
+            with torch.device(self.build_device):
+                return build()
+
+    @cached_property
+    def _lm(self) -> OrpheusLM:
+        if self.folders is None:
+            return self._random(lambda: OrpheusLM(self.llm_cfg), 1).eval()
+        return load_orpheus_lm(self.folders["llm"]).eval()
+
+    @cached_property
+    def _snac(self) -> SNACDecoder:
+        if self.folders is None:
+            return self._random(lambda: SNACDecoder(self.snac_cfg), 2).eval()
+        return load_snac(self.folders["vocoder"]).eval()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "max_frames": self.max_frames[1]}
+
+    # -- front end --------------------------------------------------------------------------------
+    def split_text(self, text: str) -> list[str]:
+        utts = split_sentences(normalize_text(require_text(text)), self.tokenizer.encode)
+        if not utts:
+            raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
+        return utts
+
+    def make_speaker(self, prompt_wav, prompt_text, voice=None) -> dict:
+        if prompt_wav is not None or prompt_text is not None:
+            raise UserError("Orpheus has no zero-shot cloning from a prompt recording here.",
+                            f"choose a voice with --voice ({', '.join(VOICES)})")
+        voice = voice or DEFAULT_VOICE
+        if voice not in VOICES:
+            raise UserError(f"unknown Orpheus voice {voice!r}.", f"choose one of {', '.join(VOICES)}")
+        return {"voice": voice}
+
+    def make_utterance(self, text: str, speaker: dict) -> Utterance:
+        text_ids = self.tokenizer.encode(f"{speaker['voice']}: {text}")
+        ids = [START_OF_HUMAN, *text_ids, *PROMPT_TAIL]
+        return Utterance(text, ids, len(text_ids), 0, MAX_NEW_TOKENS, speaker)
+
+    # -- LLM --------------------------------------------------------------------------------------
+    def make_sampler(self, utt, generator, fixed_tokens) -> Sampler:
+        return OrpheusSampler(OrpheusSampling(), utt.prompt_ids, generator, grammar=self.random_weights,
+                              fixed=fixed_tokens is not None)
+
+    def is_stop(self, token: int) -> bool:
+        return token == ORPHEUS_STOP_TOKEN_ID
+
+    def next_input_id(self, token: int) -> int:
+        return token
+
+    def llm_cache_shape(self):
+        c = self.llm_cfg
+        return c.num_layers, c.num_kv_heads, c.head_dim
+
+    def token_rate(self) -> float:
+        return FRAME_TOKENS * self.sample_rate / self.snac_cfg.samples_per_frame  # ~82 tokens per second
+
+    # -- tokens -> audio ----------------------------------------------------------------------------
+    def token2wav(self, tokens, utt, run, generator, device) -> torch.Tensor:
+        c0, c1, c2, report = tokens_to_codes(tokens)
+        if not report.ok:
+            utt.warnings.append(f"Orpheus tokens not decoded: {report.summary()}")
+        frames = c0.shape[1]
+        if frames == 0:
+            utt.warnings.append("no complete SNAC frame was generated, so this sentence is silent")
+            return torch.zeros(0, device=device)
+        noise = make_noise(self.snac_cfg, 1, frames, generator, device=device)
+        feed = {"codes_0": c0.to(device), "codes_1": c1.to(device), "codes_2": c2.to(device)}
+        feed.update({f"noise_{i}": n for i, n in enumerate(noise)})
+        return run("vocoder", feed)["audio"][0]
+
+
+# -- construction ------------------------------------------------------------------------------------
+def _tiny_llm() -> DecoderConfig:
+    # the real id layout (audio tokens from 128266) on a tiny body, so all token handling is the real one
+    return DecoderConfig.from_hf_config({
+        "model_type": "llama", "hidden_act": "silu", "vocab_size": 156940, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "max_position_embeddings": 131072,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
+
+
+def from_preset(name: str, family: str, size: str, device: str = "cpu", seed: int = 0) -> Orpheus:
+    tokenizer = ByteTokenizer()  # text bytes land on ids 0..255 of the Llama vocabulary
+    if size == "tiny":
+        snac = SNACConfig(sampling_rate=24000, encoder_dim=16, encoder_rates=(2, 4, 8, 8), decoder_dim=64,
+                          decoder_rates=(8, 8, 4, 2), attn_window_size=None, codebook_size=4096, codebook_dim=8,
+                          vq_strides=(4, 2, 1), noise=True, depthwise=True)
+        return Orpheus(name, f"preset:{name}", _tiny_llm(), snac, tokenizer, None, (16, 200), seed, device, llm_past=1536)
+    llm = DecoderConfig.from_hf_config(read_hf_config(os.path.join(CONFIG_DIR, "orpheus-3b.json")))
+    return Orpheus(name, f"preset:{name}", llm, SNAC_24KHZ, tokenizer, None, (64, 600), seed, device)
+
+
+def from_folder(folder: str, family: str, device: str = "cpu") -> Orpheus:
+    """A Hugging Face snapshot of the Orpheus LLM (config.json, *.safetensors, tokenizer.json) with
+    the SNAC 24 kHz folder (config.json, pytorch_model.bin) inside it as snac/ or snac_24khz/."""
+    snac_dir = next((os.path.join(folder, d) for d in ("snac", "snac_24khz") if os.path.isdir(os.path.join(folder, d))), None)
+    if snac_dir is None:
+        raise UserError(f"Orpheus folder {folder} has no snac/ subfolder with the SNAC 24 kHz decoder.",
+                        "copy the hubertsiuzdak/snac_24khz snapshot (config.json, pytorch_model.bin) to <folder>/snac")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise UserError(f"Orpheus folder {folder} lacks tokenizer.json.", "download the complete Hugging Face snapshot")
+    import json
+
+    with open(os.path.join(snac_dir, "config.json")) as f:
+        snac_cfg = SNACConfig.from_json(json.load(f))
+    llm_cfg = DecoderConfig.from_hf_config(read_hf_config(folder))
+    tokenizer = HFTokenizer(folder, add_bos=True)
+    return Orpheus(os.path.basename(os.path.normpath(folder)), os.path.abspath(folder), llm_cfg, snac_cfg, tokenizer,
+                   {"llm": folder, "vocoder": snac_dir}, (64, 600), device=device)
