@@ -51,6 +51,8 @@ def check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f"output path {path} is a directory.", "pass a file name such as out.wav")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"output path {path} is inside {folder}, which is a file, not a folder.", "choose another --out")
     if not os.path.isdir(folder):
         raise UserError(f"output folder {folder} does not exist.", "create it or choose another --out")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):

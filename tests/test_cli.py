@@ -1,0 +1,71 @@
+"""`python -m runtime.synthesize` as a user runs it: outputs, exit codes, one-line errors."""
+
+import os
+
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+from runtime.synthesize import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("model", ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"])
+def test_synthesize_writes_wav_and_reports_rtf(tmp_path, model):
+    out = tmp_path / "out.wav"
+    res = _run("--model", model, "--text", "Hello world. This is a test.", "--out", str(out), "--tokens", "30")
+    assert res.exit_code == 0, res.output
+    audio, sr = sf.read(out)
+    assert sr == 24000 and len(audio) > 0
+    assert "RTF" in res.output and "llm" in res.output and "vocoder" in res.output
+    assert "RANDOM weights" in res.output  # stderr is mixed into output by CliRunner
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text", "   "], "error: the text to synthesize is empty. Fix: pass some words with --text"),
+    (["--text", "hi", "--model", "nope"], "error: unknown model 'nope': not a preset and not a folder."),
+    (["--text", "hi", "--out", "/nonexistent-dir/x.wav"], "error: output folder /nonexistent-dir does not exist."),
+    (["--text", "hi", "--backend", "llm=warp"], "error: unknown backend 'warp' for stage llm."),
+    (["--text", "hi", "--backend", "decoder=torch"], "error: this model has no stage named decoder."),
+    (["--text", "hi", "--tokens", "0"], "error: --tokens 0 is not a positive count."),
+    (["--text", "hi", "--device", "tpu"], "error: unknown device 'tpu'."),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "x.wav")]
+    res = _run(*args)
+    assert res.exit_code == 2
+    lines = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_cuda_without_gpu(tmp_path):
+    res = _run("--text", "hi", "--device", "cuda", "--out", str(tmp_path / "x.wav"))
+    assert res.exit_code == 2
+    assert "error: --device cuda was asked for but no CUDA GPU is visible" in res.output
+
+
+def test_unwritable_output_is_refused_before_work(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        res = _run("--text", "hi", "--out", str(ro / "x.wav"))
+        assert res.exit_code == 2 and "is not writable" in res.output
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_output_inside_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    res = _run("--text", "hi", "--out", str(blocker / "x.wav"))
+    assert res.exit_code == 2 and "which is a file, not a folder" in res.output

@@ -1,0 +1,161 @@
+"""Families: loading upstream folders and presets, wiring of the stages, bad input."""
+
+import os
+
+import pytest
+import torch
+
+from models.errors import UserError
+from models.family import Utterance
+from models.registry import PRESETS, load_model
+from runtime.pipeline import Pipeline
+from tests.conftest import golden, make_upstream_folder
+
+
+def _recording_pipeline(model):
+    pipe = Pipeline(model, "torch")
+    seen = {}
+    inner = pipe.run
+
+    def run(graph, feed):
+        out = inner(graph, feed)
+        seen[graph] = (feed, out)
+        return out
+
+    pipe.run = run
+    return pipe, seen
+
+
+@pytest.mark.parametrize("family", ["cosyvoice3", "cosyvoice2"])
+def test_folder_token2wav_reproduces_golden_flow(tmp_path, family):
+    """The family's own token -> mel wiring (encoder graph, fixed noise, solver graph) gives
+    upstream's flow.inference output on an upstream-format folder."""
+    model = load_model(make_upstream_folder(tmp_path, family))
+    assert model.family == family and not model.random_weights
+    io = golden(family, "flow_inference_io.pt")
+    pipe, seen = _recording_pipeline(model)
+    speaker = model.make_speaker(None, None)
+    speaker["embedding"] = io["embedding"]
+    utt = Utterance("x", [0], 1, 0, 10, speaker)
+    audio = model.token2wav(io["token"][0].tolist(), utt, pipe.run, torch.Generator().manual_seed(0), torch.device("cpu"))
+    mel = seen["flow_solver"][1]["mel"]
+    assert torch.allclose(seen["flow_encoder"][1]["mu"], io["decoder_mu"], atol=1e-4)
+    assert torch.allclose(seen["flow_solver"][0]["z"], io["z"])
+    assert (mel - io["mel"]).abs().max() < 1e-4
+    assert audio.shape == (io["mel"].shape[2] * 480,) and torch.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("style", ["old_weight_norm", "generator_prefix"])
+def test_upstream_hift_key_styles_load_identically(tmp_path, style):
+    ref = load_model(make_upstream_folder(tmp_path / "a", "cosyvoice3")).graph_module("vocoder")
+    other = load_model(make_upstream_folder(tmp_path / "b", "cosyvoice3", **{style: True})).graph_module("vocoder")
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(v, other.state_dict()[k], atol=1e-6), k
+
+
+def test_folder_synthesis_end_to_end(cv3_folder, tmp_path):
+    model = load_model(cv3_folder)
+    # the tokenizer comes from the folder, with upstream's special tokens appended
+    assert model.tokenizer.token_id("<|endofprompt|>") is not None
+    res = Pipeline(model, "torch").synthesize("hello world. this is a test!", seed=3, fixed_tokens=12)
+    assert len(res.tokens) == 1 and len(res.tokens[0]) == 12
+    assert res.audio.shape == (12 * 2 * 480,) and torch.isfinite(res.audio).all()
+
+
+# -- bad folders and checkpoints -----------------------------------------------------------------------
+def test_folder_missing_file(cv3_folder):
+    os.remove(os.path.join(cv3_folder, "flow.pt"))
+    with pytest.raises(UserError, match=r"lacks flow\.pt.*download the complete cosyvoice3 model folder"):
+        load_model(cv3_folder)
+
+
+def test_checkpoint_missing_key(cv3_folder):
+    sd = torch.load(os.path.join(cv3_folder, "llm.pt"), weights_only=True)
+    sd.pop("llm_decoder.weight")
+    torch.save(sd, os.path.join(cv3_folder, "llm.pt"))
+    with pytest.raises(UserError, match=r"does not fit the model config: 1 missing keys \(e\.g\. llm_decoder\.weight\)"):
+        load_model(cv3_folder).graph_module("llm")
+
+
+def test_checkpoint_unexpected_key_and_wrong_shape(cv3_folder, cv2_folder):
+    sd = torch.load(os.path.join(cv3_folder, "flow.pt"), weights_only=True)
+    sd["decoder.estimator.extra"] = torch.zeros(1)
+    torch.save(sd, os.path.join(cv3_folder, "flow.pt"))
+    with pytest.raises(UserError, match=r"1 unexpected keys \(e\.g\. decoder\.estimator\.extra\)"):
+        load_model(cv3_folder).graph_module("flow_solver")
+    # a CosyVoice3 vocoder in a CosyVoice2 folder: same keys, other kernel sizes
+    import shutil
+    shutil.copy(os.path.join(cv3_folder, "hift.pt"), os.path.join(cv2_folder, "hift.pt"))
+    with pytest.raises(UserError, match="keys with wrong shapes"):
+        load_model(cv2_folder).graph_module("vocoder")
+
+
+def test_corrupt_checkpoint(cv3_folder):
+    with open(os.path.join(cv3_folder, "hift.pt"), "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"hift\.pt cannot be read safely"):
+        load_model(cv3_folder).graph_module("vocoder")
+
+
+def test_yaml_for_another_family(cv3_folder):
+    path = os.path.join(cv3_folder, "cosyvoice3.yaml")
+    text = open(path).read().replace("cosyvoice.llm.llm.CosyVoice3LM", "cosyvoice.llm.llm.Qwen2LM")
+    open(path, "w").write(text)
+    with pytest.raises(UserError, match=r"describes a Qwen2LM model \(cosyvoice2\), not cosyvoice3"):
+        load_model(cv3_folder)
+
+
+def test_unknown_model_and_not_a_model_folder(tmp_path):
+    with pytest.raises(UserError, match=r"unknown model 'cosyvoice9-tiny': not a preset and not a folder"):
+        load_model("cosyvoice9-tiny")
+    with pytest.raises(UserError, match="is not a model folder this tool knows"):
+        load_model(str(tmp_path))
+
+
+def test_prompt_wav_needs_frontend_models(tmp_path):
+    model = load_model("cosyvoice3-tiny")
+    with pytest.raises(UserError, match="zero-shot cloning needs campplus.onnx and speech_tokenizer_v3.onnx"):
+        model.make_speaker(str(tmp_path / "p.wav"), "hi")
+    with pytest.raises(UserError, match="--prompt-text was given without --prompt-wav"):
+        model.make_speaker(None, "hi")
+    with pytest.raises(UserError, match="has no named voices"):
+        model.make_speaker(None, None, voice="tara")
+
+
+# -- presets -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [p for p in PRESETS if p.endswith("tiny")])
+def test_tiny_presets_are_seeded_and_deterministic(name):
+    a = Pipeline(load_model(name, seed=1), "torch").synthesize("Hello there.", seed=5, fixed_tokens=21)
+    b = Pipeline(load_model(name, seed=1), "torch").synthesize("Hello there.", seed=5, fixed_tokens=21)
+    c = Pipeline(load_model(name, seed=1), "torch").synthesize("Hello there.", seed=6, fixed_tokens=21)
+    assert a.tokens == b.tokens and torch.equal(a.audio, b.audio)
+    assert a.tokens != c.tokens
+    assert len(a.tokens[0]) == 21 and a.audio.numel() > 0 and torch.isfinite(a.audio).all()
+    assert a.audio.abs().max() <= 1.0
+
+
+def test_long_text_is_split_into_sentences():
+    model = load_model("cosyvoice3-tiny")
+    text = " ".join(["This sentence is here to make the paragraph long enough to split."] * 4)
+    utts = model.split_text(text)
+    assert len(utts) >= 2 and "".join(utts).replace(" ", "") == text.replace(" ", "")
+    with pytest.raises(UserError, match="the text to synthesize is empty"):
+        model.split_text("  \n ")
+    with pytest.raises(UserError, match="nothing to speak"):
+        model.split_text("?!")
+
+
+def test_min_length_rule_holds_without_fixed_tokens():
+    model = load_model("cosyvoice3-tiny")
+    res = Pipeline(model, "torch").synthesize("Hi there.", seed=0)
+    n_text = len(model.tokenizer.encode("Hi there."))
+    assert 2 * n_text <= len(res.tokens[0]) <= 20 * n_text
+
+
+def test_orpheus_tokens_map_to_frames():
+    model = load_model("orpheus-tiny")
+    res = Pipeline(model, "torch").synthesize("Hello.", seed=0, fixed_tokens=7 * 6 + 3)
+    assert res.audio.shape == (6 * 2048,)
+    assert res.warnings and "trailing partial frame of 3" in res.warnings[0]
+    with pytest.raises(UserError, match="unknown Orpheus voice"):
+        model.make_speaker(None, None, voice="nobody")
