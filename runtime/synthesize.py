@@ -54,8 +54,10 @@ def user_errors(fn):
 @click.option("--prompt-wav", default=None, help="Prompt recording for zero-shot voice cloning.")
 @click.option("--prompt-text", default=None, help="Transcript of the prompt recording.")
 @click.option("--voice", default=None, help="Named voice (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).")
+@click.option("--warmup", default=0, show_default=True, help="Untimed runs before the timed one (GPU kernels, caches).")
 @user_errors
-def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text, voice):
+def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text,
+         voice, warmup):
     from models.audio import check_writable, save_wav
     from models.family import require_text
     from models.registry import load_model
@@ -73,6 +75,8 @@ def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engin
     t0 = time.perf_counter()
     pipe.activate()  # load / build every backend first: the RTF below is the steady-state cost
     click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", err=True)
+    for _ in range(warmup):
+        pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
     result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
                              fixed_tokens=fixed_tokens)
     for w in result.warnings:
