@@ -196,7 +196,7 @@ def upstream_noise(channels: int = 80, frames: int = 15000) -> torch.Tensor:
     """Upstream CausalConditionalCFM's fixed noise: `torch.manual_seed(0); torch.randn(1, 80, 15000)`,
     drawn from a local generator so the global RNG is untouched."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return torch.randn(1, channels, frames, generator=gen)
+    return torch.randn(1, channels, frames, generator=gen, device="cpu")
 
 
 class Flow(nn.Module):
