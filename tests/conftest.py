@@ -92,3 +92,68 @@ def cv3_folder(tmp_path):
 @pytest.fixture
 def cv2_folder(tmp_path):
     return make_upstream_folder(tmp_path, "cosyvoice2")
+
+
+def write_fake_frontend_onnx(folder: str, version: str = "v3") -> None:
+    """Stand-ins for upstream's campplus.onnx and speech_tokenizer_<version>.onnx with the same
+    inputs and outputs: fbank [1, T, 80] -> embedding [1, 192]; whisper log-mel [1, 128, T] and its
+    length -> 25 Hz tokens [1, T // 4] (argmax over bins of every 4th frame)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((80, 192)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["fbank", "axes"], ["m"], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["embedding"])],
+        "campplus", [helper.make_tensor_value_info("fbank", TensorProto.FLOAT, [1, "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 192])],
+        [w, numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+              os.path.join(folder, "campplus.onnx"))
+    consts = [numpy_helper.from_array(np.array(v, dtype=np.int64), n)
+              for n, v in (("start", [0]), ("end", [1 << 30]), ("axis", [2]), ("step", [4]))]
+    g = helper.make_graph(
+        [helper.make_node("Slice", ["feats", "start", "end", "axis", "step"], ["s"]),
+         helper.make_node("ArgMax", ["s"], ["idx"], axis=1, keepdims=0),
+         helper.make_node("Cast", ["idx"], ["tokens"], to=TensorProto.INT32),
+         helper.make_node("Identity", ["feats_length"], ["unused"])],
+        "tokenizer", [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+                      helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
+        [helper.make_tensor_value_info("tokens", TensorProto.INT32, [1, "N"]),
+         helper.make_tensor_value_info("unused", TensorProto.INT32, [1])], consts)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+              os.path.join(folder, f"speech_tokenizer_{version}.onnx"))
+
+
+def make_orpheus_folder(root) -> str:
+    """A Hugging Face style Orpheus snapshot at tiny size (random weights, real token layout) with a
+    tiny SNAC folder inside, as the loader expects."""
+    import snac
+    from safetensors.torch import save_file
+
+    from models.orpheus import _tiny_llm
+    from models.speech_lm import OrpheusLM
+
+    folder = os.path.join(str(root), "orpheus-hf")
+    os.makedirs(os.path.join(folder, "snac"), exist_ok=True)
+    torch.manual_seed(0)
+    cfg = _tiny_llm()
+    lm = OrpheusLM(cfg)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"},
+              os.path.join(folder, "model.safetensors"))
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+          "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+          "tie_word_embeddings": True, "max_position_embeddings": 131072}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f)
+    _tiny_tokenizer(folder)
+    kw = dict(sampling_rate=24000, encoder_dim=16, encoder_rates=[2, 4, 8, 8], decoder_dim=64, decoder_rates=[8, 8, 4, 2],
+              attn_window_size=None, codebook_size=4096, codebook_dim=8, vq_strides=[4, 2, 1], noise=True, depthwise=True)
+    model = snac.SNAC(**kw)
+    torch.save(model.state_dict(), os.path.join(folder, "snac", "pytorch_model.bin"))
+    with open(os.path.join(folder, "snac", "config.json"), "w") as f:
+        json.dump(kw, f)
+    return folder

@@ -159,3 +159,52 @@ def test_orpheus_tokens_map_to_frames():
     assert res.warnings and "trailing partial frame of 3" in res.warnings[0]
     with pytest.raises(UserError, match="unknown Orpheus voice"):
         model.make_speaker(None, None, voice="nobody")
+
+
+# -- zero-shot front end (stand-in ONNX models with upstream's interfaces) ------------------------------
+def test_zero_shot_prompt_conditions_llm_and_flow(cv3_folder, tmp_path):
+    import math
+
+    import soundfile as sf
+
+    from tests.conftest import write_fake_frontend_onnx
+
+    write_fake_frontend_onnx(cv3_folder, "v3")
+    sr = 44100
+    t = torch.arange(int(2.0 * sr)) / sr
+    wav = 0.3 * torch.sin(2 * math.pi * 220 * t) * (1 + 0.5 * torch.sin(2 * math.pi * 3 * t))
+    sf.write(tmp_path / "prompt.wav", wav.numpy(), sr)
+    model = load_model(cv3_folder)
+    spk = model.make_speaker(str(tmp_path / "prompt.wav"), "hello world.")
+    n = len(spk["prompt_tokens"])
+    assert n == 50  # 2 s -> 200 log-mel frames -> 50 tokens; 100 mel frames at 24 kHz -> 50 token pairs
+    assert spk["prompt_mel"].shape == (1, 2 * n, 80) and spk["embedding"].shape == (1, 192)
+    assert spk["llm_prompt_tokens"] == spk["prompt_tokens"]  # zero-shot: the LLM continues the prompt
+    # cross-lingual (no transcript): the flow keeps the prompt, the LLM does not get it
+    cross = model.make_speaker(str(tmp_path / "prompt.wav"), None)
+    assert cross["llm_prompt_tokens"] == [] and cross["prompt_tokens"] == spk["prompt_tokens"]
+    utt = model.make_utterance("this is a test.", spk)
+    text_ids = model.tokenizer.encode("this is a test.")
+    assert utt.prompt_ids[-n:] == [model.next_input_id(x) for x in spk["prompt_tokens"]]
+    assert (utt.min_tokens, utt.max_tokens) == (2 * len(text_ids), 20 * len(text_ids))
+    res = Pipeline(model, "torch").synthesize("this is a test.", prompt_wav=str(tmp_path / "prompt.wav"),
+                                              prompt_text="hello world.", fixed_tokens=10)
+    assert res.audio.shape == (10 * 2 * 480,)  # prompt frames are cut from the output
+
+
+def test_orpheus_folder_loads_and_synthesizes(tmp_path):
+    from tests.conftest import make_orpheus_folder
+
+    folder = make_orpheus_folder(tmp_path)
+    model = load_model(folder)
+    assert model.family == "orpheus" and not model.random_weights
+    res = Pipeline(model, "torch").synthesize("hello world.", fixed_tokens=28, voice="leo")
+    assert len(res.tokens[0]) == 28 and torch.isfinite(res.audio).all()
+    # a real checkpoint samples freely: whatever did not form whole SNAC frames is reported
+    from models.snac import tokens_to_codes
+    c0, _, _, report = tokens_to_codes(res.tokens[0])
+    assert res.audio.numel() == c0.shape[1] * 2048
+    assert report.ok or any("not decoded" in w for w in res.warnings)
+    os.rename(os.path.join(folder, "snac"), os.path.join(folder, "codec"))
+    with pytest.raises(UserError, match="has no snac/ subfolder"):
+        load_model(folder)
