@@ -6,7 +6,7 @@ import torch
 
 from models.errors import UserError
 
-KINDS = ("torch",)
+KINDS = ("torch", "ort")
 
 
 def parse_backends(choice: str | dict, stages: tuple[str, ...]) -> dict[str, str]:
@@ -41,4 +41,19 @@ def create_backend(kind: str, model, spec, device: torch.device, engines_dir: st
         from runtime.backends.torch_eager import TorchBackend
 
         return TorchBackend(spec, device, lambda: model.graph_module(spec.name))
+    from runtime.artifacts import Manifest, default_dir
+
+    root = engines_dir or default_dir(model.name)
+    if kind == "ort":
+        from runtime.backends.onnxrt import OrtBackend
+
+        make = (f"python -m export onnx --model {model.source if not model.source.startswith('preset:') else model.name}"
+                + (f" --out-dir {engines_dir}" if engines_dir else ""))
+        if precision != "fp32":
+            make = make.replace("export onnx", "export build") + f" --precision {precision}"
+        manifest = Manifest.load(root, required=False)
+        if not manifest.artifacts:
+            raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
+        art = manifest.require(spec.name, precision, "onnx", fix=f"run {make}")
+        return OrtBackend(spec, device, manifest.verify(art, fix=f"run {make}"))
     raise UserError(f"unknown backend {kind!r}.", f"choose one of {', '.join(KINDS)}")
