@@ -19,7 +19,8 @@ import torch
 from models.checkpoint import sha256_file
 from models.errors import UserError
 from models.family import Sampler, TTSModel, Utterance, require_text
-from models.flow import Flow, FlowConfig, FlowSolver, SolverConfig, build_cosyvoice3_flow, upstream_noise
+from models.flow import (Flow, FlowConfig, FlowSolver, SolverConfig, build_cosyvoice3_flow, euler_schedule,
+                         solve_euler_cfg, upstream_noise)
 from models.hift import HiFTConfig, HiFTGenerator, SourceNoise, load_hift
 from models.hyperyaml import Tagged, load_hyperyaml
 from models.sampling import ras_sampling
@@ -217,8 +218,24 @@ class CosyVoice(TTSModel):
             (TensorSpec("audio", "float32", ("B", f"T*{hop}")),), (B, T))
         return specs
 
+    FLOW_MODES = ("solver", "steps")
+
+    def set_flow_mode(self, mode: str) -> None:
+        """'solver': the whole 10-step CFG solve is one graph; 'steps': the host runs the Euler loop
+        and calls the estimator graph once per step (upstream's layout, kept for comparison)."""
+        if mode not in self.FLOW_MODES:
+            raise UserError(f"unknown flow mode {mode!r}.", f"choose one of {', '.join(self.FLOW_MODES)}")
+        self.flow_mode = mode
+
+    flow_mode = "solver"
+
+    @property
+    def solver_config(self) -> SolverConfig:
+        return self.cfg.flow.solver if self.family == "cosyvoice3" else self.cfg.flow[2]
+
     def stage_graphs(self) -> dict[str, list[str]]:
-        return {"llm": ["llm"], "flow": ["flow_encoder", "flow_solver"], "vocoder": ["vocoder"]}
+        flow = "flow_solver" if self.flow_mode == "solver" else "flow_estimator"
+        return {"llm": ["llm"], "flow": ["flow_encoder", flow], "vocoder": ["vocoder"]}
 
     def graph_module(self, name: str) -> torch.nn.Module:
         if name == "llm":
@@ -392,8 +409,18 @@ class CosyVoice(TTSModel):
                             "synthesize shorter sentences")
         cond = torch.zeros(1, 80, frames, device=device)
         cond[:, :, :prompt_frames] = spk["prompt_mel"].to(device).transpose(1, 2)
-        mel = run("flow_solver", self.feed("flow_solver", z=z_table[:, :, :frames], mask=torch.ones(1, 1, frames, device=device),
-                                           mu=mu, spks=spks, cond=cond, chunk_frames=zero))["mel"]
+        z, mask = z_table[:, :, :frames], torch.ones(1, 1, frames, device=device)
+        if self.flow_mode == "solver":
+            mel = run("flow_solver", self.feed("flow_solver", z=z, mask=mask, mu=mu, spks=spks, cond=cond,
+                                               chunk_frames=zero))["mel"]
+        else:
+            t_steps, dt_steps = (x.to(device) for x in euler_schedule(self.solver_config))
+
+            def estimate(x, mask, mu, t, spks, cond, chunk_frames):
+                return run("flow_estimator", self.feed("flow_estimator", x=x, mask=mask, mu=mu, t=t, spks=spks,
+                                                       cond=cond, chunk_frames=chunk_frames))["velocity"]
+
+            mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, zero)
         mel = mel[:, :, prompt_frames:].contiguous()
         noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame, generator).to(device).contiguous()
         return run("vocoder", self.feed("vocoder", mel=mel, noise=noise))["audio"][0]

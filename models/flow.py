@@ -108,22 +108,29 @@ class FlowSolver(nn.Module):
         self.register_buffer("dt_steps", dt_steps, persistent=False)
 
     def forward(self, z, mask, mu, spks, cond, chunk_frames):
-        B = z.shape[0]
-        dtype = spks.dtype
-        r = self.cfg.inference_cfg_rate
-        mask_in = torch.cat([mask, mask], dim=0).to(dtype)
-        mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
-        spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
-        cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
-        x = z
-        for i in range(self.cfg.n_timesteps):
-            x_in = torch.cat([x, x], dim=0).to(dtype)
-            t_in = self.t_steps[i].to(dtype).reshape(1).expand(2 * B)
-            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, chunk_frames)
-            v_cond, v_uncond = v[:B], v[B:]
-            v = (1.0 + r) * v_cond - r * v_uncond
-            x = x + self.dt_steps[i] * v
-        return x.float()
+        return solve_euler_cfg(self.estimator, self.cfg, self.t_steps, self.dt_steps, z, mask, mu, spks, cond, chunk_frames)
+
+
+def solve_euler_cfg(estimate, cfg: SolverConfig, t_steps, dt_steps, z, mask, mu, spks, cond, chunk_frames):
+    """The solver's arithmetic, for any `estimate(x, mask, mu, t, spks, cond, chunk_frames) -> v`: the
+    estimator module inside the one-graph solver, or an exported estimator graph called once per step
+    from the host (the per-step mode the runtime offers for comparison)."""
+    B = z.shape[0]
+    dtype = spks.dtype
+    r = cfg.inference_cfg_rate
+    mask_in = torch.cat([mask, mask], dim=0).to(dtype)
+    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+    spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
+    x = z
+    for i in range(cfg.n_timesteps):
+        x_in = torch.cat([x, x], dim=0).to(dtype)
+        t_in = t_steps[i].to(dtype).reshape(1).expand(2 * B)
+        v = estimate(x_in, mask_in, mu_in, t_in, spks_in, cond_in, chunk_frames)
+        v_cond, v_uncond = v[:B], v[B:]
+        v = (1.0 + r) * v_cond - r * v_uncond
+        x = x + dt_steps[i] * v
+    return x.float()
 
 
 # ------------------------------------------------------------------------------------------------

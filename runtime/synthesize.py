@@ -55,9 +55,11 @@ def user_errors(fn):
 @click.option("--prompt-text", default=None, help="Transcript of the prompt recording.")
 @click.option("--voice", default=None, help="Named voice (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).")
 @click.option("--warmup", default=0, show_default=True, help="Untimed runs before the timed one (GPU kernels, caches).")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]),
+              help="CosyVoice flow: the 10-step solve as one graph (solver, default) or one estimator call per step.")
 @user_errors
 def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text,
-         voice, warmup):
+         voice, warmup, flow_mode):
     from models.audio import check_writable, save_wav
     from models.family import require_text
     from models.registry import load_model
@@ -69,6 +71,10 @@ def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engin
     if fixed_tokens is not None and fixed_tokens < 1:
         raise UserError(f"--tokens {fixed_tokens} is not a positive count.", "pass --tokens 1 or more, or leave it out")
     model = load_model(model_name, device=device, seed=seed)
+    if flow_mode is not None:
+        if not hasattr(model, "set_flow_mode"):
+            raise UserError(f"{model.family} has no flow stage.", "leave out --flow-mode")
+        model.set_flow_mode(flow_mode)
     if model.random_weights:
         click.echo(f"NOTE: {model.name} has RANDOM weights: its audio is noise; use it for speed, not for listening.", err=True)
     pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision)

@@ -39,9 +39,26 @@ class OrtBackend(Backend):
         self.session = None
         self.meta: dict = {}
 
+    def providers(self) -> list:
+        """Execution providers for this device; a missing CUDA provider is an error, never a fallback."""
+        import onnxruntime as ort
+
+        if self.device.type != "cuda":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in available_providers():
+            raise UserError(f"stage {self.spec.stage} asks for ONNX Runtime on CUDA, but this onnxruntime has no "
+                            f"CUDA execution provider.", GPU_FIX.format(stage=self.spec.stage))
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
+                "cudnn_conv_algo_search": "HEURISTIC"}
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
     def _activate(self) -> None:
         import onnxruntime as ort
 
+        providers = self.providers()
         self.meta = read_metadata(self.path)
         file_spec = spec_from_onnx(self.path)
         if [t.name for t in file_spec.inputs] != [t.name for t in self.spec.inputs] or \
@@ -54,18 +71,6 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        if self.device.type == "cuda":
-            if "CUDAExecutionProvider" not in available_providers():
-                raise UserError(f"stage {self.spec.stage} asks for ONNX Runtime on CUDA, but this onnxruntime has no "
-                                f"CUDA execution provider.", GPU_FIX.format(stage=self.spec.stage))
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
-                    "cudnn_conv_algo_search": "HEURISTIC"}
-            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(self.path, opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; the message is what helps

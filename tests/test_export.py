@@ -1,0 +1,123 @@
+"""ONNX export, Polygraphy validation and the ONNX Runtime backend, on all three tiny presets."""
+
+import json
+import os
+import shutil
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from export.cli import main as export_main
+from models.errors import UserError
+from models.registry import load_model
+from runtime.artifacts import Manifest, read_metadata, spec_from_onnx
+from runtime.backends import create_backend
+from runtime.pipeline import Pipeline
+
+PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Each tiny preset exported once (fp32 ONNX), through the CLI a user runs."""
+    root = tmp_path_factory.mktemp("engines")
+    dirs = {}
+    for name in PRESETS:
+        out = str(root / name)
+        res = CliRunner().invoke(export_main, ["onnx", "--model", name, "--out-dir", out], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        dirs[name] = out
+    return dirs
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_graph_exported_with_metadata_and_hash(exported, name):
+    model = load_model(name)
+    manifest = Manifest.load(exported[name])
+    for graph, spec in model.graph_specs().items():
+        art = manifest.get(graph, "fp32", "onnx")
+        assert art is not None, graph
+        path = manifest.verify(art, fix="export again")
+        meta = read_metadata(path)
+        assert meta["tts.family"] == model.family and meta["tts.stage"] == spec.stage and meta["tts.graph"] == graph
+        assert meta["tts.sample_rate"] == "24000" and meta["tts.precision"] == "fp32"
+        assert meta["tts.source_sha256"].startswith("random-weights:")
+        assert spec_from_onnx(path) == spec  # the runtime can configure itself from the file
+        proto = onnx.load(path)
+        ops = {n.op_type for n in proto.graph.node}
+        assert not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+        assert not any("parametrizations" in i.name or "weight_g" in i.name for i in proto.graph.initializer)
+        assert [i.name for i in proto.graph.input] == [t.name for t in spec.inputs]
+        assert art.profiles[spec.inputs[0].name][2] == list(spec.profile()[spec.inputs[0].name][2])
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_validate_passes_at_min_opt_max(exported, name):
+    res = CliRunner().invoke(export_main, ["validate", "--model", name, "--out-dir", exported[name]], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.load(open(os.path.join(exported[name], "validation.json")))
+    assert report["passed"]
+    graphs = {g["graph"] for g in report["graphs"]}
+    assert graphs == set(load_model(name).graph_specs())
+    for g in report["graphs"]:
+        assert [p["point"] for p in g["points"]] == ["min", "opt", "max"]
+        for p in g["points"]:
+            assert p["finite"]
+            for out in p["outputs"].values():
+                assert float(out["max_rel_error"]) <= 1e-4
+    # whole pipeline on ONNX Runtime vs torch, same speech tokens: the waveforms agree
+    (audio,) = report["audio"]
+    assert float(audio["snr_db"]) > 60 and audio["tokens_identical"] is True
+    assert os.path.isfile(os.path.join(exported[name], "validation.md"))
+
+
+def test_mixed_backends_and_flow_modes_agree(exported):
+    model = load_model("cosyvoice3-tiny")
+    root = exported["cosyvoice3-tiny"]
+    ref = Pipeline(model, "torch").synthesize("Hello there.", seed=1, fixed_tokens=20)
+    mixed = Pipeline(model, "llm=torch,flow=ort,vocoder=ort", engines_dir=root).synthesize("Hello there.", seed=1, fixed_tokens=20)
+    assert ref.tokens == mixed.tokens
+    assert (ref.audio - mixed.audio).abs().max() < 1e-4
+    model.set_flow_mode("steps")  # host Euler loop over the exported estimator graph
+    steps = Pipeline(model, "ort", engines_dir=root).synthesize("Hello there.", seed=1, fixed_tokens=20)
+    assert (ref.audio - steps.audio).abs().max() < 1e-4
+
+
+def test_missing_and_tampered_artifacts(exported, tmp_path):
+    model = load_model("cosyvoice3-tiny")
+    with pytest.raises(UserError, match=r"no exported artifacts in .* Fix: run python -m export onnx --model cosyvoice3-tiny"):
+        Pipeline(model, "ort", engines_dir=str(tmp_path / "none"))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(exported["cosyvoice3-tiny"], copy)
+    with open(os.path.join(copy, "onnx", "fp32", "vocoder.onnx"), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match=r"vocoder\.onnx does not match the sha256 in manifest\.json"):
+        Pipeline(model, "ort", engines_dir=copy)
+    os.remove(os.path.join(copy, "onnx", "fp32", "vocoder.onnx"))
+    with pytest.raises(UserError, match="is listed in the manifest but missing"):
+        Pipeline(model, "ort", engines_dir=copy)
+    with pytest.raises(UserError, match=r"has no fp16 onnx artifact for graph llm"):
+        Pipeline(model, "ort", engines_dir=exported["cosyvoice3-tiny"], precision="fp16")
+
+
+def test_shape_beyond_profile_is_refused(exported):
+    model = load_model("cosyvoice3-tiny")
+    spec = model.graph_specs()["vocoder"]
+    backend = create_backend("ort", model, spec, torch.device("cpu"), engines_dir=exported["cosyvoice3-tiny"])
+    too_long = spec.sample_feed({"T": spec.dim("T").max + 1})
+    with pytest.raises(UserError, match=r"graph vocoder: mel frames = 601 is outside the supported range \[4, 600\]"):
+        backend.infer(too_long)
+
+
+def test_cuda_provider_missing_is_named():
+    from runtime.backends.onnxrt import OrtBackend, available_providers
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    model = load_model("cosyvoice3-tiny")
+    path = "unused.onnx"
+    backend = OrtBackend(model.graph_specs()["vocoder"], torch.device("cuda"), path)
+    with pytest.raises(UserError, match="no CUDA execution provider.*onnxruntime-gpu"):
+        backend.activate()
