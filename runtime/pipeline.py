@@ -91,24 +91,18 @@ class Pipeline:
 
     def _generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> list[int]:
         model, dev = self.model, self.device
-        llm = self.runners["llm"]
-        layers, kv_heads, head_dim = model.llm_cache_shape()
-        ids = torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev)
-        mask = torch.ones_like(ids)
-        keys = torch.zeros(layers, 1, kv_heads, 0, head_dim, device=dev)
-        values = torch.zeros_like(keys)
-        sampler = model.make_sampler(utt, generator, fixed_tokens)
         steps = fixed_tokens if fixed_tokens is not None else utt.max_tokens
+        decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=1, max_len=len(utt.prompt_ids) + steps)
+        sampler = model.make_sampler(utt, generator, fixed_tokens)
+        logits = decoder.prefill(torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev))
         tokens: list[int] = []
         for step in range(steps):
-            out = llm.infer({"input_ids": ids, "attention_mask": mask, "past_keys": keys, "past_values": values})
-            token = sampler(out["logits"][0], tokens, step)
+            token = sampler(logits[0], tokens, step)  # the one host sync per token: the stop check needs it
             if fixed_tokens is None and model.is_stop(token):
                 break
             tokens.append(token)
-            ids = torch.tensor([[model.next_input_id(token)]], dtype=torch.int64, device=dev)
-            mask = torch.ones(1, mask.shape[1] + 1, dtype=torch.int64, device=dev)
-            keys, values = out["present_keys"], out["present_values"]
+            if step + 1 < steps:
+                logits = decoder.step(torch.tensor([[model.next_input_id(token)]], dtype=torch.int64, device=dev))
         return tokens
 
     # -- whole request ----------------------------------------------------------------------------

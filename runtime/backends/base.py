@@ -50,5 +50,38 @@ class Backend(abc.ABC):
     def metadata(self) -> dict:
         return {"kind": self.kind, "graph": self.spec.name, "device": str(self.device)}
 
+    def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0) -> "LLMDecoder":
+        """Generation state for the `llm` graph (see LLMDecoder)."""
+        self.activate()
+        return LLMDecoder(self, layers, kv_heads, head_dim, batch)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.name} on {self.device})"
+
+
+class LLMDecoder:
+    """Autoregressive state of one generation: `prefill(ids [B,S]) -> logits [B,V]`, then one
+    `step(ids [B,1]) -> logits [B,V]` per token. This default drives any backend's `llm` graph with
+    the explicit KV cache in and out (the cache grows by concatenation inside the graph); backends
+    with a faster path (a static cache and a captured decode step) return their own from
+    `Backend.decoder`."""
+
+    def __init__(self, backend: Backend, layers: int, kv_heads: int, head_dim: int, batch: int = 1):
+        self.backend = backend
+        dev = backend.device
+        self.keys = torch.zeros(layers, batch, kv_heads, 0, head_dim, device=dev)
+        self.values = torch.zeros_like(self.keys)
+        self.mask = torch.zeros(batch, 0, dtype=torch.int64, device=dev)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._run(input_ids, torch.ones_like(input_ids))
+
+    def _run(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, new_mask.to(self.mask.device)], dim=1)
+        out = self.backend.infer({"input_ids": ids, "attention_mask": self.mask,
+                                  "past_keys": self.keys, "past_values": self.values})
+        self.keys, self.values = out["present_keys"], out["present_values"]
+        return out["logits"]
