@@ -157,5 +157,123 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
         sys.exit(1)
 
 
+@main.command("build")
+@click.option("--model", "model_name", required=True, help="Preset name or upstream model folder.")
+@click.option("--precision", "precisions", default="fp32,fp16,int8", show_default=True, help="Comma list of precisions.")
+@click.option("--trt/--no-trt", default=False, show_default=True, help="Also build TensorRT plans (when installed).")
+@click.option("--graphs", default=None, help="Only these graphs.")
+@click.option("--out-dir", default=None, help="Artifact folder (default engines/<model>).")
+@click.option("--device", default="cpu", show_default=True, help="Where candidates are validated (cpu or cuda).")
+@click.option("--workspace-gb", default=8.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimization level (0-5).")
+@click.option("--hardware-compat/--no-hardware-compat", default=False, help="TensorRT plans for Ampere and newer GPUs.")
+@click.option("--version-compat/--no-version-compat", default=False, help="TensorRT plans usable by later TensorRT versions.")
+@click.option("--timing-cache", default=None, help="Persistent TensorRT timing cache (default <out-dir>/trt/timing.cache).")
+@click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
+@_errors
+def build_cmd(model_name, precisions, trt, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
+              version_compat, timing_cache, seed):
+    """FP32 / FP16 / INT8 ONNX artifacts (validated while built) and TensorRT plans from them."""
+    import torch
+
+    from export.calibration import load_or_capture
+    from export.onnx_export import export_graph
+    from export.precision import FP16_LEVELS, INT8_LEVELS, to_fp16, to_int8, write_sidecar
+    from export.tensorrt_build import INSTALL_FIX, build_plan, import_tensorrt
+    from export.validate import validate_graph
+    from runtime.artifacts import PRECISIONS, Manifest, default_dir, file_artifact, onnx_path
+    from runtime.backends.onnxrt import OrtBackend
+    from runtime.synthesize import check_device
+
+    device = check_device(device)
+    model = _model(model_name, seed=seed)
+    root = out_dir or default_dir(model.name)
+    precs = _split(precisions, PRECISIONS, "precision")
+    specs = model.graph_specs()
+    names = _split(graphs, list(specs), "graph") if graphs else list(specs)
+    manifest = Manifest.load(root, required=False)
+    manifest.model, manifest.family, manifest.model_info = model.name, model.family, model.describe()
+    if model.random_weights:
+        click.echo(f"NOTE: {model.name} has random weights: artifacts are for tests and benchmarks.", err=True)
+
+    def fp32_of(g):
+        art = manifest.get(g, "fp32", "onnx")
+        if art is None:
+            path = onnx_path(root, "fp32", g)
+            click.echo(f"{g:<15} fp32  exporting ...")
+            facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
+            art = manifest.add(file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
+                                             profiles=specs[g].profile(), built={"export": facts}))
+            manifest.save()
+        return manifest.verify(art, fix=f"delete {root} and build again")
+
+    def accept(g, prec, path, level_notes):
+        """Validate a candidate file at min/opt/max; returns the validation dict."""
+        backend = OrtBackend(specs[g], torch.device(device), path)
+        return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
+
+    feeds = {}
+    if "int8" in precs:
+        feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo)
+    for g in names:
+        src = fp32_of(g)
+        for prec in precs:
+            if prec == "fp32":
+                continue
+            dst = onnx_path(root, prec, g)
+            tried = []
+            ladder = FP16_LEVELS if prec == "fp16" else INT8_LEVELS
+            for level in ladder:
+                t0 = time.perf_counter()
+                if prec == "fp16":
+                    facts = to_fp16(src, dst, level)
+                    label = level.name
+                else:
+                    label, ops = level
+                    facts = to_int8(src, dst, feeds.get(g, []), ops)
+                    facts["level"] = label
+                res = accept(g, prec, dst, facts)
+                worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
+                tried.append({"level": label, "max_rel_error": worst, "passed": res["passed"]})
+                click.echo(f"{g:<15} {prec}  {label:<22} max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
+                           f"{'PASS' if res['passed'] else 'fail'}  {time.perf_counter() - t0:.1f} s")
+                if res["passed"]:
+                    break
+            names_file = dst.replace(".onnx", ".fp32_nodes.json") if prec == "fp16" else None
+            notes = {k: v for k, v in facts.items() if k != "fp32_node_names"}
+            notes["tried"] = tried
+            if names_file:
+                write_sidecar(names_file, {"graph": g, "level": facts["level"], "fp32_nodes": facts["fp32_node_names"]})
+                notes["fp32_node_list"] = os.path.relpath(names_file, root)
+            art = file_artifact(root, dst, g, prec, "onnx", source_sha256=manifest.get(g, "fp32", "onnx").sha256,
+                                profiles=specs[g].profile(), notes=notes)
+            art.validation[f"ort:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
+                                               "when": time.strftime("%Y-%m-%d %H:%M")}
+            manifest.add(art)
+            manifest.save()
+            if not res["passed"]:
+                click.echo(f"{g:<15} {prec}  no level met the {prec} tolerance; kept the last ({tried[-1]['level']})", err=True)
+    if trt:
+        if import_tensorrt() is None:
+            click.echo(f"TensorRT plans skipped: the tensorrt package is not installed ({INSTALL_FIX}).")
+        else:
+            cache = timing_cache or os.path.join(root, "trt", "timing.cache")
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            for prec in precs:
+                for g in names:
+                    onnx_art = manifest.get(g, prec, "onnx")
+                    if onnx_art is None:
+                        continue
+                    plan = os.path.join(root, "trt", prec, f"{g}.plan")
+                    built = build_plan(manifest.verify(onnx_art, fix="build again"), plan, specs[g], workspace_gb,
+                                       opt_level, cache, hardware_compat, version_compat, log=click.echo)
+                    manifest.add(file_artifact(root, plan, g, prec, "plan", source_sha256=onnx_art.sha256,
+                                               profiles=specs[g].profile(), built=built))
+                    manifest.save()
+                    click.echo(f"{g:<15} {prec}  plan built in {built['build_seconds']} s ({built['tensorrt']}, {built.get('gpu')})")
+    manifest.save()
+    click.echo(f"artifacts and manifest in {root}")
+
+
 if __name__ == "__main__":
     main()

@@ -70,7 +70,7 @@ class Orpheus(TTSModel):
 
     def __init__(self, name: str, source: str, llm_cfg: DecoderConfig, snac_cfg: SNACConfig, tokenizer,
                  folders: dict | None, max_frames: tuple[int, int], seed: int = 0, device: str = "cpu",
-                 llm_past: int = 4096):
+                 llm_limits: tuple[int, int, int, int] = (8, 1024, 4096, 256)):
         super().__init__(name, source, random_weights=folders is None)
         self.llm_cfg = llm_cfg
         self.snac_cfg = snac_cfg
@@ -79,7 +79,7 @@ class Orpheus(TTSModel):
         self.max_frames = max_frames  # (opt, max) SNAC frames per vocoder call
         self.seed = seed
         self.build_device = torch.device(device)
-        self.llm_past = llm_past
+        self.llm_limits = llm_limits  # (max batch, max new tokens per call, max cached, typical cached)
         self.sample_rate = snac_cfg.sampling_rate
         if llm_cfg.vocab_size <= AUDIO_TOKEN_BASE + FRAME_TOKENS * ORPHEUS_CODEBOOK - 1:
             raise UserError(f"the LLM vocabulary ({llm_cfg.vocab_size}) does not hold Orpheus' audio tokens.",
@@ -90,7 +90,7 @@ class Orpheus(TTSModel):
     def _specs(self):
         c = self.llm_cfg
         return {"llm": llm_graph_spec(c.num_layers, c.num_kv_heads, c.head_dim, c.vocab_size, c.vocab_size,
-                                      8, 1024, self.llm_past, 256),
+                                      *self.llm_limits),
                 "vocoder": graph_spec(self.snac_cfg, frames=(1, self.max_frames[0], self.max_frames[1]))}
 
     def graph_specs(self):
@@ -195,7 +195,8 @@ def from_preset(name: str, family: str, size: str, device: str = "cpu", seed: in
         snac = SNACConfig(sampling_rate=24000, encoder_dim=16, encoder_rates=(2, 4, 8, 8), decoder_dim=64,
                           decoder_rates=(8, 8, 4, 2), attn_window_size=None, codebook_size=4096, codebook_dim=8,
                           vq_strides=(4, 2, 1), noise=True, depthwise=True)
-        return Orpheus(name, f"preset:{name}", _tiny_llm(), snac, tokenizer, None, (16, 200), seed, device, llm_past=1536)
+        return Orpheus(name, f"preset:{name}", _tiny_llm(), snac, tokenizer, None, (16, 120), seed, device,
+                       llm_limits=(2, 256, 1536, 64))
     llm = DecoderConfig.from_hf_config(read_hf_config(os.path.join(CONFIG_DIR, "orpheus-3b.json")))
     return Orpheus(name, f"preset:{name}", llm, SNAC_24KHZ, tokenizer, None, (64, 600), seed, device)
 

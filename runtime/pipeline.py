@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.family import TTSModel, Utterance
-from runtime.backends import create_backend, parse_backends
+from runtime.backends import create_backend, parse_backends, split_choice
 
 
 @dataclass
@@ -55,8 +55,9 @@ class Pipeline:
         self.runners = {}
         for stage, graphs in model.stage_graphs().items():
             for g in graphs:
-                self.runners[g] = create_backend(self.choice[stage], model, specs[g], self.device,
-                                                 engines_dir=engines_dir, precision=precision)
+                kind, prec = split_choice(self.choice[stage], precision)
+                self.runners[g] = create_backend(kind, model, specs[g], self.device, engines_dir=engines_dir,
+                                                 precision=prec)
         self._stage_of = {g: specs[g].stage for g in self.runners}
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in model.stages}
 

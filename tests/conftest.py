@@ -157,3 +157,23 @@ def make_orpheus_folder(root) -> str:
     with open(os.path.join(folder, "snac", "config.json"), "w") as f:
         json.dump(kw, f)
     return folder
+
+
+TINY_PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Each tiny preset exported once (fp32 ONNX), through the CLI a user runs."""
+    from click.testing import CliRunner
+
+    from export.cli import main as export_main
+
+    root = tmp_path_factory.mktemp("engines")
+    dirs = {}
+    for name in TINY_PRESETS:
+        out = str(root / name)
+        res = CliRunner().invoke(export_main, ["onnx", "--model", name, "--out-dir", out], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        dirs[name] = out
+    return dirs

@@ -16,20 +16,7 @@ from runtime.artifacts import Manifest, read_metadata, spec_from_onnx
 from runtime.backends import create_backend
 from runtime.pipeline import Pipeline
 
-PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """Each tiny preset exported once (fp32 ONNX), through the CLI a user runs."""
-    root = tmp_path_factory.mktemp("engines")
-    dirs = {}
-    for name in PRESETS:
-        out = str(root / name)
-        res = CliRunner().invoke(export_main, ["onnx", "--model", name, "--out-dir", out], catch_exceptions=False)
-        assert res.exit_code == 0, res.output
-        dirs[name] = out
-    return dirs
+from tests.conftest import TINY_PRESETS as PRESETS
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -98,8 +85,13 @@ def test_missing_and_tampered_artifacts(exported, tmp_path):
     os.remove(os.path.join(copy, "onnx", "fp32", "vocoder.onnx"))
     with pytest.raises(UserError, match="is listed in the manifest but missing"):
         Pipeline(model, "ort", engines_dir=copy)
-    with pytest.raises(UserError, match=r"has no fp16 onnx artifact for graph llm"):
-        Pipeline(model, "ort", engines_dir=exported["cosyvoice3-tiny"], precision="fp16")
+    fp32_only = str(tmp_path / "fp32only")
+    shutil.copytree(exported["cosyvoice3-tiny"], fp32_only)
+    m = Manifest.load(fp32_only)
+    m.artifacts = {k: a for k, a in m.artifacts.items() if a.precision == "fp32"}
+    m.save()
+    with pytest.raises(UserError, match=r"has no fp16 onnx artifact for graph llm.*export build --model cosyvoice3-tiny"):
+        Pipeline(model, "ort", engines_dir=fp32_only, precision="fp16")
 
 
 def test_shape_beyond_profile_is_refused(exported):
@@ -107,7 +99,7 @@ def test_shape_beyond_profile_is_refused(exported):
     spec = model.graph_specs()["vocoder"]
     backend = create_backend("ort", model, spec, torch.device("cpu"), engines_dir=exported["cosyvoice3-tiny"])
     too_long = spec.sample_feed({"T": spec.dim("T").max + 1})
-    with pytest.raises(UserError, match=r"graph vocoder: mel frames = 601 is outside the supported range \[4, 600\]"):
+    with pytest.raises(UserError, match=r"graph vocoder: mel frames = 401 is outside the supported range \[4, 400\]"):
         backend.infer(too_long)
 
 

@@ -1,4 +1,7 @@
-"""Backend selection: `--backend torch` or `--backend llm=torch,flow=ort,vocoder=ort`."""
+"""Backend selection: `--backend torch`, or per stage `--backend llm=torch,flow=ort:fp16,vocoder=ort:int8`.
+
+A stage's choice is `kind[:precision]`; the precision defaults to the pipeline's `--precision`.
+Artifact precisions (ort, trt) are fp32 / fp16 / int8; torch runs its modules in fp32 / fp16 / bf16."""
 
 from __future__ import annotations
 
@@ -6,7 +9,14 @@ import torch
 
 from models.errors import UserError
 
-KINDS = ("torch", "ort")
+KINDS = ("torch", "ort", "trt")
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def split_choice(choice: str, default_precision: str = "fp32") -> tuple[str, str]:
+    kind, _, precision = choice.partition(":")
+    return kind, precision or default_precision
 
 
 def parse_backends(choice: str | dict, stages: tuple[str, ...]) -> dict[str, str]:
@@ -29,18 +39,24 @@ def parse_backends(choice: str | dict, stages: tuple[str, ...]) -> dict[str, str
                         f"choose among the stages {', '.join(stages)}")
     for stage in stages:
         table.setdefault(stage, "torch")
-    for stage, kind in table.items():
+    for stage, value in table.items():
+        kind, precision = split_choice(value)
         if kind not in KINDS:
             raise UserError(f"unknown backend {kind!r} for stage {stage}.", f"choose one of {', '.join(KINDS)}")
+        if ":" in value and precision not in PRECISIONS[kind]:
+            raise UserError(f"backend {kind} has no precision {precision!r} (stage {stage}).",
+                            f"choose one of {', '.join(PRECISIONS[kind])}")
     return table
 
 
 def create_backend(kind: str, model, spec, device: torch.device, engines_dir: str | None = None,
                    precision: str = "fp32"):
+    if precision not in PRECISIONS.get(kind, (precision,)):
+        raise UserError(f"backend {kind} has no precision {precision!r}.", f"choose one of {', '.join(PRECISIONS[kind])}")
     if kind == "torch":
         from runtime.backends.torch_eager import TorchBackend
 
-        return TorchBackend(spec, device, lambda: model.graph_module(spec.name))
+        return TorchBackend(spec, device, lambda: model.graph_module(spec.name), TORCH_DTYPES[precision])
     from runtime.artifacts import Manifest, default_dir
 
     root = engines_dir or default_dir(model.name)
@@ -56,4 +72,16 @@ def create_backend(kind: str, model, spec, device: torch.device, engines_dir: st
             raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
         art = manifest.require(spec.name, precision, "onnx", fix=f"run {make}")
         return OrtBackend(spec, device, manifest.verify(art, fix=f"run {make}"))
+    if kind == "trt":
+        from runtime.backends.tensorrt import TrtBackend
+
+        name = model.source if not model.source.startswith("preset:") else model.name
+        rebuild = (f"python -m export build --model {name} --precision {precision} --trt"
+                   + (f" --out-dir {engines_dir}" if engines_dir else ""))
+        manifest = Manifest.load(root, required=False)
+        art = manifest.require(spec.name, precision, "plan", fix=f"run {rebuild}")
+        onnx_art = manifest.get(spec.name, precision, "onnx")
+        if onnx_art is not None and art.source_sha256 and art.source_sha256 != onnx_art.sha256:
+            raise UserError(f"the {precision} plan of {spec.name} was built from an older ONNX file.", f"run {rebuild}")
+        return TrtBackend(spec, device, manifest.verify(art, fix=f"run {rebuild}"), art.built, rebuild)
     raise UserError(f"unknown backend {kind!r}.", f"choose one of {', '.join(KINDS)}")

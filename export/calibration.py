@@ -1,0 +1,112 @@
+"""Calibration data for INT8: real graph inputs captured from the torch pipeline.
+
+The pipeline speaks the calibration texts shipped with the project (varied lengths, several
+languages) and every graph call is recorded; the LLM keeps its prefill and log-spaced decode steps.
+The captures are cached per model and graph, keyed by the weights, the text set and the graph spec, so
+a second `build` reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from models.family import TTSModel
+
+TEXTS_FILE = os.path.join(os.path.dirname(__file__), "calibration_texts.txt")
+LLM_STEPS = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256}  # prefill and log-spaced decode steps
+
+
+def calibration_texts() -> list[str]:
+    with open(TEXTS_FILE, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def _key(model: TTSModel, graph: str, texts: list[str], max_tokens: int) -> dict:
+    h = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    weights = model.checkpoint_hashes() or {"random": f"{model.name}:seed={getattr(model, 'seed', 0)}"}
+    spec = model.graph_specs()[graph].to_json()
+    return {"model": model.name, "graph": graph, "weights": weights, "texts_sha256": h, "max_tokens": max_tokens,
+            "spec_sha256": hashlib.sha256(spec.encode()).hexdigest()[:16]}
+
+
+def capture(model: TTSModel, graphs: list[str], device: str = "cpu", max_tokens: int = 120,
+            texts: list[str] | None = None) -> dict[str, list[dict]]:
+    """Run the torch pipeline over the calibration texts; return graph -> list of CPU feeds."""
+    from runtime.pipeline import Pipeline
+
+    texts = texts or calibration_texts()
+    feeds: dict[str, list[dict]] = {g: [] for g in graphs}
+    modes = ["solver"] + (["steps"] if "flow_estimator" in graphs and hasattr(model, "set_flow_mode") else [])
+    for mode in modes:
+        if hasattr(model, "set_flow_mode"):
+            model.set_flow_mode(mode)
+        pipe = Pipeline(model, "torch", device=device)
+        inner_run = pipe.run
+        llm_calls = {"n": 0}
+
+        def record(graph, feed, inner=inner_run):
+            if graph in feeds and (mode == "solver" or graph == "flow_estimator"):
+                feeds[graph].append({k: v.detach().cpu().clone() for k, v in feed.items()})
+            return inner(graph, feed)
+
+        pipe.run = record
+        llm_backend = pipe.runners["llm"]
+        inner_infer = llm_backend.infer
+
+        def record_llm(feed, check=True, inner=inner_infer):
+            if "llm" in feeds and mode == "solver" and llm_calls["n"] in LLM_STEPS:
+                feeds["llm"].append({k: v.detach().cpu().clone() for k, v in feed.items()})
+            llm_calls["n"] += 1
+            return inner(feed, check)
+
+        llm_backend.infer = record_llm
+        default_speaker = model.make_speaker
+
+        def varied_speaker(prompt_wav, prompt_text, voice=None, gen=torch.Generator().manual_seed(1234)):
+            # a fixed default speaker (zeros) would calibrate the speaker projection on one point
+            spk = default_speaker(prompt_wav, prompt_text, voice)
+            if "embedding" in spk:
+                spk["embedding"] = torch.randn(spk["embedding"].shape, generator=gen)
+            return spk
+
+        model.make_speaker = varied_speaker
+        for i, text in enumerate(texts):
+            llm_calls["n"] = 0
+            # a hard cap keeps random-weight models (which seldom stop) to a useful length
+            pipe.synthesize(text, seed=i, fixed_tokens=None if not model.random_weights else min(max_tokens, 12 + 5 * i))
+        del model.make_speaker  # back to the class method
+    if hasattr(model, "set_flow_mode"):
+        model.set_flow_mode("solver")
+    return feeds
+
+
+def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: str = "cpu",
+                    max_tokens: int = 120, log=print) -> dict[str, list[dict]]:
+    """Cached captures: `<cache_dir>/<graph>.pt` (+ .json key); recapture what is missing or stale."""
+    texts = calibration_texts()
+    os.makedirs(cache_dir, exist_ok=True)
+    out, missing = {}, []
+    for g in graphs:
+        key = _key(model, g, texts, max_tokens)
+        data, meta = os.path.join(cache_dir, f"{g}.pt"), os.path.join(cache_dir, f"{g}.json")
+        if os.path.isfile(data) and os.path.isfile(meta):
+            with open(meta) as f:
+                if json.load(f) == key:
+                    out[g] = torch.load(data, weights_only=True)
+                    continue
+        missing.append(g)
+    if missing:
+        log(f"calibration: running the torch pipeline over {len(texts)} texts for {', '.join(missing)}")
+        fresh = capture(model, missing, device, max_tokens, texts)
+        for g in missing:
+            torch.save(fresh[g], os.path.join(cache_dir, f"{g}.pt"))
+            with open(os.path.join(cache_dir, f"{g}.json"), "w") as f:
+                json.dump(_key(model, g, texts, max_tokens), f)
+            out[g] = fresh[g]
+    else:
+        log(f"calibration: cached captures reused from {cache_dir}")
+    return out

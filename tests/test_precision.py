@@ -1,0 +1,134 @@
+"""FP16 / INT8 artifacts built and validated on CPU, TensorRT plan checks, per-stage precision choice."""
+
+import json
+import os
+import sys
+import types
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from export.cli import main as export_main
+from models.errors import UserError
+from models.registry import load_model
+from runtime.artifacts import Manifest
+from runtime.pipeline import Pipeline
+from tests.conftest import TINY_PRESETS
+
+
+@pytest.fixture(scope="session")
+def built(exported):
+    for name in TINY_PRESETS:
+        res = CliRunner().invoke(export_main, ["build", "--model", name, "--precision", "fp16,int8", "--trt",
+                                               "--out-dir", exported[name]], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert "TensorRT plans skipped: the tensorrt package is not installed" in res.output or "plan built" in res.output
+    return exported
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_fp16_and_int8_artifacts_are_recorded(built, name):
+    model = load_model(name)
+    manifest = Manifest.load(built[name])
+    for graph in model.graph_specs():
+        fp16 = manifest.get(graph, "fp16", "onnx")
+        int8 = manifest.get(graph, "int8", "onnx")
+        assert fp16 and int8, graph
+        assert fp16.source_sha256 == manifest.get(graph, "fp32", "onnx").sha256
+        assert fp16.validation and all(v["passed"] for v in fp16.validation.values())
+        assert int8.validation and all(v["passed"] for v in int8.validation.values())
+        # which nodes stay FP32 is on record, and the file is strongly typed FP16 where it says so
+        nodes = json.load(open(os.path.join(built[name], fp16.notes["fp32_node_list"])))
+        assert nodes["level"] == fp16.notes["level"]
+        m16 = onnx.load(manifest.verify(fp16, "rebuild"))
+        if fp16.notes["level"] != "all-fp32":
+            assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m16.graph.initializer)
+        assert [i.type.tensor_type.elem_type for i in m16.graph.input] == \
+               [i.type.tensor_type.elem_type for i in onnx.load(manifest.verify(manifest.get(graph, "fp32", "onnx"), "x")).graph.input]
+        m8 = onnx.load(manifest.verify(int8, "rebuild"))
+        dq = sum(n.op_type == "DequantizeLinear" for n in m8.graph.node)
+        assert dq == int8.notes["dequantize_nodes"]
+        if int8.notes["level"] != "none":
+            assert dq > 0 and any(n.op_type == "QuantizeLinear" for n in m8.graph.node)
+        assert [t["level"] for t in int8.notes["tried"]][-1] == int8.notes["level"]
+
+
+def test_calibration_is_cached(built):
+    root = built["cosyvoice3-tiny"]
+    keys = json.load(open(os.path.join(root, "calibration", "llm.json")))
+    assert keys["model"] == "cosyvoice3-tiny" and keys["graph"] == "llm"
+    feeds = torch.load(os.path.join(root, "calibration", "llm.pt"), weights_only=True)
+    assert len(feeds) >= 10 and {f["input_ids"].shape[1] for f in feeds} != {1}  # prefills and decode steps
+    res = CliRunner().invoke(export_main, ["build", "--model", "cosyvoice3-tiny", "--precision", "int8", "--graphs", "llm",
+                                           "--out-dir", root], catch_exceptions=False)
+    assert "cached captures reused" in res.output
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_validate_every_precision_with_audio(built, name):
+    res = CliRunner().invoke(export_main, ["validate", "--model", name, "--precision", "fp16,int8", "--points", "opt,max",
+                                           "--out-dir", built[name]], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.load(open(os.path.join(built[name], "validation.json")))
+    precs = {a["precision"]: a for a in report["audio"]}
+    assert set(precs) == {"fp16", "int8"}
+    for a in precs.values():
+        assert float(a["snr_db"]) >= a["snr_floor_db"] and float(a["candidate_peak"]) > 1e-4
+
+
+def test_per_stage_precisions(built):
+    model = load_model("cosyvoice3-tiny")
+    ref = Pipeline(model, "torch").synthesize("Hello there.", seed=2, fixed_tokens=16)
+    mixed = Pipeline(model, "llm=ort:int8,flow=ort:fp16,vocoder=ort:fp16", engines_dir=built["cosyvoice3-tiny"])
+    res = mixed.synthesize("Hello there.", seed=2, fixed_tokens=16)
+    assert res.audio.shape == ref.audio.shape and torch.isfinite(res.audio).all()
+    assert mixed.choice == {"llm": "ort:int8", "flow": "ort:fp16", "vocoder": "ort:fp16"}
+    with pytest.raises(UserError, match="backend torch has no precision 'int8'"):
+        Pipeline(model, "llm=torch:int8")
+
+
+def test_plan_for_another_gpu_is_refused(monkeypatch):
+    """The manifest check runs before TensorRT touches the GPU (stubbed here: no TensorRT on CI)."""
+    from runtime.backends import tensorrt as trt_backend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0))
+    rebuild = "python -m export build --model m --precision fp16 --trt"
+    ok = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt": "10.9.0", "flags": {}}
+    trt_backend.check_plan_matches(ok, rebuild)
+    with pytest.raises(UserError, match=r"built for compute_capability '8\.0'.*rebuild it here: python -m export build"):
+        trt_backend.check_plan_matches({**ok, "gpu": "NVIDIA A100", "compute_capability": "8.0"}, rebuild)
+    with pytest.raises(UserError, match=r"built for tensorrt '10\.8\.0'"):
+        trt_backend.check_plan_matches({**ok, "tensorrt": "10.8.0"}, rebuild)
+    # version-compatible plans accept a newer minor version of the same major
+    trt_backend.check_plan_matches({**ok, "tensorrt": "10.8.0", "flags": {"version_compat": True}}, rebuild)
+
+
+def test_trt_without_tensorrt_names_the_fix(built):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    from export.tensorrt_build import build_plan
+
+    model = load_model("cosyvoice3-tiny")
+    with pytest.raises(UserError, match="TensorRT is not installed.*setup_tensorrt.sh"):
+        build_plan("x.onnx", "x.plan", model.graph_specs()["vocoder"])
+    with pytest.raises(UserError, match=r"has no fp16 plan artifact for graph llm.*--trt"):
+        Pipeline(model, "trt", engines_dir=built["cosyvoice3-tiny"], precision="fp16")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT plans need a CUDA GPU")
+def test_tensorrt_plans_match_onnxruntime(built):
+    pytest.importorskip("tensorrt", reason="tensorrt is not installed")
+    res = CliRunner().invoke(export_main, ["validate", "--model", "cosyvoice3-tiny", "--backends", "trt", "--device", "cuda",
+                                           "--precision", "fp32,fp16,int8", "--out-dir", built["cosyvoice3-tiny"]])
+    assert res.exit_code == 0, res.output
