@@ -1,0 +1,210 @@
+"""python -m runtime.bench: every backend against the torch eager baseline, in one process.
+
+    python -m runtime.bench --model cosyvoice3-random --device cuda \\
+        --backends torch,compile,ort:fp32,ort:fp16,ort:int8 --lengths 50,500 --json bench.json
+
+Measured per backend (all in the same run, so ratios are against the eager baseline measured here):
+- every graph at the sizes a request of N speech tokens produces (flow, vocoder; the LLM prefill),
+- the LLM decode step (ms per token over a generation of N tokens),
+- token2wav (flow + vocoder for N tokens) and the end-to-end RTF with the LLM included.
+Warm-up (first call: compilation, graph capture, ORT session init) is timed separately and
+excluded from the steady-state numbers; those are the median and p95 of `--reps` calls.
+A backend that is missing (no artifact, no provider, no GPU) is listed as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+from models.errors import UserError
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> dict:
+    """First-call time, then the median / p95 of `reps` calls after `warmup` more."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    p95 = samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+    return {"first_ms": first * 1e3, "median_ms": statistics.median(samples) * 1e3, "p95_ms": p95 * 1e3,
+            "reps": reps}
+
+
+def graph_sizes(model, graph: str, tokens: int, batch: int = 1) -> dict:
+    """Dim sizes of `graph` for a request of `tokens` speech tokens (clipped to the spec)."""
+    spec = model.graph_specs()[graph]
+    sizes = spec.sizes_at("opt")
+    ratio = getattr(getattr(model, "cfg", None), "token_mel_ratio", 2)
+    want = {"B": batch * (2 if graph == "flow_estimator" else 1), "N": tokens, "T": tokens * ratio,
+            "S": 1, "P": tokens, "F": max(tokens // 7, 1)}
+    for d in spec.dims:
+        if d.name in want:
+            sizes[d.name] = max(d.min, min(d.max, want[d.name]))
+    return sizes
+
+
+def peak_memory(device: torch.device) -> float | None:
+    """Device memory in use (GB) by everything in this process: torch, ONNX Runtime and TensorRT."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 1e9
+
+
+def bench_backend(model, choice: str, device: torch.device, lengths: list[int], engines_dir: str | None,
+                  reps: int, warmup: int, log) -> dict:
+    from runtime.pipeline import Pipeline
+
+    out = {"backend": choice, "graphs": {}, "token2wav": {}, "llm_step": {}, "e2e": {}}
+    t0 = time.perf_counter()
+    pipe = Pipeline(model, choice, device=str(device), engines_dir=engines_dir)
+    pipe.activate()
+    out["load_seconds"] = time.perf_counter() - t0
+    specs = model.graph_specs()
+    for n in lengths:
+        for graph, runner in pipe.runners.items():
+            if graph == "llm":
+                continue
+            spec = specs[graph]
+            feed = {k: v.to(device) for k, v in spec.sample_feed(graph_sizes(model, graph, n), seed=n).items()}
+            out["graphs"].setdefault(graph, {})[n] = time_call(lambda: runner.infer(feed, check=False), device, warmup, reps)
+        # token2wav: flow + vocoder for n tokens, through the family's own wiring
+        speaker = model.make_speaker(None, None)
+        utt = model.make_utterance("Benchmark sentence.", speaker)
+        tokens = [int(x) for x in torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))]
+        if model.family == "orpheus":
+            from models.snac import codes_to_tokens
+            f = max(n // 7, 1)
+            g = torch.Generator().manual_seed(n)
+            tokens = codes_to_tokens(torch.randint(0, 4096, (f,), generator=g), torch.randint(0, 4096, (2 * f,), generator=g),
+                                     torch.randint(0, 4096, (4 * f,), generator=g))
+        gen = torch.Generator().manual_seed(0)
+
+        def t2w():
+            model.token2wav(tokens, utt, pipe.run, gen, device)
+
+        out["token2wav"][n] = time_call(t2w, device, warmup, max(reps // 2, 5))
+        # LLM: prefill + n decode steps, ms per token
+        layers, kvh, hd = model.llm_cache_shape()
+        prompt = torch.tensor([utt.prompt_ids], dtype=torch.int64, device=device)
+        step_ids = torch.tensor([[model.next_input_id(tokens[0])]], dtype=torch.int64, device=device)
+
+        def generate():
+            dec = pipe.runners["llm"].decoder(layers, kvh, hd, batch=1, max_len=prompt.shape[1] + n + 1)
+            dec.prefill(prompt)
+            for _ in range(n):
+                dec.step(step_ids)
+
+        r = time_call(generate, device, 1, max(reps // 10, 2))
+        out["llm_step"][n] = {"ms_per_token": r["median_ms"] / n, "first_ms": r["first_ms"], "total_ms": r["median_ms"]}
+        # end to end at a fixed token rate: RTF = (LLM for n tokens + token2wav) / audio seconds
+        audio_s = n / model.token_rate()
+        e2e_ms = r["median_ms"] + out["token2wav"][n]["median_ms"]
+        out["e2e"][n] = {"ms": e2e_ms, "audio_s": audio_s, "rtf": e2e_ms / 1e3 / audio_s}
+        log(f"  {choice:<14} {n:>5} tokens: token2wav {out['token2wav'][n]['median_ms']:8.2f} ms, "
+            f"LLM {out['llm_step'][n]['ms_per_token']:7.3f} ms/token, RTF {out['e2e'][n]['rtf']:.4f}")
+    out["memory_gb"] = peak_memory(device)
+    out["backends"] = {g: r.metadata() for g, r in pipe.runners.items()}
+    return out
+
+
+def print_table(results: list[dict], lengths: list[int], log) -> None:
+    base = next((r for r in results if r.get("backend") == "torch" and "skipped" not in r), None)
+    log("")
+    log(f"{'backend':<16}{'what':<22}" + "".join(f"{n:>10}{'':>9}" for n in lengths))
+    rows = []
+    for r in results:
+        if "skipped" in r:
+            log(f"{r['backend']:<16}skipped: {r['skipped']}")
+            continue
+        for graph, per in sorted(r["graphs"].items()):
+            rows.append((r["backend"], graph, {n: per[n]["median_ms"] for n in lengths if n in per},
+                         {n: base["graphs"][graph][n]["median_ms"] for n in lengths} if base and graph in base["graphs"] else {}))
+        rows.append((r["backend"], "token2wav", {n: r["token2wav"][n]["median_ms"] for n in lengths},
+                     {n: base["token2wav"][n]["median_ms"] for n in lengths} if base else {}))
+        rows.append((r["backend"], "llm ms/token", {n: r["llm_step"][n]["ms_per_token"] for n in lengths},
+                     {n: base["llm_step"][n]["ms_per_token"] for n in lengths} if base else {}))
+        rows.append((r["backend"], "e2e RTF", {n: r["e2e"][n]["rtf"] for n in lengths},
+                     {n: base["e2e"][n]["rtf"] for n in lengths} if base else {}))
+    for backend, what, vals, ref in rows:
+        cells = []
+        for n in lengths:
+            v = vals.get(n)
+            x = f"x{ref[n] / v:.1f}" if v and ref.get(n) and backend != "torch" else ""
+            cells.append(f"{v:10.3f}{x:>9}" if v is not None else f"{'-':>10}{'':>9}")
+        log(f"{backend:<16}{what:<22}" + "".join(cells))
+    log("(ms unless stated; xN = speed-up over torch eager measured in this run)")
+
+
+@click.command()
+@click.option("--model", "model_name", default="cosyvoice3-tiny", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="Comma list of backend choices (each one for all stages, e.g. ort:fp16), or 'stage=..;stage=..' mixes.")
+@click.option("--lengths", default="50,500", show_default=True, help="Speech-token counts per request.")
+@click.option("--reps", default=20, show_default=True)
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--engines-dir", default=None)
+@click.option("--json", "json_path", default=None, help="Write all numbers here.")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]))
+def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_path, flow_mode):
+    from models.registry import load_model
+    from runtime.synthesize import check_device
+
+    try:
+        device = torch.device(check_device(device))
+        model = load_model(model_name, device=str(device))
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if flow_mode and hasattr(model, "set_flow_mode"):
+        model.set_flow_mode(flow_mode)
+    ns = [int(x) for x in lengths.split(",")]
+    choices = [c.replace(";", ",") for c in backends.split(",")] if ";" not in backends else backends.split("|")
+    results = []
+    for choice in choices:
+        click.echo(f"{choice}:")
+        try:
+            results.append(bench_backend(model, choice, device, ns, engines_dir, reps, warmup, click.echo))
+        except UserError as e:
+            click.echo(f"  skipped: {e}")
+            results.append({"backend": choice, "skipped": str(e)})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(results, ns, click.echo)
+    meta = {"model": model_name, "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M"),
+            "command": "python -m runtime.bench " + " ".join(sys.argv[1:]), "random_weights": model.random_weights}
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+        click.echo(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
