@@ -583,10 +583,10 @@ class DeviceRASSampler(_DeviceSampler):
                  cuda_graph: bool | None = None, compile_backend: str = "inductor",
                  logits_buffer: torch.Tensor | None = None):
         self.stop_from, self.min_len, self.fixed = stop_from, min_len, fixed
-        self.top_p, self.top_k, self.win_size, self.tau_r = top_p, top_k, win_size, tau_r
+        self.top_p, self.top_k, self.win_size, self.tau_r = float(top_p), int(top_k), int(win_size), float(tau_r)
         super().__init__(batch, vocab, device, generator, seed, compile, cuda_graph, compile_backend, logits_buffer)
         with torch.inference_mode():
-            self.window = torch.full((batch, win_size), -1, dtype=torch.int64, device=self.device)
+            self.window = torch.full((batch, self.win_size), -1, dtype=torch.int64, device=self.device)
             self.count = torch.zeros(1, dtype=torch.int64, device=self.device)
 
     def _state(self):

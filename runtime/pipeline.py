@@ -97,6 +97,23 @@ class Pipeline:
         sampler = model.make_sampler(utt, generator, fixed_tokens)
         logits = decoder.prefill(torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev))
         tokens: list[int] = []
+        if dev.type == "cuda":
+            # sample on the device: the logits never leave the GPU; reading the chosen id for the stop
+            # check is the one host sync per token
+            from runtime.llm_decode import device_sampler_for
+
+            vocab = self.runners["llm"].spec.outputs[0].shape[1]
+            pick = device_sampler_for(sampler, vocab, dev, generator, logits_buffer=getattr(decoder, "logits_out", None))
+            offset = model.next_input_id(0)  # every family feeds a token back as token + offset
+            for step in range(steps):
+                tok = pick(logits)
+                token = int(tok)
+                if fixed_tokens is None and model.is_stop(token):
+                    break
+                tokens.append(token)
+                if step + 1 < steps:
+                    logits = decoder.step((tok + offset).view(1, 1))
+            return tokens
         for step in range(steps):
             token = sampler(logits[0], tokens, step)  # the one host sync per token: the stop check needs it
             if fixed_tokens is None and model.is_stop(token):

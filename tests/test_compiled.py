@@ -197,6 +197,17 @@ def test_emulated_exact_shape_lru():
     assert cb.metadata()["graphs"] == 2 and cb.metadata()["evictions"] == 2
 
 
+def test_copy_module_leaves_the_model_alone():
+    fresh = load_model("cosyvoice3-tiny")
+    spec = fresh.graph_specs()["flow_estimator"]
+    cb = CompiledBackend(spec, "cpu", lambda: fresh.graph_module("flow_estimator"), dtype="bfloat16",
+                         compile_backend=None, copy_module=True)
+    cb.infer(spec.sample_feed(point(spec, "flow_estimator"), seed=0))
+    assert cb.module is not fresh.graph_module("flow_estimator")
+    assert all(p.dtype == torch.float32 for p in fresh.graph_module("flow_estimator").parameters())
+    assert all(p.dtype == torch.bfloat16 for p in cb.module.parameters())
+
+
 def test_bf16_error_report(capsys):
     """bf16 compute on the tiny presets (random weights): errors relative to the fp32 output scale.
     The fp32 islands (solver state, HiFT f0 / source / iSTFT) keep these at the 1e-2 level."""
@@ -245,9 +256,9 @@ def test_inductor_decoder_matches_explicit():
     m = model(name)
     cb = CompiledBackend(m.graph_specs()["llm"], "cpu", lambda: m.graph_module("llm"), compile_backend="inductor")
     dec = cb.decoder(*m.llm_cache_shape(), batch=1, max_len=40)
-    assert isinstance(dec, StaticCacheDecoder) and dec.max_len == 256 and dec.compiled
+    assert isinstance(dec, StaticCacheDecoder) and dec.max_len == 1024 and dec.compiled
     assert _run_decoders(name, dec) < FP32_TOL
-    assert cb.decoder(*m.llm_cache_shape(), batch=1, max_len=100) is dec  # same bucket: reused, reset
+    assert cb.decoder(*m.llm_cache_shape(), batch=1, max_len=1000) is dec  # same bucket: reused, reset
     assert dec.length == 0
     assert cb.metadata()["compile_seconds"] > 0
 
@@ -457,12 +468,64 @@ def test_device_sampler_for_family_samplers(name):
         assert tokens_to_codes(tokens)[3].n_audio == len(tokens)
 
 
+def test_graph_path_generation_matches_plain_path():
+    """The intended GPU loop, emulated on the CPU: decoder graph with copy_logits=False, the sampler's
+    graph reading the decoder's static logits buffer directly, ids fed back on the device. Same seed
+    -> same tokens as the plain (no graph) path."""
+    from runtime.llm_decode import device_sampler_for
+
+    name = "cosyvoice3-tiny"
+    m = model(name)
+    utt = m.make_utterance("hello world.", m.make_speaker(None, None))
+    vocab = m.graph_specs()["llm"].outputs[0].shape[1]
+    offset = m.next_input_id(0)
+    runs = []
+    for graphs in ("off", "emulate"):
+        host = m.make_sampler(utt, torch.Generator().manual_seed(0), fixed_tokens=None)
+        dec = StaticCacheDecoder(m.graph_module("llm"), 1, 64, "cpu", compile=False, cuda_graphs=graphs,
+                                 copy_logits=graphs == "off")
+        opts = {"cuda_graph": graphs}
+        if graphs == "emulate":
+            opts["logits_buffer"] = dec.logits_out
+        ds = device_sampler_for(host, vocab, "cpu", **opts)
+        logits = dec.prefill(torch.tensor([utt.prompt_ids]))
+        tokens = []
+        for _ in range(15):
+            tok = ds(logits)
+            tokens.append(int(tok))
+            logits = dec.step((tok + offset).view(1, 1))
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name,flow_mode", [("cosyvoice3-tiny", "solver"), ("cosyvoice2-tiny", "steps"),
+                                            ("orpheus-tiny", None)])
+def test_pipeline_with_compile_backends_matches_torch(name, flow_mode):
+    """Whole synthesis with every runner a CompiledBackend (graph bookkeeping emulated, eager modules
+    to keep the CPU time low) vs the torch pipeline: same tokens, same audio. Uses the pipeline as it
+    is today (host samplers on the static decoder's logits)."""
+    from runtime.pipeline import Pipeline
+
+    ref_model, run_model = load_model(name), load_model(name)
+    if flow_mode:
+        ref_model.set_flow_mode(flow_mode)
+        run_model.set_flow_mode(flow_mode)
+    ref = Pipeline(ref_model, "torch").synthesize("Hello there.", seed=1, fixed_tokens=21)
+    pipe = Pipeline(run_model, "torch")
+    specs = run_model.graph_specs()
+    pipe.runners = {g: CompiledBackend(specs[g], "cpu", lambda g=g: run_model.graph_module(g), compile_backend=None,
+                                       cuda_graphs="emulate") for g in pipe.runners}
+    out = pipe.synthesize("Hello there.", seed=1, fixed_tokens=21)
+    assert out.tokens == ref.tokens
+    assert out.audio.shape == ref.audio.shape and rel_err(out.audio, ref.audio) < 1e-4
+
+
 # -- GPU: CUDA-graph capture and replay ---------------------------------------------------------------------
 # Cheap by design (the device time is shared): every graph is captured WITHOUT torch.compile (checks that
 # each model's ops capture and that the static-buffer logic holds on the device); the inductor + capture
 # combination runs on one graph per kind and on the decode step.
-INDUCTOR_CASES = [("cosyvoice3-tiny", "flow_solver"), ("cosyvoice3-tiny", "vocoder"), ("cosyvoice2-tiny", "flow_solver"),
-                  ("orpheus-tiny", "vocoder")]
+INDUCTOR_CASES = [("cosyvoice3-tiny", "flow_solver"), ("cosyvoice3-tiny", "vocoder"),
+                  ("cosyvoice2-tiny", "flow_solver"), ("orpheus-tiny", "vocoder")]
 
 
 def _gpu_capture_check(name, graph, compile_backend):
@@ -513,9 +576,11 @@ def test_gpu_inductor_capture(name, graph, capsys):
 @gpu
 @needs_cuda
 def test_gpu_exact_shape_lru():
+    """Exact-shape graphs with inductor: F=2 compiles static, F=3 recompiles with a dynamic F
+    (torch.compile's automatic dynamic shapes), F=4 reuses it; two graphs kept, LRU evicted."""
     fresh = load_model("orpheus-tiny")
     spec = fresh.graph_specs()["vocoder"]
-    cb = CompiledBackend(spec, "cuda", lambda: fresh.graph_module("vocoder"), compile_backend=None, max_graphs=2)
+    cb = CompiledBackend(spec, "cuda", lambda: fresh.graph_module("vocoder"), max_graphs=2)
     for f in (2, 3, 4, 2):
         feed = spec.sample_feed({"F": f}, seed=f, device="cuda")
         assert rel_err(cb.infer(feed)["audio"], eager("orpheus-tiny", "vocoder", feed, "cuda")["audio"]) < 1e-3

@@ -9,8 +9,8 @@ import torch
 
 from models.errors import UserError
 
-KINDS = ("torch", "ort", "trt")
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+KINDS = ("torch", "compile", "ort", "trt")
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "compile": ("fp32", "fp16", "bf16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -57,6 +57,12 @@ def create_backend(kind: str, model, spec, device: torch.device, engines_dir: st
         from runtime.backends.torch_eager import TorchBackend
 
         return TorchBackend(spec, device, lambda: model.graph_module(spec.name), TORCH_DTYPES[precision])
+    if kind == "compile":
+        from runtime.backends.compiled import CompiledBackend
+
+        # a private copy of the weights when casting, so a model shared with other backends keeps fp32
+        return CompiledBackend(spec, device, lambda: model.graph_module(spec.name), TORCH_DTYPES[precision],
+                               copy_module=precision != "fp32")
     from runtime.artifacts import Manifest, default_dir
 
     root = engines_dir or default_dir(model.name)

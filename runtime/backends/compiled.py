@@ -4,9 +4,11 @@ Upstream is launch-bound: every kernel waits on Python. This backend removes tha
 inductor fusion and, on CUDA, by replaying each graph as one captured CUDA graph.
 
 Life cycle (as every backend, see `runtime.backends.base`): construction is cheap; `activate()` moves
-the module to the device and dtype (in place, as TorchBackend does: build a second model object when
-an fp32 eager reference is needed in the same process) and wraps it with `torch.compile`; compilation
-happens lazily at the first call of each new shape, CUDA graphs are captured lazily per shape key.
+the module to the device and dtype (in place, as TorchBackend does, unless `copy_module=True`: a
+model object shared with another backend in the same process then keeps its fp32 weights; the llm
+decoder also re-lays q/k/v and gate/up weights back to back, values unchanged) and wraps it with
+`torch.compile`; compilation happens lazily at the first call of each new shape, CUDA graphs are
+captured lazily per shape key.
 
 Precision. `dtype` (float32 | bfloat16 | float16) is the dtype of weights and activations; graph
 inputs and outputs keep the spec's dtypes and are cast at the boundary. A few places keep float32 on
@@ -14,8 +16,9 @@ purpose ("fp32 islands"), because a cast there costs accuracy for no speed:
   * flow_solver: the Euler state (the noise input `z` and every x update) and the t / dt schedule
     stay float32; the estimator runs in `dtype` (solve_euler_cfg casts x to it per step).
   * vocoder (HiFT): the f0 predictor, the harmonic source (phase accumulation) and the inverse STFT
-    run in float32, the network between them in `dtype`. In bf16 the phase increment alone would
-    be off by ~1/256 cycle per frame.
+    run in float32, the network between them in `dtype`. In bf16 the per-frame phase advance of the
+    upper harmonics (tens of cycles per frame) would be off by ~0.2 % of itself, i.e. up to ~0.1
+    cycle per frame, accumulating.
   * llm: RoPE frequencies and RMSNorm statistics are float32 inside the model already; the decode
     attention computes scores and softmax in float32 (runtime.llm_decode).
 
@@ -50,7 +53,7 @@ Shape keys and padding (one compiled specialisation and one CUDA graph per key):
     per bucket, best kernels; `warmup()` compiles chosen buckets ahead of time).
   * llm: `infer` (explicit cache, shapes change every call) runs the module eagerly in `dtype`; the
     fast path is `decoder()`, a static-cache decoder with one captured graph per decode step
-    (runtime.llm_decode).
+    (runtime.llm_decode), one per (batch, cache length rounded up to a power of two >= 1024).
 
 What is compiled. The whole module, except flow_solver, where only the estimator is compiled and
 the 10-step Euler loop around it runs as plain torch ops (all captured into the same CUDA graph):
@@ -127,14 +130,6 @@ HIFT_FP32_PARTS = ("f0_predictor", "m_source", "stft", "istft")
 KEEP_FP32: dict[str, frozenset] = {"flow_solver": frozenset({"z"}), "vocoder": frozenset({"mel", "noise"})}
 
 
-def _uses(expr, dim: str) -> bool:
-    if isinstance(expr, int):
-        return False
-    import ast
-
-    return any(isinstance(n, ast.Name) and n.id == dim for n in ast.walk(ast.parse(expr, mode="eval")))
-
-
 class _SolverFn(nn.Module):
     """FlowSolver with only its estimator compiled and a float32 Euler schedule / state."""
 
@@ -187,7 +182,8 @@ class CompiledBackend(Backend):
     def __init__(self, spec: GraphSpec, device, module_factory, dtype="float32", cuda_graphs: bool | None = None,
                  buckets: bool = True, max_graphs: int = 16, compile_backend: str = "inductor",
                  compile_mode: str | None = None, dynamic: bool | None | str = "auto", warmup: int = 3,
-                 fullgraph: bool = False, compile_options: dict | None = None, decoder_options: dict | None = None):
+                 fullgraph: bool = False, compile_options: dict | None = None, decoder_options: dict | None = None,
+                 copy_module: bool = False):
         """dtype: compute dtype (name or torch dtype). cuda_graphs: None = on for CUDA devices.
         buckets: pad bucketable dims (PAD_RULES) or use exact shapes everywhere. max_graphs: LRU cap
         on captured graphs. compile_backend / compile_mode: torch.compile's backend and mode
@@ -196,7 +192,9 @@ class CompiledBackend(Backend):
         dynamic: 'auto' (bucketed graphs False, exact-shape graphs None = automatic) or torch.compile's
         own value. compile_options: torch.compile `options` (inductor config; not with compile_mode).
         cuda_graphs="emulate": the CUDA-graph bookkeeping on the CPU (tests).
-        decoder_options: extra StaticCacheDecoder kwargs for `decoder()`."""
+        decoder_options: extra StaticCacheDecoder kwargs for `decoder()`. copy_module: work on a deep
+        copy of the factory's module (the model object keeps its device, dtype and weight layout;
+        costs a second copy of the weights), instead of moving / casting it in place."""
         super().__init__(spec, device)
         self._factory = module_factory
         self.dtype = as_dtype(dtype)
@@ -219,6 +217,7 @@ class CompiledBackend(Backend):
         self.fullgraph = fullgraph
         self.compile_options = dict(compile_options) if compile_options else None
         self.decoder_options = dict(decoder_options or {})
+        self.copy_module = copy_module
         self.module: nn.Module | None = None
         self._fn = None
         self._graphs: OrderedDict = OrderedDict()
@@ -242,12 +241,16 @@ class CompiledBackend(Backend):
         from models.flow import FlowSolver
         from models.hift import HiFTGenerator
 
-        if self.dynamic is False:
-            # one static compile per bucket: keep dynamo from falling back to eager after 8 shapes
+        if self.compile_backend is not None:
+            # one static compile per bucket / decoder: keep dynamo from falling back to eager after 8
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
             setattr(cfg, name, max(getattr(cfg, name), 64))
         module = self._factory()
+        if self.copy_module:
+            import copy
+
+            module = copy.deepcopy(module)
         if isinstance(module, HiFTGenerator) and self.dtype != torch.float32:
             # fp32 islands: never round-trip their weights / bases through the low dtype
             module.to(self.device)
@@ -413,8 +416,11 @@ class CompiledBackend(Backend):
 
     # -- LLM --------------------------------------------------------------------------------------
     def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0):
-        """A `runtime.llm_decode.StaticCacheDecoder` for the `llm` graph, reused per (batch, max_len
-        rounded up to 256) and reset for each generation: one live generation per key at a time.
+        """A `runtime.llm_decode.StaticCacheDecoder` for the `llm` graph, reused per (batch, cache
+        length) and reset for each generation: one live generation per key at a time (at most two
+        decoders are kept). The cache length is max_len (0: the spec's P max) rounded up to a power of
+        two, at least 1024: each new length is a new compile + capture of the step, and attending over
+        a longer masked tail costs little (Qwen2-0.5B: ~12 KB of cache per column and step).
         Other graphs: the base class's decoder."""
         self.activate()
         if self.spec.name != "llm":
@@ -426,7 +432,7 @@ class CompiledBackend(Backend):
             raise ValueError(f"decoder asked for a ({layers}, {kv_heads}, {head_dim}) cache, the llm module has "
                              f"({cfg.num_layers}, {cfg.num_kv_heads}, {cfg.head_dim})")
         n = max_len if max_len > 0 else self.spec.dim("P").max
-        n = -(-n // 256) * 256
+        n = max(1024, 1 << (max(n, 1) - 1).bit_length())
         key = (batch, n)
         dec = self._decoders.get(key)
         if dec is None:
