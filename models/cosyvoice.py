@@ -49,7 +49,7 @@ class Limits:
 
 
 TINY_LIMITS = Limits(max_batch=2, llm_new=256, llm_past=512, llm_past_opt=64, flow_tokens=200, flow_tokens_opt=20)
-REAL_LIMITS = Limits(max_batch=8, llm_new=1024, llm_past=4096, llm_past_opt=256, flow_tokens=3000, flow_tokens_opt=100)
+REAL_LIMITS = Limits(max_batch=4, llm_new=512, llm_past=4096, llm_past_opt=256, flow_tokens=1500, flow_tokens_opt=100)
 
 
 @dataclass(frozen=True)
