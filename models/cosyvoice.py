@@ -18,7 +18,7 @@ import torch
 
 from models.checkpoint import sha256_file
 from models.errors import UserError
-from models.family import Sampler, TTSModel, Utterance, require_text
+from models.family import Sampler, TTSModel, Utterance, device_generator, require_text
 from models.flow import (Flow, FlowConfig, FlowSolver, SolverConfig, build_cosyvoice3_flow, euler_schedule,
                          solve_euler_cfg, upstream_noise)
 from models.hift import HiFTConfig, HiFTGenerator, SourceNoise, load_hift
@@ -422,7 +422,8 @@ class CosyVoice(TTSModel):
 
             mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, zero)
         mel = mel[:, :, prompt_frames:].contiguous()
-        noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame, generator).to(device).contiguous()
+        noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame,
+                                  device_generator(generator, device)).to(device).contiguous()
         return run("vocoder", self.feed("vocoder", mel=mel, noise=noise))["audio"][0]
 
 

@@ -120,3 +120,14 @@ def require_text(text: str | None) -> str:
     if text is None or not text.strip():
         raise UserError("the text to synthesize is empty.", "pass some words with --text")
     return text
+
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded from `generator` (CPU): per-call noise is then drawn where it is
+    used instead of being drawn on the host and copied. On the CPU it is `generator` itself, so CPU
+    runs keep upstream's exact random streams."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)

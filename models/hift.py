@@ -526,8 +526,9 @@ class SourceNoise:
                                 "synthesize shorter audio or build SourceNoise with a larger max_samples")
             return self.table[:, :samples].expand(batch, samples, self.harmonics)
         g = generator if generator is not None else self.generator
-        torch.rand(batch, self.harmonics, generator=g)  # upstream's initial-phase draw (never reaches the output)
+        dev = g.device
+        torch.rand(batch, self.harmonics, generator=g, device=dev)  # upstream's initial-phase draw (never reaches the output)
         # upstream's randn_like(sine_waves) fills a [B, S, 9] view whose memory is laid out as
         # [B, 9, S] (a transposed interpolate output); filling the same layout reproduces its stream
-        noise = torch.empty(batch, self.harmonics, samples).transpose(1, 2).normal_(generator=g)
-        return noise.contiguous().to(self.device)
+        noise = torch.empty(batch, self.harmonics, samples, device=dev).transpose(1, 2).normal_(generator=g)
+        return noise.contiguous().to(self.device if dev.type == "cpu" else dev)

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 
 from models.errors import UserError
-from models.family import Sampler, TTSModel, Utterance, require_text
+from models.family import Sampler, TTSModel, Utterance, device_generator, require_text
 from models.sampling import OrpheusSampling, orpheus_sampling
 from models.snac import (AUDIO_TOKEN_BASE, FRAME_LAYOUT, FRAME_TOKENS, ORPHEUS_CODEBOOK, SNAC_24KHZ, SNACConfig,
                          SNACDecoder, graph_spec, load_snac, make_noise, tokens_to_codes)
@@ -172,7 +172,7 @@ class Orpheus(TTSModel):
         if frames == 0:
             utt.warnings.append("no complete SNAC frame was generated, so this sentence is silent")
             return torch.zeros(0, device=device)
-        noise = make_noise(self.snac_cfg, 1, frames, generator, device=device)
+        noise = make_noise(self.snac_cfg, 1, frames, device_generator(generator, device), device=device)
         feed = {"codes_0": c0.to(device), "codes_1": c1.to(device), "codes_2": c2.to(device)}
         feed.update({f"noise_{i}": n for i, n in enumerate(noise)})
         return run("vocoder", feed)["audio"][0]

@@ -388,6 +388,8 @@ def make_noise(cfg: SNACConfig, batch: int, frames: int, generator: torch.Genera
     shapes = noise_shapes(cfg, batch, frames)
     if generator is None:
         return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+    if generator.device.type != "cpu":
+        return [torch.randn(s, generator=generator, device=generator.device).to(dtype=dtype, device=device) for s in shapes]
     return [torch.randn(s, generator=generator).to(dtype=dtype, device=device) for s in shapes]
 
 

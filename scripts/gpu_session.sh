@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The measurement steps run on the GPU machine, kept here so every number in docs/ has its command.
+#   scripts/gpu_session.sh export  MODEL   # fp32 ONNX + Polygraphy validation (min/opt/max + audio)
+#   scripts/gpu_session.sh build   MODEL   # fp16 + int8 artifacts (chosen by validation) + validation with audio
+#   scripts/gpu_session.sh bench   MODEL BACKENDS [LENGTHS] [extra bench options]
+# Environment: DEVICE (default cuda), ENGINES (default /tmp/engines), OUT (results folder, default results/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE="${DEVICE:-cuda}"
+ENGINES="${ENGINES:-/tmp/engines}"
+OUT="${OUT:-results}"
+PY="${PY:-python3}"
+mkdir -p "$OUT"
+step="$1"; model="$2"; shift 2
+dir="$ENGINES/$model"
+case "$step" in
+  export)
+    $PY -m export onnx --model "$model" --out-dir "$dir"
+    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp32 || true
+    cp "$dir/validation.md" "$OUT/validation-$model-fp32.md"
+    ;;
+  build)
+    $PY -m export build --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp16,int8
+    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp16,int8 || true
+    cp "$dir/validation.md" "$OUT/validation-$model-fp16-int8.md"
+    cp "$dir/manifest.json" "$OUT/manifest-$model.json"
+    ;;
+  bench)
+    backends="$1"; lengths="${2:-50,500}"; shift 2 || shift $#
+    tag=$(echo "$backends $*" | tr ',:|= ' '-__--' | tr -d '-' | cut -c1-60)
+    $PY -m runtime.bench --model "$model" --device "$DEVICE" --engines-dir "$dir" --backends "$backends" \
+      --lengths "$lengths" --json "$OUT/bench-$model-$tag.json" "$@"
+    ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
