@@ -48,6 +48,13 @@ def _source_hash(model, stage: str) -> str:
     return hashes.get(stage, "") if hashes else f"random-weights:{model.name}:seed={getattr(model, 'seed', 0)}"
 
 
+def torch_backends_fp32() -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 @click.group()
 def main():
     """Export, build and validate deployable artifacts of a TTS model."""
@@ -110,6 +117,8 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
     from runtime.synthesize import check_device
 
     device = check_device(device)
+    if device.startswith("cuda"):  # the fp32 reference must be fp32, not TF32
+        torch_backends_fp32()
     model = _model(model_name, device="cpu", seed=seed)
     root = out_dir or default_dir(model.name)
     manifest = Manifest.load(root)
@@ -186,6 +195,8 @@ def build_cmd(model_name, precisions, trt, graphs, out_dir, device, workspace_gb
     from runtime.synthesize import check_device
 
     device = check_device(device)
+    if device.startswith("cuda"):
+        torch_backends_fp32()
     model = _model(model_name, seed=seed)
     root = out_dir or default_dir(model.name)
     precs = _split(precisions, PRECISIONS, "precision")

@@ -3,7 +3,8 @@
 #   scripts/gpu_session.sh export  MODEL   # fp32 ONNX + Polygraphy validation (min/opt/max + audio)
 #   scripts/gpu_session.sh build   MODEL   # fp16 + int8 artifacts (chosen by validation) + validation with audio
 #   scripts/gpu_session.sh bench   MODEL BACKENDS [LENGTHS] [extra bench options]
-# Environment: DEVICE (default cuda), ENGINES (default /tmp/engines), OUT (results folder, default results/).
+# Environment: DEVICE (default cuda), ENGINES (default /tmp/engines), OUT (results folder, default results/),
+# GRAPHS (only these graphs), PRECISIONS (build; default fp16,int8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -15,13 +16,13 @@ step="$1"; model="$2"; shift 2
 dir="$ENGINES/$model"
 case "$step" in
   export)
-    $PY -m export onnx --model "$model" --out-dir "$dir"
-    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp32 || true
+    $PY -m export onnx --model "$model" --out-dir "$dir" ${GRAPHS:+--graphs $GRAPHS}
+    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp32 ${GRAPHS:+--graphs $GRAPHS} || true
     cp "$dir/validation.md" "$OUT/validation-$model-fp32.md"
     ;;
   build)
-    $PY -m export build --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp16,int8
-    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision fp16,int8 || true
+    $PY -m export build --model "$model" --out-dir "$dir" --device "$DEVICE" --precision "${PRECISIONS:-fp16,int8}" ${GRAPHS:+--graphs $GRAPHS}
+    $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision "${PRECISIONS:-fp16,int8}" ${GRAPHS:+--graphs $GRAPHS} || true
     cp "$dir/validation.md" "$OUT/validation-$model-fp16-int8.md"
     cp "$dir/manifest.json" "$OUT/manifest-$model.json"
     ;;

@@ -51,8 +51,10 @@ class OrtBackend(Backend):
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        # use_tf32 0: an fp32 artifact computes in fp32 (ORT's CUDA EP defaults to TF32 matmuls, which
+        # moved fp32 LLM logits by 2.7e-4 of their scale on the H200, beyond the fp32 tolerance)
         cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
-                "cudnn_conv_algo_search": "HEURISTIC"}
+                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
