@@ -93,7 +93,10 @@ def bench_backend(model, choice: str, device: torch.device, lengths: list[int], 
     for graph, spec in specs.items():
         if graph not in runners and "=" not in choice:
             kind, prec = split_choice(choice)
-            runners[graph] = create_backend(kind, model, spec, device, engines_dir=engines_dir, precision=prec)
+            try:
+                runners[graph] = create_backend(kind, model, spec, device, engines_dir=engines_dir, precision=prec)
+            except UserError as e:  # an optional extra graph without an artifact is skipped alone
+                out.setdefault("skipped_graphs", {})[graph] = str(e)
     for n in lengths:
         for graph, runner in runners.items():
             if graph == "llm":
