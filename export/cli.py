@@ -221,7 +221,13 @@ def build_cmd(model_name, precisions, trt, graphs, out_dir, device, workspace_gb
     def accept(g, prec, path, level_notes):
         """Validate a candidate file at min/opt/max; returns the validation dict."""
         backend = OrtBackend(specs[g], torch.device(device), path)
-        return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
+        try:
+            return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
+        except (UserError, RuntimeError) as e:  # a candidate the runtime cannot run fails like a wrong one
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            click.echo(f"{g:<15} {prec}  candidate failed to run: {first}", err=True)
+            return {"passed": False, "error": first, "points": [{"tolerance": float("nan"),
+                                                                  "outputs": {"error": {"max_rel_error": float("inf")}}}]}
 
     feeds = {}
     if "int8" in precs:
