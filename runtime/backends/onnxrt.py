@@ -54,9 +54,10 @@ class OrtBackend(Backend):
         # use_tf32 0: an fp32 artifact computes in fp32 (ORT's CUDA EP defaults to TF32 matmuls, which
         # moved fp32 LLM logits by 2.7e-4 of their scale on the H200, beyond the fp32 tolerance)
         cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
-                "cudnn_conv_algo_search": "DEFAULT", "cudnn_conv1d_pad_to_nc1d": "1", "use_tf32": "0"}
-        # DEFAULT + NC1D: the cuDNN frontend's heuristic query found no plan for the fp16 dilated
-        # 1-D convolutions of HiFT on the H200 ("HEURISTIC_QUERY_FAILED"), which stopped the run
+                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+        # HEURISTIC: with DEFAULT (+ NC1D layout) ORT ran HiFT's fp32 convs in "fallback mode", 5-9x
+        # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for HiFT's fp16
+        # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"); the fp16 build then keeps the vocoder in fp32.
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
