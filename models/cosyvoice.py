@@ -34,6 +34,7 @@ SYSTEM_PROMPT = "You are a helpful assistant.<|endofprompt|>"
 END_OF_PROMPT = "<|endofprompt|>"
 VOCODER_NOISE_SEED = 1986  # upstream yaml's seed; CosyVoice3's fixed source noise is drawn from it
 PROMPT_MAX_SECONDS = 30
+SOURCE_CACHE_FRAMES = 8  # CosyVoice2 streaming: mel / source overlap kept between chunks (upstream)
 
 
 @dataclass(frozen=True)
@@ -211,11 +212,16 @@ class CosyVoice(TTSModel):
             (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T))
         hop = c.hift.samples_per_frame
         noise_fill = uniform(0, 1) if c.hift.causal else normal(1.0)
-        specs["vocoder"] = GraphSpec(
-            "vocoder", "vocoder",
-            (TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
-             TensorSpec("noise", "float32", ("B", f"T*{hop}", 9), noise_fill)),
-            (TensorSpec("audio", "float32", ("B", f"T*{hop}")),), (B, T))
+        voc_in = [TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
+                  TensorSpec("noise", "float32", ("B", f"T*{hop}", 9), noise_fill)]
+        voc_out = [TensorSpec("audio", "float32", ("B", f"T*{hop}"))]
+        voc_dims = [B, T]
+        if not c.hift.causal:  # CosyVoice2 streaming carries the NSF source across chunks
+            voc_in.append(TensorSpec("source_prefix", "float32", ("B", 1, "C"), normal(0.1),
+                                     doc="previous chunk's last source samples (0 offline)"))
+            voc_out.append(TensorSpec("source", "float32", ("B", 1, f"T*{hop}")))
+            voc_dims.append(Dim("C", 0, 0, SOURCE_CACHE_FRAMES * hop, "cached source samples"))
+        specs["vocoder"] = GraphSpec("vocoder", "vocoder", tuple(voc_in), tuple(voc_out), tuple(voc_dims))
         return specs
 
     FLOW_MODES = ("solver", "steps")
@@ -247,7 +253,7 @@ class CosyVoice(TTSModel):
         if name == "flow_estimator":
             return self._flow.decoder.estimator
         if name == "vocoder":
-            return self._hift
+            return self._hift if self.cfg.hift.causal else self._hift_with_source_cache
         raise KeyError(f"{self.name} has no graph {name!r}; it has {', '.join(self.graph_specs())}")
 
     def _random(self, build, offset: int):
@@ -274,6 +280,10 @@ class CosyVoice(TTSModel):
         if self.files is not None:
             flow.load_checkpoint(self.files["flow"])
         return flow.eval()
+
+    @cached_property
+    def _hift_with_source_cache(self) -> "HiFTSourceCache":
+        return HiFTSourceCache(self._hift).eval()
 
     @cached_property
     def _hift(self) -> HiFTGenerator:
@@ -393,26 +403,36 @@ class CosyVoice(TTSModel):
         """The inputs graph `graph` declares, picked from `values` (families share call sites)."""
         return {t.name: values[t.name] for t in self.graph_specs()[graph].inputs}
 
-    def token2wav(self, tokens, utt, run, generator, device) -> torch.Tensor:
-        spk = utt.speaker
+    def token2wav(self, tokens, utt, run, generator, device, streaming: bool = False) -> torch.Tensor:
+        """Audio for all of `tokens`. `streaming` uses upstream's streaming attention (static chunks)
+        so the result equals the concatenated chunks of `stream_decoder` (CosyVoice3; see it)."""
+        mel = self.token2mel(tokens, utt.speaker, run, device, streaming=streaming, finalize=True)
+        return self.vocode(mel, run, generator, device)[0]
+
+    def token2mel(self, tokens, spk: dict, run, device, streaming: bool, finalize: bool) -> torch.Tensor:
+        """Upstream `flow.inference`: mel [1, 80, frames] for prompt + `tokens`, prompt frames removed.
+        finalize=False: the last pre_lookahead_len tokens are look-ahead context only (no frames)."""
         prompt = list(spk["prompt_tokens"])
         ids = torch.tensor([prompt + list(tokens)], dtype=torch.int64, device=device)
-        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        chunk = self._chunk_tokens if streaming else 0
+        context = 0 if finalize else self.lookahead
+        as_tensor = lambda v: torch.tensor([v], dtype=torch.int64, device=device)  # noqa: E731
         enc = run("flow_encoder", self.feed("flow_encoder", tokens=ids, embedding=spk["embedding"].to(device),
-                                            chunk_tokens=zero, context_tokens=zero))
-        mu, spks = enc["mu"], enc["spks"]
-        frames = mu.shape[2]
+                                            chunk_tokens=as_tensor(chunk), context_tokens=as_tensor(context)))
+        frames = enc["mu"].shape[2] - context * self.cfg.token_mel_ratio
+        mu, spks = enc["mu"][:, :, :frames].contiguous(), enc["spks"]
         prompt_frames = spk["prompt_mel"].shape[1]
-        z_table, source_noise = self._noises(device)
+        z_table, _ = self._noises(device)
         if frames > z_table.shape[2]:
             raise UserError(f"{frames} mel frames exceed the {z_table.shape[2]} this model is set up for.",
                             "synthesize shorter sentences")
         cond = torch.zeros(1, 80, frames, device=device)
         cond[:, :, :prompt_frames] = spk["prompt_mel"].to(device).transpose(1, 2)
         z, mask = z_table[:, :, :frames], torch.ones(1, 1, frames, device=device)
+        chunk_frames = as_tensor(chunk * self.cfg.token_mel_ratio)
         if self.flow_mode == "solver":
             mel = run("flow_solver", self.feed("flow_solver", z=z, mask=mask, mu=mu, spks=spks, cond=cond,
-                                               chunk_frames=zero))["mel"]
+                                               chunk_frames=chunk_frames))["mel"]
         else:
             t_steps, dt_steps = (x.to(device) for x in euler_schedule(self.solver_config))
 
@@ -420,11 +440,43 @@ class CosyVoice(TTSModel):
                 return run("flow_estimator", self.feed("flow_estimator", x=x, mask=mask, mu=mu, t=t, spks=spks,
                                                        cond=cond, chunk_frames=chunk_frames))["velocity"]
 
-            mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, zero)
-        mel = mel[:, :, prompt_frames:].contiguous()
+            mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, chunk_frames)
+        return mel[:, :, prompt_frames:].contiguous()
+
+    def vocode(self, mel, run, generator, device, source_prefix: torch.Tensor | None = None):
+        """(audio [samples], source [1, 1, samples] or None): the vocoder graph on `mel`. CosyVoice2's
+        streaming overrides the start of the NSF source with the previous chunk's (`source_prefix`)."""
+        _, source_noise = self._noises(device)
         noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame,
                                   device_generator(generator, device)).to(device).contiguous()
-        return run("vocoder", self.feed("vocoder", mel=mel, noise=noise))["audio"][0]
+        prefix = source_prefix if source_prefix is not None else torch.zeros(1, 1, 0, device=device)
+        out = run("vocoder", self.feed("vocoder", mel=mel, noise=noise, source_prefix=prefix))
+        return out["audio"][0], out.get("source")
+
+    @property
+    def lookahead(self) -> int:
+        return self.cfg.flow.pre_lookahead_len if self.family == "cosyvoice3" else self.cfg.flow[0].pre_lookahead_len
+
+    def stream_decoder(self, utt, run, generator, device):
+        from models.streaming import CosyVoiceStream
+
+        return CosyVoiceStream(self, utt, run, generator, device)
+
+
+class HiFTSourceCache(torch.nn.Module):
+    """CosyVoice2's vocoder graph: HiFT whose NSF source can start with the previous chunk's source
+    (upstream `cache_source`, for phase continuity across streaming chunks) and that returns the source
+    for the next chunk. `source_prefix` has 0 samples offline."""
+
+    def __init__(self, hift: HiFTGenerator):
+        super().__init__()
+        self.hift = hift
+
+    def forward(self, mel, noise, source_prefix):
+        source = self.hift.source(self.hift.f0(mel), noise)
+        n = source_prefix.shape[2]
+        source = torch.cat([source_prefix.to(source.dtype), source[:, :, n:]], dim=2)
+        return self.hift.decode(mel, source), source
 
 
 def build_cosyvoice2_flow(enc_cfg, unet_cfg, solver_cfg) -> Flow:

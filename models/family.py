@@ -108,8 +108,13 @@ class TTSModel(abc.ABC):
     # -- tokens -> audio ----------------------------------------------------------------------------
     @abc.abstractmethod
     def token2wav(self, tokens: list[int], utt: Utterance, run: RunFn, generator: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
-        """Audio [N] float32 for the generated tokens."""
+                  device: torch.device, streaming: bool = False) -> torch.Tensor:
+        """Audio [N] float32 for the generated tokens (`streaming`: with the model's streaming masks)."""
+
+    @abc.abstractmethod
+    def stream_decoder(self, utt: Utterance, run: RunFn, generator: torch.Generator, device: torch.device):
+        """An object with `push(tokens) -> [audio chunks]` (called as tokens arrive) and
+        `finish(tokens) -> [audio chunks]` (models/streaming.py)."""
 
     def token_rate(self) -> float:
         """Speech tokens per second of audio (for --tokens and RTF planning)."""

@@ -164,7 +164,12 @@ class Orpheus(TTSModel):
         return FRAME_TOKENS * self.sample_rate / self.snac_cfg.samples_per_frame  # ~82 tokens per second
 
     # -- tokens -> audio ----------------------------------------------------------------------------
-    def token2wav(self, tokens, utt, run, generator, device) -> torch.Tensor:
+    def stream_decoder(self, utt, run, generator, device):
+        from models.streaming import OrpheusStream
+
+        return OrpheusStream(self, utt, run, generator, device)
+
+    def token2wav(self, tokens, utt, run, generator, device, streaming: bool = False) -> torch.Tensor:
         c0, c1, c2, report = tokens_to_codes(tokens)
         if not report.ok:
             utt.warnings.append(f"Orpheus tokens not decoded: {report.summary()}")

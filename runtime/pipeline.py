@@ -26,6 +26,7 @@ class SynthesisResult:
     tokens: list[list[int]] = field(default_factory=list)  # generated speech tokens per utterance
     utterances: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    first_chunk_seconds: float | None = None  # time to the first audio (streaming: the first chunk)
 
     @property
     def audio_seconds(self) -> float:
@@ -42,6 +43,8 @@ class SynthesisResult:
             lines.append(f"  {stage:<8} {sec * 1000:9.1f} ms  {100 * sec / total:5.1f} %")
         lines.append(f"  audio {self.audio_seconds:.2f} s, wall {self.wall_seconds * 1000:.1f} ms, "
                      f"{sum(len(t) for t in self.tokens)} speech tokens, RTF {self.rtf:.4f}")
+        if self.first_chunk_seconds is not None:
+            lines.append(f"  first audio after {self.first_chunk_seconds * 1000:.1f} ms")
         return "\n".join(lines)
 
 
@@ -86,60 +89,104 @@ class Pipeline:
 
     # -- LLM --------------------------------------------------------------------------------------
     def generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None) -> list[int]:
-        """Autoregressive loop over the `llm` graph; the llm stage time includes sampling."""
-        with self._timed("llm"):
-            return self._generate(utt, generator, fixed_tokens)
+        """All speech tokens of one utterance."""
+        return list(self.tokens(utt, generator, fixed_tokens))
 
-    def _generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> list[int]:
+    def tokens(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None):
+        """Speech tokens one at a time, as the LLM produces them. The llm stage time covers the decode
+        steps and the sampling, measured per step so a streaming caller's flow and vocoder calls in
+        between are not counted twice."""
         model, dev = self.model, self.device
         steps = fixed_tokens if fixed_tokens is not None else utt.max_tokens
-        decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=1, max_len=len(utt.prompt_ids) + steps)
-        sampler = model.make_sampler(utt, generator, fixed_tokens)
-        logits = decoder.prefill(torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev))
-        tokens: list[int] = []
-        if dev.type == "cuda":
-            # sample on the device: the logits never leave the GPU; reading the chosen id for the stop
-            # check is the one host sync per token
-            from runtime.llm_decode import device_sampler_for
+        with self._timed("llm"):
+            decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=1,
+                                                  max_len=len(utt.prompt_ids) + steps)
+            sampler = model.make_sampler(utt, generator, fixed_tokens)
+            logits = decoder.prefill(torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev))
+            pick = None
+            if dev.type == "cuda":
+                # sample on the device: the logits never leave the GPU; reading the chosen id for the
+                # stop check is the one host sync per token
+                from runtime.llm_decode import device_sampler_for
 
-            vocab = self.runners["llm"].spec.outputs[0].shape[1]
-            pick = device_sampler_for(sampler, vocab, dev, generator, logits_buffer=getattr(decoder, "logits_out", None))
-            offset = model.next_input_id(0)  # every family feeds a token back as token + offset
-            for step in range(steps):
-                tok = pick(logits)
-                token = int(tok)
-                if fixed_tokens is None and model.is_stop(token):
-                    break
-                tokens.append(token)
-                if step + 1 < steps:
-                    logits = decoder.step((tok + offset).view(1, 1))
-            return tokens
+                vocab = self.runners["llm"].spec.outputs[0].shape[1]
+                pick = device_sampler_for(sampler, vocab, dev, generator, logits_buffer=getattr(decoder, "logits_out", None))
+                offset = model.next_input_id(0)  # every family feeds a token back as token + offset
+        history: list[int] = []
         for step in range(steps):
-            token = sampler(logits[0], tokens, step)  # the one host sync per token: the stop check needs it
-            if fixed_tokens is None and model.is_stop(token):
-                break
-            tokens.append(token)
-            if step + 1 < steps:
-                logits = decoder.step(torch.tensor([[model.next_input_id(token)]], dtype=torch.int64, device=dev))
-        return tokens
+            with self._timed("llm"):
+                if pick is not None:
+                    tok = pick(logits)
+                    token = int(tok)
+                else:
+                    token = sampler(logits[0], history, step)  # the host sync per token: the stop check needs it
+                stop = fixed_tokens is None and model.is_stop(token)
+                if not stop:
+                    history.append(token)
+                    if step + 1 < steps:
+                        next_ids = (tok + offset).view(1, 1) if pick is not None else \
+                            torch.tensor([[model.next_input_id(token)]], dtype=torch.int64, device=dev)
+                        logits = decoder.step(next_ids)
+            if stop:
+                return
+            yield token
 
     # -- whole request ----------------------------------------------------------------------------
     def synthesize(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
                    voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None) -> SynthesisResult:
+        pieces = []
+        result = None
+        for chunk in self._run(text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream=False):
+            if isinstance(chunk, SynthesisResult):
+                result = chunk
+            else:
+                pieces.append(chunk)
+        result.audio = torch.cat(pieces) if pieces else torch.zeros(0)
+        return result
+
+    def stream(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
+               voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None):
+        """Audio chunks (CPU float32 [n]) as soon as they exist; `last_result` then holds the timings
+        (with `first_chunk_seconds`) and the tokens."""
+        self.last_result = None
+        pieces = []
+        for chunk in self._run(text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream=True):
+            if isinstance(chunk, SynthesisResult):
+                chunk.audio = torch.cat(pieces) if pieces else torch.zeros(0)
+                self.last_result = chunk
+            else:
+                pieces.append(chunk)
+                yield chunk
+
+    def _run(self, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream: bool):
         self.stage_seconds = {s: 0.0 for s in self.model.stages}
         generator = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
+        first = None
         sentences = self.model.split_text(text)
         speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
-        pieces, all_tokens, warnings = [], [], []
+        all_tokens, warnings = [], []
         for sentence in sentences:
             utt = self.model.make_utterance(sentence, speaker)
-            tokens = self.generate(utt, generator, fixed_tokens)
+            tokens: list[int] = []
+            if stream:
+                decoder = self.model.stream_decoder(utt, self.run, generator, self.device)
+                for token in self.tokens(utt, generator, fixed_tokens):
+                    tokens.append(token)
+                    for chunk in decoder.push(tokens):
+                        first = first if first is not None else time.perf_counter() - t0
+                        yield chunk.float().cpu()
+                chunks = decoder.finish(tokens) if tokens else []
+            else:
+                tokens = self.generate(utt, generator, fixed_tokens)
+                chunks = [self.model.token2wav(tokens, utt, self.run, generator, self.device)] if tokens else []
+            for chunk in chunks:
+                if chunk.numel():
+                    first = first if first is not None else time.perf_counter() - t0
+                    yield chunk.float().cpu()
             all_tokens.append(tokens)
-            if tokens:
-                pieces.append(self.model.token2wav(tokens, utt, self.run, generator, self.device).float().cpu())
             warnings += [f"sentence {len(all_tokens)}: {w}" for w in utt.warnings]
         self._sync()
         wall = time.perf_counter() - t0
-        audio = torch.cat(pieces) if pieces else torch.zeros(0)
-        return SynthesisResult(audio, self.model.sample_rate, dict(self.stage_seconds), wall, all_tokens, sentences, warnings)
+        yield SynthesisResult(torch.zeros(0), self.model.sample_rate, dict(self.stage_seconds), wall, all_tokens,
+                              sentences, warnings, first)

@@ -55,11 +55,12 @@ def user_errors(fn):
 @click.option("--prompt-text", default=None, help="Transcript of the prompt recording.")
 @click.option("--voice", default=None, help="Named voice (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).")
 @click.option("--warmup", default=0, show_default=True, help="Untimed runs before the timed one (GPU kernels, caches).")
+@click.option("--stream", is_flag=True, help="Write audio as it is produced and report the first-chunk latency.")
 @click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]),
               help="CosyVoice flow: the 10-step solve as one graph (solver, default) or one estimator call per step.")
 @user_errors
 def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text,
-         voice, warmup, flow_mode):
+         voice, warmup, stream, flow_mode):
     from models.audio import check_writable, save_wav
     from models.family import require_text
     from models.registry import load_model
@@ -83,17 +84,33 @@ def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engin
     click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", err=True)
     for _ in range(warmup):
         pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
-    result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
-                             fixed_tokens=fixed_tokens)
+    if stream:
+        result = _stream_to_file(pipe, out_path, text, prompt_wav, prompt_text, voice, seed, fixed_tokens)
+    else:
+        result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
+                                 fixed_tokens=fixed_tokens)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if result.audio.numel() == 0:
         raise UserError("the model produced no speech tokens, so there is no audio.",
                         "check the text, or pass --tokens N to force a length")
-    save_wav(out_path, result.audio, result.sample_rate)
+    if not stream:
+        save_wav(out_path, result.audio, result.sample_rate)
     backend_line = ", ".join(f"{s}={k}" for s, k in pipe.choice.items())
     click.echo(f"{model.name} on {device} ({backend_line}): {len(result.utterances)} sentence(s) -> {out_path}")
     click.echo(result.summary())
+
+
+def _stream_to_file(pipe, out_path, text, prompt_wav, prompt_text, voice, seed, fixed_tokens):
+    """Append each chunk to the WAV as it arrives (a reader can follow the file while it grows)."""
+    import soundfile as sf
+
+    with sf.SoundFile(out_path, "w", samplerate=pipe.model.sample_rate, channels=1, subtype="PCM_16") as f:
+        for chunk in pipe.stream(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
+                                 fixed_tokens=fixed_tokens):
+            f.write(chunk.numpy())
+            f.flush()
+    return pipe.last_result
 
 
 if __name__ == "__main__":
