@@ -170,6 +170,8 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
 @click.option("--model", "model_name", required=True, help="Preset name or upstream model folder.")
 @click.option("--precision", "precisions", default="fp32,fp16,int8", show_default=True, help="Comma list of precisions.")
 @click.option("--trt/--no-trt", default=False, show_default=True, help="Also build TensorRT plans (when installed).")
+@click.option("--aoti/--no-aoti", default=False, show_default=True,
+              help="Also build AOTInductor packages (.pt2) for fp32/fp16 on --device.")
 @click.option("--graphs", default=None, help="Only these graphs.")
 @click.option("--out-dir", default=None, help="Artifact folder (default engines/<model>).")
 @click.option("--device", default="cpu", show_default=True, help="Where candidates are validated (cpu or cuda).")
@@ -180,7 +182,7 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
 @click.option("--timing-cache", default=None, help="Persistent TensorRT timing cache (default <out-dir>/trt/timing.cache).")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
 @_errors
-def build_cmd(model_name, precisions, trt, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
+def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
               version_compat, timing_cache, seed):
     """FP32 / FP16 / INT8 ONNX artifacts (validated while built) and TensorRT plans from them."""
     import torch
@@ -270,6 +272,17 @@ def build_cmd(model_name, precisions, trt, graphs, out_dir, device, workspace_gb
             manifest.save()
             if not res["passed"]:
                 click.echo(f"{g:<15} {prec}  no level met the {prec} tolerance; kept the last ({tried[-1]['level']})", err=True)
+    if aoti:
+        from export.aoti import build_aoti
+
+        for prec in [p for p in precs if p in ("fp32", "fp16")]:
+            for g in names:
+                path = os.path.join(root, "aoti", prec, f"{g}.pt2")
+                dtype = torch.float16 if prec == "fp16" else torch.float32
+                built = build_aoti(model, g, path, device=device, dtype=dtype)
+                manifest.add(file_artifact(root, path, g, prec, "pt2", profiles=specs[g].profile(), built=built))
+                manifest.save()
+                click.echo(f"{g:<15} {prec}  AOTInductor package built in {built['build_seconds']} s ({device})")
     if trt:
         if import_tensorrt() is None:
             click.echo(f"TensorRT plans skipped: the tensorrt package is not installed ({INSTALL_FIX}).")

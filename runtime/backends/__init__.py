@@ -9,8 +9,8 @@ import torch
 
 from models.errors import UserError
 
-KINDS = ("torch", "compile", "ort", "trt")
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "compile": ("fp32", "fp16", "bf16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
+KINDS = ("torch", "compile", "aoti", "ort", "trt")
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "compile": ("fp32", "fp16", "bf16"), "aoti": ("fp32", "fp16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,6 +78,15 @@ def create_backend(kind: str, model, spec, device: torch.device, engines_dir: st
             raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
         art = manifest.require(spec.name, precision, "onnx", fix=f"run {make}")
         return OrtBackend(spec, device, manifest.verify(art, fix=f"run {make}"))
+    if kind == "aoti":
+        from runtime.backends.aoti import AotiBackend
+
+        name = model.source if not model.source.startswith("preset:") else model.name
+        rebuild = (f"python -m export build --model {name} --precision {precision} --aoti --device {device.type}"
+                   + (f" --out-dir {engines_dir}" if engines_dir else ""))
+        manifest = Manifest.load(root, required=False)
+        art = manifest.require(spec.name, precision, "pt2", fix=f"run {rebuild}")
+        return AotiBackend(spec, device, manifest.verify(art, fix=f"run {rebuild}"), art.built, rebuild)
     if kind == "trt":
         from runtime.backends.tensorrt import TrtBackend
 
