@@ -409,27 +409,53 @@ class CosyVoice(TTSModel):
         mel = self.token2mel(tokens, utt.speaker, run, device, streaming=streaming, finalize=True)
         return self.vocode(mel, run, generator, device)[0]
 
+    def token2wav_batch(self, token_lists, utts, run, generator, device) -> list[torch.Tensor]:
+        """Several requests through one flow call (right-padded, masked: each row's frames equal its
+        own batch-1 result) and vocoder calls shared by rows of equal length (padding would change the
+        last frames of a vocoder row, so unequal rows are vocoded apart)."""
+        mels = self.token2mel_batch(token_lists, [u.speaker for u in utts], run, device, streaming=False, finalize=True)
+        audio: list = [None] * len(mels)
+        by_length: dict[int, list[int]] = {}
+        for i, m in enumerate(mels):
+            by_length.setdefault(m.shape[2], []).append(i)
+        for rows in by_length.values():
+            batch = torch.cat([mels[i] for i in rows], dim=0)
+            out = self.vocode(batch, run, generator, device)[0]
+            for k, i in enumerate(rows):
+                audio[i] = out[k] if out.dim() == 2 else out
+        return audio
+
     def token2mel(self, tokens, spk: dict, run, device, streaming: bool, finalize: bool) -> torch.Tensor:
         """Upstream `flow.inference`: mel [1, 80, frames] for prompt + `tokens`, prompt frames removed.
         finalize=False: the last pre_lookahead_len tokens are look-ahead context only (no frames)."""
-        prompt = list(spk["prompt_tokens"])
-        ids = torch.tensor([prompt + list(tokens)], dtype=torch.int64, device=device)
+        return self.token2mel_batch([tokens], [spk], run, device, streaming, finalize)[0]
+
+    def token2mel_batch(self, token_lists, speakers, run, device, streaming: bool, finalize: bool) -> list[torch.Tensor]:
+        r = self.cfg.token_mel_ratio
+        rows = [list(spk["prompt_tokens"]) + list(t) for spk, t in zip(speakers, token_lists)]
+        width = max(len(x) for x in rows)
+        ids = torch.tensor([x + [-1] * (width - len(x)) for x in rows], dtype=torch.int64, device=device)  # -1 = padding
         chunk = self._chunk_tokens if streaming else 0
         context = 0 if finalize else self.lookahead
         as_tensor = lambda v: torch.tensor([v], dtype=torch.int64, device=device)  # noqa: E731
-        enc = run("flow_encoder", self.feed("flow_encoder", tokens=ids, embedding=spk["embedding"].to(device),
+        embedding = torch.cat([spk["embedding"] for spk in speakers]).to(device)
+        enc = run("flow_encoder", self.feed("flow_encoder", tokens=ids, embedding=embedding,
                                             chunk_tokens=as_tensor(chunk), context_tokens=as_tensor(context)))
-        frames = enc["mu"].shape[2] - context * self.cfg.token_mel_ratio
+        lengths = [(len(x) - context) * r for x in rows]  # valid mel frames per row
+        frames = max(lengths)
         mu, spks = enc["mu"][:, :, :frames].contiguous(), enc["spks"]
-        prompt_frames = spk["prompt_mel"].shape[1]
         z_table, _ = self._noises(device)
         if frames > z_table.shape[2]:
             raise UserError(f"{frames} mel frames exceed the {z_table.shape[2]} this model is set up for.",
                             "synthesize shorter sentences")
-        cond = torch.zeros(1, 80, frames, device=device)
-        cond[:, :, :prompt_frames] = spk["prompt_mel"].to(device).transpose(1, 2)
-        z, mask = z_table[:, :, :frames], torch.ones(1, 1, frames, device=device)
-        chunk_frames = as_tensor(chunk * self.cfg.token_mel_ratio)
+        B = len(rows)
+        cond = torch.zeros(B, 80, frames, device=device)
+        mask = torch.zeros(B, 1, frames, device=device)
+        for i, (spk, n) in enumerate(zip(speakers, lengths)):
+            cond[i, :, : spk["prompt_mel"].shape[1]] = spk["prompt_mel"][0].to(device).transpose(0, 1)
+            mask[i, :, :n] = 1
+        z = z_table[:, :, :frames].expand(B, -1, -1).contiguous()
+        chunk_frames = as_tensor(chunk * r)
         if self.flow_mode == "solver":
             mel = run("flow_solver", self.feed("flow_solver", z=z, mask=mask, mu=mu, spks=spks, cond=cond,
                                                chunk_frames=chunk_frames))["mel"]
@@ -441,17 +467,18 @@ class CosyVoice(TTSModel):
                                                        cond=cond, chunk_frames=chunk_frames))["velocity"]
 
             mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, chunk_frames)
-        return mel[:, :, prompt_frames:].contiguous()
+        return [mel[i:i + 1, :, spk["prompt_mel"].shape[1]:n].contiguous() for i, (spk, n) in enumerate(zip(speakers, lengths))]
 
     def vocode(self, mel, run, generator, device, source_prefix: torch.Tensor | None = None):
         """(audio [samples], source [1, 1, samples] or None): the vocoder graph on `mel`. CosyVoice2's
         streaming overrides the start of the NSF source with the previous chunk's (`source_prefix`)."""
         _, source_noise = self._noises(device)
-        noise = source_noise.draw(1, mel.shape[2] * self.cfg.hift.samples_per_frame,
+        B = mel.shape[0]
+        noise = source_noise.draw(B, mel.shape[2] * self.cfg.hift.samples_per_frame,
                                   device_generator(generator, device)).to(device).contiguous()
-        prefix = source_prefix if source_prefix is not None else torch.zeros(1, 1, 0, device=device)
+        prefix = source_prefix if source_prefix is not None else torch.zeros(B, 1, 0, device=device)
         out = run("vocoder", self.feed("vocoder", mel=mel, noise=noise, source_prefix=prefix))
-        return out["audio"][0], out.get("source")
+        return (out["audio"][0] if B == 1 else out["audio"]), out.get("source")
 
     @property
     def lookahead(self) -> int:

@@ -111,6 +111,11 @@ class TTSModel(abc.ABC):
                   device: torch.device, streaming: bool = False) -> torch.Tensor:
         """Audio [N] float32 for the generated tokens (`streaming`: with the model's streaming masks)."""
 
+    def token2wav_batch(self, token_lists: list[list[int]], utts: list[Utterance], run: RunFn,
+                        generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+        """Audio per request; families whose graphs batch unequal lengths exactly override this."""
+        return [self.token2wav(t, u, run, generator, device) for t, u in zip(token_lists, utts)]
+
     @abc.abstractmethod
     def stream_decoder(self, utt: Utterance, run: RunFn, generator: torch.Generator, device: torch.device):
         """An object with `push(tokens) -> [audio chunks]` (called as tokens arrive) and

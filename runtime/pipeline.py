@@ -48,6 +48,23 @@ class SynthesisResult:
         return "\n".join(lines)
 
 
+@dataclass
+class BatchResult:
+    audios: list[torch.Tensor]  # one per request
+    sample_rate: int
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+    tokens: list[list[list[int]]]
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(a.numel() for a in self.audios) / self.sample_rate
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_seconds / max(self.audio_seconds, 1e-9)
+
+
 class Pipeline:
     def __init__(self, model: TTSModel, backends: str | dict[str, str] = "torch", device: str = "cpu",
                  engines_dir: str | None = None, precision: str = "fp32"):
@@ -130,6 +147,74 @@ class Pipeline:
             if stop:
                 return
             yield token
+
+    def generate_batch(self, utts: list[Utterance], generator: torch.Generator,
+                       fixed_tokens: int | None = None) -> list[list[int]]:
+        """Several utterances through one LLM batch: prompts left-padded (the attention mask hides the
+        padding), one decode step for all rows per token, each row sampled by its own sampler and
+        stopped by its own stop token or length limit (a finished row idles until all are done)."""
+        model, dev = self.model, self.device
+        B = len(utts)
+        steps = fixed_tokens if fixed_tokens is not None else max(u.max_tokens for u in utts)
+        width = max(len(u.prompt_ids) for u in utts)
+        ids = torch.zeros(B, width, dtype=torch.int64)
+        mask = torch.zeros(B, width, dtype=torch.int64)
+        for i, u in enumerate(utts):
+            ids[i, width - len(u.prompt_ids):] = torch.tensor(u.prompt_ids)
+            mask[i, width - len(u.prompt_ids):] = 1
+        out: list[list[int]] = [[] for _ in utts]
+        with self._timed("llm"):
+            decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=B, max_len=width + steps)
+            samplers = [model.make_sampler(u, generator, fixed_tokens) for u in utts]
+            logits = decoder.prefill(ids.to(dev), mask.to(dev))
+            done = [False] * B
+            idle = model.next_input_id(0)
+            for step in range(steps):
+                host = logits.float().cpu()  # one sync per step for the whole batch
+                feed = []
+                for i, u in enumerate(utts):
+                    if not done[i] and fixed_tokens is None and step >= u.max_tokens:
+                        done[i] = True
+                    if done[i]:
+                        feed.append(idle)
+                        continue
+                    token = samplers[i](host[i], out[i], step)
+                    if fixed_tokens is None and model.is_stop(token):
+                        done[i] = True
+                        feed.append(idle)
+                        continue
+                    out[i].append(token)
+                    feed.append(model.next_input_id(token))
+                if all(done) or step + 1 == steps:
+                    break
+                logits = decoder.step(torch.tensor(feed, dtype=torch.int64, device=dev).view(B, 1))
+        return out
+
+    def synthesize_batch(self, texts: list[str], seed: int = 0, fixed_tokens: int | None = None,
+                         voice: str | None = None) -> "BatchResult":
+        """Several requests sharing every stage's calls (up to the spec's batch limit per call)."""
+        self.stage_seconds = {s: 0.0 for s in self.model.stages}
+        generator = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        speaker = self.model.make_speaker(None, None, voice)
+        rows = [(k, self.model.make_utterance(s, speaker)) for k, text in enumerate(texts) for s in self.model.split_text(text)]
+        limit = min(spec.dim("B").max for name, spec in self.model.graph_specs().items()
+                    if name in self.runners and name != "flow_estimator")
+        pieces: list[list[torch.Tensor]] = [[] for _ in texts]
+        tokens: list[list[list[int]]] = [[] for _ in texts]
+        for start in range(0, len(rows), limit):
+            group = rows[start:start + limit]
+            toks = self.generate_batch([u for _, u in group], generator, fixed_tokens)
+            keep = [(k, u, t) for (k, u), t in zip(group, toks) if t]
+            audio = self.model.token2wav_batch([t for _, _, t in keep], [u for _, u, _ in keep], self.run, generator,
+                                               self.device) if keep else []
+            for (k, _, t), a in zip(keep, audio):
+                pieces[k].append(a.float().cpu())
+            for (k, _), t in zip(group, toks):
+                tokens[k].append(t)
+        self._sync()
+        audios = [torch.cat(p) if p else torch.zeros(0) for p in pieces]
+        return BatchResult(audios, self.model.sample_rate, dict(self.stage_seconds), time.perf_counter() - t0, tokens)
 
     # -- whole request ----------------------------------------------------------------------------
     def synthesize(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
