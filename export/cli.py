@@ -12,21 +12,7 @@ import time
 
 import click
 
-from models.errors import UserError
-
-
-def _errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        try:
-            return fn(*a, **k)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from models.errors import UserError, exit_on_user_error
 
 
 def _split(value: str, allowed, what: str) -> list[str]:
@@ -66,7 +52,7 @@ def main():
 @click.option("--graphs", default=None, help="Only these graphs (e.g. flow_solver,vocoder).")
 @click.option("--out-dir", default=None, help="Artifact folder (default engines/<model>).")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
-@_errors
+@exit_on_user_error
 def onnx_cmd(model_name, stages, graphs, out_dir, seed):
     """Export every graph of the chosen stages to fp32 ONNX and check each (checker, shapes, ORT run)."""
     from export.onnx_export import export_graph
@@ -108,7 +94,7 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (candidates and reference).")
 @click.option("--audio/--no-audio", default=True, show_default=True, help="Also compare whole-pipeline audio.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
-@_errors
+@exit_on_user_error
 def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, device, audio, seed):
     """Compare every artifact with the torch graph at min/opt/max (Polygraphy); non-zero exit on failure."""
     from export.validate import validate_audio, validate_graph, write_report
@@ -181,7 +167,7 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
 @click.option("--version-compat/--no-version-compat", default=False, help="TensorRT plans usable by later TensorRT versions.")
 @click.option("--timing-cache", default=None, help="Persistent TensorRT timing cache (default <out-dir>/trt/timing.cache).")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
-@_errors
+@exit_on_user_error
 def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
               version_compat, timing_cache, seed):
     """FP32 / FP16 / INT8 ONNX artifacts (validated while built) and TensorRT plans from them."""

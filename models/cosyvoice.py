@@ -256,17 +256,10 @@ class CosyVoice(TTSModel):
             return self._hift if self.cfg.hift.causal else self._hift_with_source_cache
         raise KeyError(f"{self.name} has no graph {name!r}; it has {', '.join(self.graph_specs())}")
 
-    def _random(self, build, offset: int):
-        """Build a module with seeded random weights, without touching the global RNG."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1000 + offset)
-            with torch.device(self.build_device):
-                return build()
-
     @cached_property
     def _lm(self) -> CosyVoiceLM:
         if self.files is None:
-            return self._random(lambda: CosyVoiceLM(self.cfg.lm), 1).eval()
+            return self.seeded_build(lambda: CosyVoiceLM(self.cfg.lm), 1).eval()
         return load_cosyvoice_lm(self.files["llm"], self.cfg.lm).eval()
 
     @cached_property
@@ -276,7 +269,7 @@ class CosyVoice(TTSModel):
                 return build_cosyvoice3_flow(self.cfg.flow)
             return build_cosyvoice2_flow(*self.cfg.flow)
 
-        flow = self._random(build, 2) if self.files is None else build()
+        flow = self.seeded_build(build, 2) if self.files is None else build()
         if self.files is not None:
             flow.load_checkpoint(self.files["flow"])
         return flow.eval()
@@ -288,7 +281,7 @@ class CosyVoice(TTSModel):
     @cached_property
     def _hift(self) -> HiFTGenerator:
         if self.files is None:
-            return self._random(lambda: HiFTGenerator(self.cfg.hift), 3).eval()
+            return self.seeded_build(lambda: HiFTGenerator(self.cfg.hift), 3).eval()
         return load_hift(self.cfg.hift, self.files["vocoder"]).eval()
 
     def checkpoint_hashes(self) -> dict[str, str]:

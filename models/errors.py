@@ -13,3 +13,19 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}" + (f" Fix: {fix}" if fix else ""))
+
+
+def exit_on_user_error(fn):
+    """Command-line entry points: print a UserError as one line on stderr and exit 2 (no traceback)."""
+    import functools
+    import sys
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

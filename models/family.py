@@ -62,6 +62,14 @@ class TTSModel(abc.ABC):
     def graph_module(self, name: str) -> torch.nn.Module:
         """The eager torch module of graph `name`; forward takes the spec inputs in order."""
 
+    def seeded_build(self, build, offset: int):
+        """Construct a module with seeded random weights (presets) on the build device, without
+        touching the global RNG. `offset` gives each component its own stream."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(self, "seed", 0) * 1000 + offset)
+            with torch.device(getattr(self, "build_device", "cpu")):
+                return build()
+
     def graphs_of(self, stage: str) -> list[str]:
         return [n for n, s in self.graph_specs().items() if s.stage == stage]
 

@@ -103,22 +103,16 @@ class Orpheus(TTSModel):
             return self._snac
         raise KeyError(f"{self.name} has no graph {name!r}; it has {', '.join(self.graph_specs())}")
 
-    def _random(self, build, offset: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1000 + offset)
-            with torch.device(self.build_device):
-                return build()
-
     @cached_property
     def _lm(self) -> OrpheusLM:
         if self.folders is None:
-            return self._random(lambda: OrpheusLM(self.llm_cfg), 1).eval()
+            return self.seeded_build(lambda: OrpheusLM(self.llm_cfg), 1).eval()
         return load_orpheus_lm(self.folders["llm"]).eval()
 
     @cached_property
     def _snac(self) -> SNACDecoder:
         if self.folders is None:
-            return self._random(lambda: SNACDecoder(self.snac_cfg), 2).eval()
+            return self.seeded_build(lambda: SNACDecoder(self.snac_cfg), 2).eval()
         return load_snac(self.folders["vocoder"]).eval()
 
     def describe(self) -> dict:

@@ -11,7 +11,10 @@ import time
 import click
 import torch
 
-from models.errors import UserError
+from models.errors import UserError, exit_on_user_error
+
+
+user_errors = exit_on_user_error  # older name, kept for runtime.report until it moves over
 
 
 def check_device(device: str) -> str:
@@ -21,21 +24,6 @@ def check_device(device: str) -> str:
         raise UserError("--device cuda was asked for but no CUDA GPU is visible to PyTorch.",
                         "run with --device cpu, or on a machine with a GPU and a CUDA build of torch")
     return device
-
-
-def user_errors(fn):
-    """Print UserError as one line on stderr and exit 2 (no traceback)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        try:
-            return fn(*a, **k)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.command()
@@ -58,7 +46,7 @@ def user_errors(fn):
 @click.option("--stream", is_flag=True, help="Write audio as it is produced and report the first-chunk latency.")
 @click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]),
               help="CosyVoice flow: the 10-step solve as one graph (solver, default) or one estimator call per step.")
-@user_errors
+@exit_on_user_error
 def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text,
          voice, warmup, stream, flow_mode):
     from models.audio import check_writable, save_wav

@@ -66,37 +66,32 @@ def create_backend(kind: str, model, spec, device: torch.device, engines_dir: st
     from runtime.artifacts import Manifest, default_dir
 
     root = engines_dir or default_dir(model.name)
+    name = model.name if model.source.startswith("preset:") else model.source
+    out = f" --out-dir {engines_dir}" if engines_dir else ""
+    # the command that makes the missing or stale artifact, for every error below
+    make = {"ort": f"python -m export onnx --model {name}{out}" if precision == "fp32" else
+                   f"python -m export build --model {name}{out} --precision {precision}",
+            "aoti": f"python -m export build --model {name} --precision {precision} --aoti --device {device.type}{out}",
+            "trt": f"python -m export build --model {name} --precision {precision} --trt{out}"}.get(kind)
+    if make is None:
+        raise UserError(f"unknown backend {kind!r}.", f"choose one of {', '.join(KINDS)}")
+    manifest = Manifest.load(root, required=False)
+    if not manifest.artifacts:
+        raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
+    artifact = manifest.require(spec.name, precision, {"ort": "onnx", "aoti": "pt2", "trt": "plan"}[kind], fix=f"run {make}")
+    if kind == "trt":
+        onnx_art = manifest.get(spec.name, precision, "onnx")
+        if onnx_art is not None and artifact.source_sha256 and artifact.source_sha256 != onnx_art.sha256:
+            raise UserError(f"the {precision} plan of {spec.name} was built from an older ONNX file.", f"run {make}")
+    path = manifest.verify(artifact, fix=f"run {make}")
     if kind == "ort":
         from runtime.backends.onnxrt import OrtBackend
 
-        make = (f"python -m export onnx --model {model.source if not model.source.startswith('preset:') else model.name}"
-                + (f" --out-dir {engines_dir}" if engines_dir else ""))
-        if precision != "fp32":
-            make = make.replace("export onnx", "export build") + f" --precision {precision}"
-        manifest = Manifest.load(root, required=False)
-        if not manifest.artifacts:
-            raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
-        art = manifest.require(spec.name, precision, "onnx", fix=f"run {make}")
-        return OrtBackend(spec, device, manifest.verify(art, fix=f"run {make}"))
+        return OrtBackend(spec, device, path)
     if kind == "aoti":
         from runtime.backends.aoti import AotiBackend
 
-        name = model.source if not model.source.startswith("preset:") else model.name
-        rebuild = (f"python -m export build --model {name} --precision {precision} --aoti --device {device.type}"
-                   + (f" --out-dir {engines_dir}" if engines_dir else ""))
-        manifest = Manifest.load(root, required=False)
-        art = manifest.require(spec.name, precision, "pt2", fix=f"run {rebuild}")
-        return AotiBackend(spec, device, manifest.verify(art, fix=f"run {rebuild}"), art.built, rebuild)
-    if kind == "trt":
-        from runtime.backends.tensorrt import TrtBackend
+        return AotiBackend(spec, device, path, artifact.built, make)
+    from runtime.backends.tensorrt import TrtBackend
 
-        name = model.source if not model.source.startswith("preset:") else model.name
-        rebuild = (f"python -m export build --model {name} --precision {precision} --trt"
-                   + (f" --out-dir {engines_dir}" if engines_dir else ""))
-        manifest = Manifest.load(root, required=False)
-        art = manifest.require(spec.name, precision, "plan", fix=f"run {rebuild}")
-        onnx_art = manifest.get(spec.name, precision, "onnx")
-        if onnx_art is not None and art.source_sha256 and art.source_sha256 != onnx_art.sha256:
-            raise UserError(f"the {precision} plan of {spec.name} was built from an older ONNX file.", f"run {rebuild}")
-        return TrtBackend(spec, device, manifest.verify(art, fix=f"run {rebuild}"), art.built, rebuild)
-    raise UserError(f"unknown backend {kind!r}.", f"choose one of {', '.join(KINDS)}")
+    return TrtBackend(spec, device, path, artifact.built, make)
