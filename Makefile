@@ -2,6 +2,7 @@
 # make synthesize  text -> out.wav on the default tiny model, with per-stage times and RTF
 # make test        the test suite (CPU; GPU / TensorRT tests skip with a reason)
 # make engines     export + fp32/fp16/int8 artifacts (+ TensorRT plans where TensorRT is installed)
+# make report      RTF comparison report (reports/<model>-<gpu>-<date>/: report.md, report.json, plots)
 
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
@@ -11,9 +12,10 @@ MODEL  ?= cosyvoice3-tiny
 TEXT   ?= Hello! This is a quick test of the speech pipeline. It runs every stage on the CPU.
 OUT    ?= out.wav
 DEVICE ?= cpu
+BACKENDS ?= torch,ort
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup synthesize test engines clean
+.PHONY: setup synthesize test engines report clean
 
 setup: $(STAMP)
 
@@ -31,6 +33,10 @@ test: setup
 
 engines: setup
 	$(BIN)/python -m export build --model $(MODEL) --precision fp32,fp16,int8 --trt
+
+report: setup
+	test -f engines/$(MODEL)/manifest.json || $(BIN)/python -m export onnx --model $(MODEL)
+	$(BIN)/python -m runtime.report --model $(MODEL) --device $(DEVICE) --backends $(BACKENDS)
 
 clean:
 	rm -rf engines/*/ reports/*.tmp .pytest_cache

@@ -10,6 +10,7 @@ Measured per backend (all in the same run, so ratios are against the eager basel
 Warm-up (first call: compilation, graph capture, ORT session init) is timed separately and
 excluded from the steady-state numbers; those are the median and p95 of `--reps` calls.
 A backend that is missing (no artifact, no provider, no GPU) is listed as skipped with the reason.
+The timing helpers here (time_call, summarize, peak_memory, environment) also serve runtime.report.
 """
 
 from __future__ import annotations
@@ -32,8 +33,16 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> dict:
-    """First-call time, then the median / p95 of `reps` calls after `warmup` more."""
+def summarize(seconds: list[float]) -> dict:
+    """Median and p95 (nearest rank) of durations given in seconds, in ms."""
+    samples = sorted(seconds)
+    p95 = samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+    return {"median_ms": statistics.median(samples) * 1e3, "p95_ms": p95 * 1e3}
+
+
+def time_call(fn, device: torch.device, warmup: int = 3, reps: int = 20, results: list | None = None) -> dict:
+    """First-call time, then the median / p95 of `reps` calls after `warmup` more. `results`, when
+    given, collects the return value of every timed call (e.g. a synthesis result with stage times)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -45,13 +54,12 @@ def time_call(fn, device: torch.device, warmup: int = 3, reps: int = 20) -> dict
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         _sync(device)
         samples.append(time.perf_counter() - t0)
-    samples.sort()
-    p95 = samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
-    return {"first_ms": first * 1e3, "median_ms": statistics.median(samples) * 1e3, "p95_ms": p95 * 1e3,
-            "reps": reps}
+        if results is not None:
+            results.append(out)
+    return {"first_ms": first * 1e3, **summarize(samples), "reps": reps}
 
 
 def graph_sizes(model, graph: str, tokens: int, batch: int = 1) -> dict:
@@ -73,6 +81,36 @@ def peak_memory(device: torch.device) -> float | None:
         return None
     free, total = torch.cuda.mem_get_info(device)
     return (total - free) / 1e9
+
+
+def backend_choices(backends: str) -> list[str]:
+    """`--backends` -> one choice per measured pipeline: a comma list of whole-pipeline choices
+    (torch,ort:fp16), or, when per-stage mixes are given (they contain commas), a |-separated list."""
+    return [c.strip() for c in (backends.split("|") if "=" in backends else backends.split(",")) if c.strip()]
+
+
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """What produced the numbers: device name and library versions (None for what is not installed)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("onnxruntime", "tensorrt"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, OSError):  # not installed, or its native libraries are missing
+            versions[name] = None
+    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu_name(),
+            "torch_threads": torch.get_num_threads(), **versions}
 
 
 def bench_backend(model, choice: str, device: torch.device, lengths: list[int], engines_dir: str | None,
@@ -196,7 +234,7 @@ def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_
     if flow_mode and hasattr(model, "set_flow_mode"):
         model.set_flow_mode(flow_mode)
     ns = [int(x) for x in lengths.split(",")]
-    choices = backends.split("|") if "=" in backends else backends.split(",")
+    choices = backend_choices(backends)
     results = []
     for choice in choices:
         click.echo(f"{choice}:")
@@ -208,8 +246,9 @@ def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(results, ns, click.echo)
-    meta = {"model": model_name, "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M"),
+    env = environment(device)
+    meta = {"model": model_name, "device": str(device), "gpu": env["gpu"] or env["cpu"], "torch": torch.__version__,
+            "python": platform.python_version(), "onnxruntime": env["onnxruntime"], "when": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python -m runtime.bench " + " ".join(sys.argv[1:]), "random_weights": model.random_weights}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

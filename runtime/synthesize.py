@@ -14,9 +14,6 @@ import torch
 from models.errors import UserError, exit_on_user_error
 
 
-user_errors = exit_on_user_error  # older name, kept for runtime.report until it moves over
-
-
 def check_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"unknown device {device!r}.", "use --device cpu or --device cuda")
