@@ -127,7 +127,9 @@ class Pipeline:
                 from runtime.llm_decode import device_sampler_for
 
                 vocab = self.runners["llm"].spec.outputs[0].shape[1]
-                pick = device_sampler_for(sampler, vocab, dev, generator, logits_buffer=getattr(decoder, "logits_out", None))
+                # eager on the device: capturing the sampler in a CUDA graph failed inside full requests on
+                # the H200 (capture invalidated); its ~15 small kernels cost far less than a decode step
+                pick = device_sampler_for(sampler, vocab, dev, generator, compile=False, cuda_graph=False)
                 offset = model.next_input_id(0)  # every family feeds a token back as token + offset
         history: list[int] = []
         for step in range(steps):
