@@ -332,6 +332,9 @@ class CosyVoice2TokenEncoder(nn.Module):
     finalize=True -> context_tokens None/0; mu == flow.decoder's mu. finalize=False -> context_tokens =
     pre_lookahead_len; the first ratio*(N - context) frames == upstream mu, the rest are zero."""
 
+    # numerically sensitive in fp16 (a rung of the fp16 precision ladder keeps it float32)
+    SENSITIVE_PARTS = ("spk_embed_affine_layer",)
+
     def __init__(self, cfg: TokenEncoderConfig):
         super().__init__()
         self.cfg = cfg

@@ -18,13 +18,14 @@ import torch
 
 from models.checkpoint import sha256_file
 from models.errors import UserError
-from models.family import Sampler, TTSModel, Utterance, device_generator, require_text
-from models.flow import (Flow, FlowConfig, FlowSolver, SolverConfig, build_cosyvoice3_flow, euler_schedule,
-                         solve_euler_cfg, upstream_noise)
+from models.dit import DiT
+from models.family import SpeechLM, TTSModel, Utterance, require_text
+from models.flow import (Flow, FlowConfig, FlowSolver, SolverConfig, TokenEncoder, build_cosyvoice3_flow,
+                         euler_schedule, solve_euler_cfg, upstream_noise)
 from models.hift import HiFTConfig, HiFTGenerator, SourceNoise, load_hift
 from models.hyperyaml import Tagged, load_hyperyaml
-from models.sampling import ras_sampling
-from models.spec import Dim, GraphSpec, TensorSpec, choice, const, integers, normal, uniform
+from models.sampling import RASSampler, Sampler, device_generator
+from models.spec import Dim, GraphSpec, PadRule, TensorSpec, choice, const, integers, normal, uniform
 from models.speech_lm import CosyVoiceLM, CosyVoiceLMConfig, llm_graph_spec, load_cosyvoice_lm
 from models.text import COSYVOICE2_SPECIAL, COSYVOICE3_SPECIAL, ByteTokenizer, HFTokenizer, normalize_text, split_sentences
 
@@ -133,32 +134,12 @@ def _tiny(cfg: dict, family: str) -> tuple[dict, dict]:
     return cfg, qwen
 
 
-# -- sampling ------------------------------------------------------------------------------------------
-class RASSampler(Sampler):
-    """Upstream repetition-aware sampling (top-p 0.8 / top-k 25, window 10, tau_r 0.1).
-
-    While fewer than `min_len` tokens exist, every stop token is masked. Upstream masks only logit
-    index speech_token_size, which for CosyVoice3 is sos rather than eos, so upstream CosyVoice3 can
-    stop before min_len; we apply the rule upstream intends. With `fixed` (benchmarks) stop tokens are
-    masked at every step."""
-
-    def __init__(self, speech_token_size: int, sampling: dict, min_len: int, generator: torch.Generator, fixed: bool):
-        self.stop_from = speech_token_size
-        self.sampling = {k: sampling[k] for k in ("top_p", "top_k", "win_size", "tau_r") if k in sampling}
-        self.min_len = min_len
-        self.generator = generator
-        self.fixed = fixed
-
-    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
-        if self.fixed or step < self.min_len:
-            logits = logits.clone()
-            logits[self.stop_from:] = float("-inf")
-        return int(ras_sampling(logits, history, self.generator, **self.sampling))
-
-
 # -- the family ----------------------------------------------------------------------------------------
 class CosyVoice(TTSModel):
     stages = ("llm", "flow", "vocoder")
+    # flow_mode "solver": the whole 10-step CFG solve is one graph; "steps": the host runs the Euler
+    # loop and calls the estimator graph once per step (upstream's layout, kept for comparison)
+    options = {"flow_mode": ("solver", "steps")}
 
     def __init__(self, name: str, source: str, cfg: CosyVoiceConfig, files: dict[str, str] | None,
                  tokenizer, seed: int = 0, device: str = "cpu", folder: str | None = None):
@@ -196,20 +177,32 @@ class CosyVoice(TTSModel):
         if c.family == "cosyvoice2":
             enc_inputs += [TensorSpec("chunk_tokens", "int64", (1,), choice(0, self._chunk_tokens)),
                            TensorSpec("context_tokens", "int64", (1,), choice(0, 3), doc="look-ahead-only tail")]
+        # Padding rules (the compile backend buckets these dims; tests/test_compiled.py checks each):
+        # the token encoders treat -1 as padding (CosyVoice3's pre-lookahead conv sees zero
+        # embeddings past the end either way; CosyVoice2's conformer masks padded tokens); the DiT
+        # masks attention keys with `mask`, its position conv is causal, and the U-Net multiplies
+        # every block by the mask with causal convs, so frames < T never see a padded frame.
+        # The vocoders have none: zero-padded mel changes the last frame(s) of audio.
+        encoder_sensitive = TokenEncoder.SENSITIVE_PARTS
+        estimator_sensitive = DiT.SENSITIVE_PARTS if c.family == "cosyvoice3" else ()
         specs["flow_encoder"] = GraphSpec(
             "flow_encoder", "flow", tuple(enc_inputs),
-            (TensorSpec("mu", "float32", ("B", 80, f"N*{r}")), TensorSpec("spks", "float32", ("B", 80))), (B, N))
+            (TensorSpec("mu", "float32", ("B", 80, f"N*{r}")), TensorSpec("spks", "float32", ("B", 80))), (B, N),
+            pad=PadRule("N", {"tokens": -1}), sensitive_scopes=encoder_sensitive)
         specs["flow_estimator"] = GraphSpec(
             "flow_estimator", "flow",
             (mel("x"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
              TensorSpec("t", "float32", ("B",), uniform(0, 1)), TensorSpec("spks", "float32", ("B", 80), normal(1.0)),
              mel("cond"), chunk),
-            (TensorSpec("velocity", "float32", ("B", 80, "T")),), (CB, T))
+            (TensorSpec("velocity", "float32", ("B", 80, "T")),), (CB, T),
+            pad=PadRule("T", {"mask": 0.0}), sensitive_scopes=estimator_sensitive, rows_per_request=2)
         specs["flow_solver"] = GraphSpec(
             "flow_solver", "flow",
             (mel("z"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
              TensorSpec("spks", "float32", ("B", 80), normal(1.0)), mel("cond"), chunk),
-            (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T))
+            (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T),
+            pad=PadRule("T", {"mask": 0.0}), fp32_inputs=frozenset({"z"}), fp32_scopes=FlowSolver.FP32_PARTS,
+            sensitive_scopes=estimator_sensitive, compiled_part="estimator")
         hop = c.hift.samples_per_frame
         noise_fill = uniform(0, 1) if c.hift.causal else normal(1.0)
         voc_in = [TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
@@ -221,26 +214,18 @@ class CosyVoice(TTSModel):
                                      doc="previous chunk's last source samples (0 offline)"))
             voc_out.append(TensorSpec("source", "float32", ("B", 1, f"T*{hop}")))
             voc_dims.append(Dim("C", 0, 0, SOURCE_CACHE_FRAMES * hop, "cached source samples"))
-        specs["vocoder"] = GraphSpec("vocoder", "vocoder", tuple(voc_in), tuple(voc_out), tuple(voc_dims))
+        # the f0 predictor reads the mel and the source reads the noise in float32 (HiFT's islands)
+        specs["vocoder"] = GraphSpec("vocoder", "vocoder", tuple(voc_in), tuple(voc_out), tuple(voc_dims),
+                                     fp32_inputs=frozenset(t.name for t in voc_in),
+                                     fp32_scopes=HiFTGenerator.FP32_PARTS)
         return specs
-
-    FLOW_MODES = ("solver", "steps")
-
-    def set_flow_mode(self, mode: str) -> None:
-        """'solver': the whole 10-step CFG solve is one graph; 'steps': the host runs the Euler loop
-        and calls the estimator graph once per step (upstream's layout, kept for comparison)."""
-        if mode not in self.FLOW_MODES:
-            raise UserError(f"unknown flow mode {mode!r}.", f"choose one of {', '.join(self.FLOW_MODES)}")
-        self.flow_mode = mode
-
-    flow_mode = "solver"
 
     @property
     def solver_config(self) -> SolverConfig:
         return self.cfg.flow.solver if self.family == "cosyvoice3" else self.cfg.flow[2]
 
-    def stage_graphs(self) -> dict[str, list[str]]:
-        flow = "flow_solver" if self.flow_mode == "solver" else "flow_estimator"
+    def stage_graphs(self, options: dict | None = None) -> dict[str, list[str]]:
+        flow = "flow_solver" if self.resolve_options(options)["flow_mode"] == "solver" else "flow_estimator"
         return {"llm": ["llm"], "flow": ["flow_encoder", flow], "vocoder": ["vocoder"]}
 
     def graph_module(self, name: str) -> torch.nn.Module:
@@ -368,18 +353,26 @@ class CosyVoice(TTSModel):
         return Utterance(text, ids.reshape(-1).tolist(), len(text_ids), lo, hi, speaker)
 
     # -- LLM --------------------------------------------------------------------------------------
+    @cached_property
+    def lm(self) -> SpeechLM:
+        d, lm = self.cfg.lm.decoder, self.cfg.lm
+        # every logit index >= speech_token_size stops (eos, sos, task, fill ...); a sampled index s
+        # is fed back as the speech-table input id text_vocab + s
+        return SpeechLM("llm", d.num_layers, d.num_kv_heads, d.head_dim, token_offset=lm.speech_id(0),
+                        stop_tokens=range(lm.speech_token_size, lm.speech_rows))
+
     def make_sampler(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> Sampler:
         return RASSampler(self.cfg.lm.speech_token_size, self.cfg.sampling, utt.min_tokens, generator, fixed_tokens is not None)
 
-    def is_stop(self, token: int) -> bool:
-        return token >= self.cfg.lm.speech_token_size
+    # -- benchmark inputs ---------------------------------------------------------------------------
+    def synthetic_tokens(self, n: int, generator: torch.Generator) -> list[int]:
+        return [int(x) for x in torch.randint(0, min(100, self._flow_vocab), (n,), generator=generator)]
 
-    def next_input_id(self, token: int) -> int:
-        return self.cfg.lm.speech_id(token)
-
-    def llm_cache_shape(self) -> tuple[int, int, int]:
-        d = self.cfg.lm.decoder
-        return d.num_layers, d.num_kv_heads, d.head_dim
+    def graph_sizes(self, graph: str, tokens: int, batch: int = 1) -> dict[str, int]:
+        spec = self.graph_specs()[graph]
+        want = {"B": batch * spec.rows_per_request, "N": tokens, "T": tokens * self.cfg.token_mel_ratio,
+                "S": 1, "P": tokens, "C": 0}
+        return {d.name: want[d.name] for d in spec.dims}
 
     # -- tokens -> audio ----------------------------------------------------------------------------
     def _noises(self, device: torch.device):
@@ -449,7 +442,7 @@ class CosyVoice(TTSModel):
             mask[i, :, :n] = 1
         z = z_table[:, :, :frames].expand(B, -1, -1).contiguous()
         chunk_frames = as_tensor(chunk * r)
-        if self.flow_mode == "solver":
+        if run.options["flow_mode"] == "solver":
             mel = run("flow_solver", self.feed("flow_solver", z=z, mask=mask, mu=mu, spks=spks, cond=cond,
                                                chunk_frames=chunk_frames))["mel"]
         else:

@@ -253,6 +253,9 @@ class DiT(nn.Module):
             cond [B,80,T], chunk_frames int64 [1]) -> velocity [B,80,T]
     """
 
+    # numerically sensitive in fp16 (a rung of the fp16 precision ladder keeps them float32)
+    SENSITIVE_PARTS = ("time_embed", "rotary_embed")
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg

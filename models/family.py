@@ -3,24 +3,67 @@
 A family object (CosyVoice2, CosyVoice3, Orpheus) is the only place that knows the family: its
 graphs and their specs, the torch module behind each graph, the text front end, the LLM prompt and
 sampling rules, and how speech tokens become audio. Export and the runtime are written against this
-interface only; they never branch on the family.
+interface only and ask it for capabilities; they never branch on the family or on a graph's name:
 
-`token2wav` and the LLM loop call graphs through a `run(graph_name, feed) -> outputs` callable the
-runtime passes in, so the family decides *what* to run and the runtime decides *how*.
+- `lm` (SpeechLM): which graph is the autoregressive LM, its cache shape, how a sampled token is fed
+  back, which tokens stop; `make_sampler` gives a per-request sampler with a device twin.
+- `graph_specs()`: every graph's shapes plus what backends need (bucketable dim, fp32 islands, rows
+  per request, the part to compile); `batch_limit()` follows from them.
+- `options`: per-pipeline choices the family offers (e.g. the flow layout), validated by
+  `resolve_options` and passed to the family with every call through the runner.
+- `synthetic_tokens` / `graph_sizes`: benchmark inputs in the family's own token layout.
+
+`token2wav` and the stream decoders call graphs through a `GraphRunner` the runtime passes in
+(`run(graph_name, feed) -> outputs`, plus `run.options`), so the family decides *what* to run and
+the runtime decides *how*.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import torch
 
 from models.errors import UserError
+from models.sampling import Sampler
 from models.spec import GraphSpec
 
-RunFn = Callable[[str, dict], dict]
+
+class GraphRunner(Protocol):
+    """How a family calls graphs: `run(graph, feed) -> outputs` (torch tensors by spec name), and
+    the pipeline's resolved `options` (see `TTSModel.options`)."""
+
+    options: dict
+
+    def __call__(self, graph: str, feed: dict) -> dict: ...
+
+
+@dataclass(frozen=True)
+class SpeechLM:
+    """What a runtime needs to drive a family's autoregressive speech LM.
+
+    graph: the LM graph (spec.autoregressive); layers / kv_heads / head_dim: its KV cache;
+    token_offset: a sampled logit index t is fed back as input id t + token_offset;
+    stop_tokens: the sampled indices that end a generation."""
+
+    graph: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    token_offset: int
+    stop_tokens: range
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.layers, self.kv_heads, self.head_dim
+
+    def is_stop(self, token: int) -> bool:
+        return token in self.stop_tokens
+
+    def next_input_id(self, token: int) -> int:
+        return token + self.token_offset
 
 
 @dataclass
@@ -36,17 +79,12 @@ class Utterance:
     warnings: list = field(default_factory=list)  # problems found on the way (e.g. undecodable tokens)
 
 
-class Sampler(abc.ABC):
-    """Chooses the next token from last-position logits [V] (float32, on any device)."""
-
-    @abc.abstractmethod
-    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int: ...
-
-
 class TTSModel(abc.ABC):
     family: str = "abstract"
     sample_rate: int = 24000
     stages: tuple[str, ...] = ()
+    # per-pipeline choices: option name -> allowed values, the first being the default
+    options: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, name: str, source: str, random_weights: bool):
         self.name = name  # preset name or folder name
@@ -73,9 +111,30 @@ class TTSModel(abc.ABC):
     def graphs_of(self, stage: str) -> list[str]:
         return [n for n, s in self.graph_specs().items() if s.stage == stage]
 
-    def stage_graphs(self) -> dict[str, list[str]]:
-        """The graphs a pipeline needs per stage (export may produce more, e.g. the estimator)."""
+    def stage_graphs(self, options: dict | None = None) -> dict[str, list[str]]:
+        """The graphs a pipeline with these options calls, per stage (export may produce more)."""
         return {s: self.graphs_of(s) for s in self.stages}
+
+    def resolve_options(self, options: dict | None = None) -> dict:
+        """Every option of the family with its value: the given ones checked, the rest defaulted."""
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            offered = f"it offers {', '.join(self.options)}" if self.options else "it has no options"
+            raise UserError(f"{self.name} ({self.family}) has no option {', '.join(unknown)}; {offered}.",
+                            f"leave out {', '.join(unknown)}")
+        out = {}
+        for name, allowed in self.options.items():
+            value = given.get(name, allowed[0])
+            if value not in allowed:
+                raise UserError(f"unknown {name} {value!r}.", f"choose one of {', '.join(allowed)}")
+            out[name] = value
+        return out
+
+    def batch_limit(self, options: dict | None = None) -> int:
+        """Requests one call of every graph a pipeline uses can take (from the specs)."""
+        specs = self.graph_specs()
+        return min(specs[g].max_requests for graphs in self.stage_graphs(options).values() for g in graphs)
 
     def checkpoint_hashes(self) -> dict[str, str]:
         """sha256 of the weight files per stage (empty for random presets)."""
@@ -99,33 +158,27 @@ class TTSModel(abc.ABC):
     def make_utterance(self, text: str, speaker: dict) -> Utterance: ...
 
     # -- LLM ----------------------------------------------------------------------------------------
+    @property
     @abc.abstractmethod
-    def make_sampler(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> Sampler: ...
+    def lm(self) -> SpeechLM: ...
 
     @abc.abstractmethod
-    def is_stop(self, token: int) -> bool: ...
-
-    @abc.abstractmethod
-    def next_input_id(self, token: int) -> int:
-        """LLM input id that feeds a generated token back."""
-
-    @abc.abstractmethod
-    def llm_cache_shape(self) -> tuple[int, int, int]:
-        """(layers, kv_heads, head_dim) of the LLM's KV cache."""
+    def make_sampler(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None) -> Sampler:
+        """The request's sampler (host side; `sampler.to_device(...)` gives its device twin)."""
 
     # -- tokens -> audio ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def token2wav(self, tokens: list[int], utt: Utterance, run: RunFn, generator: torch.Generator,
+    def token2wav(self, tokens: list[int], utt: Utterance, run: GraphRunner, generator: torch.Generator,
                   device: torch.device, streaming: bool = False) -> torch.Tensor:
         """Audio [N] float32 for the generated tokens (`streaming`: with the model's streaming masks)."""
 
-    def token2wav_batch(self, token_lists: list[list[int]], utts: list[Utterance], run: RunFn,
+    def token2wav_batch(self, token_lists: list[list[int]], utts: list[Utterance], run: GraphRunner,
                         generator: torch.Generator, device: torch.device) -> list[torch.Tensor]:
         """Audio per request; families whose graphs batch unequal lengths exactly override this."""
         return [self.token2wav(t, u, run, generator, device) for t, u in zip(token_lists, utts)]
 
     @abc.abstractmethod
-    def stream_decoder(self, utt: Utterance, run: RunFn, generator: torch.Generator, device: torch.device):
+    def stream_decoder(self, utt: Utterance, run: GraphRunner, generator: torch.Generator, device: torch.device):
         """An object with `push(tokens) -> [audio chunks]` (called as tokens arrive) and
         `finish(tokens) -> [audio chunks]` (models/streaming.py)."""
 
@@ -133,19 +186,18 @@ class TTSModel(abc.ABC):
         """Speech tokens per second of audio (for --tokens and RTF planning)."""
         return 25.0
 
+    # -- benchmark inputs -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def synthetic_tokens(self, n: int, generator: torch.Generator) -> list[int]:
+        """About `n` generated speech tokens that decode to audio (benchmarks without an LLM run)."""
+
+    @abc.abstractmethod
+    def graph_sizes(self, graph: str, tokens: int, batch: int = 1) -> dict[str, int]:
+        """Dim sizes of `graph` for `batch` requests of `tokens` speech tokens each (unclipped)."""
+
 
 def require_text(text: str | None) -> str:
     if text is None or not text.strip():
         raise UserError("the text to synthesize is empty.", "pass some words with --text")
     return text
 
-
-def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on `device` seeded from `generator` (CPU): per-call noise is then drawn where it is
-    used instead of being drawn on the host and copied. On the CPU it is `generator` itself, so CPU
-    runs keep upstream's exact random streams."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)

@@ -97,7 +97,13 @@ class FlowSolver(nn.Module):
     Each step runs the estimator once on the CFG batch [conditional rows..., unconditional rows...]
     (the unconditional half has mu = spks = cond = 0) and uses v = (1 + r) v_cond - r v_uncond.
     The loop is unrolled (n_timesteps is static). `estimator` may be any module with the call
-    signature `(x, mask, mu, t, spks, cond, chunk_frames) -> velocity`."""
+    signature `(x, mask, mu, t, spks, cond, chunk_frames) -> velocity`.
+
+    Mixed precision: the Euler state (`z` and every update) and the t / dt schedule (FP32_PARTS)
+    stay float32 when the estimator runs in a lower dtype: ten small updates in bf16 would lose
+    most of their bits against the state."""
+
+    FP32_PARTS = ("t_steps", "dt_steps")
 
     def __init__(self, estimator: nn.Module, cfg: SolverConfig = SolverConfig()):
         super().__init__()
@@ -144,6 +150,9 @@ class TokenEncoder(nn.Module):
     spks [B,80])`. Every parameter must live in a child module: `Flow` adopts the children at its top
     level so that state_dict keys match upstream's flow.pt. Subclasses set `token_mel_ratio` and
     `pre_lookahead_len`; `encode` is the host-side call `Flow.inference` makes."""
+
+    # numerically sensitive in fp16 (a rung of the fp16 precision ladder keeps it float32)
+    SENSITIVE_PARTS = ("spk_embed_affine_layer",)
 
     token_mel_ratio: int = 2
     pre_lookahead_len: int = 3

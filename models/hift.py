@@ -333,11 +333,29 @@ class SourceModule(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # generator
 # -------------------------------------------------------------------------------------------------
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # no-op (and no Cast node in an exported graph) when the dtype already matches
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class HiFTGenerator(nn.Module):
     """CosyVoice2 HiFTGenerator (cfg.causal False) / CosyVoice3 CausalHiFTGenerator (True).
 
     forward(mel [B, 80, T] float32, noise [B, T*480, 9]) -> audio [B, T*480],
-    equal to upstream `inference(mel)` (finalize=True for CosyVoice3) given the same random draws."""
+    equal to upstream `inference(mel)` (finalize=True for CosyVoice3) given the same random draws.
+
+    Mixed precision: the parts in FP32_PARTS may stay float32 while the network between them runs
+    in a lower dtype (a backend casts the module with these islands kept); the forward casts at
+    their boundaries, which costs nothing when everything is float32. Why: the f0 predictor and the
+    harmonic source accumulate phase (tens of cycles per frame for the upper harmonics: in bf16 the
+    per-frame advance would be off by ~0.2 % of itself, accumulating), and the (i)STFT bases are
+    exact float32 tables."""
+
+    FP32_PARTS = ("f0_predictor", "m_source", "stft", "istft")
 
     def __init__(self, cfg: HiFTConfig, f0_float64: bool = False):
         super().__init__()
@@ -397,10 +415,10 @@ class HiFTGenerator(nn.Module):
         frames equal the first frames of the finalize=True result. float64 (default:
         `self.f0_float64`) runs the predictor in float64 as upstream CosyVoice3 does (torch only)."""
         use64 = self.f0_float64 if float64 is None else float64
-        x = mel.to(torch.float64) if use64 else mel
+        x = mel.to(torch.float64) if use64 else _cast(mel, _dtype_of(self.f0_predictor))
         f0 = self.f0_predictor(x)
-        if f0.dtype != mel.dtype:
-            f0 = f0.to(mel.dtype)
+        if f0.dtype != torch.float32:  # the source module takes float32 f0 (see FP32_PARTS)
+            f0 = f0.float()
         if not finalize and self.cfg.f0_look_right:
             f0 = f0[:, : f0.shape[1] - self.cfg.f0_look_right]
         return f0
@@ -413,8 +431,9 @@ class HiFTGenerator(nn.Module):
         """The network part of `decode`: mel [B, 80, T], source [B, 1, T*480] ->
         (magnitude, phase), each [B, n_fft/2+1, T*120+1], as upstream feeds them to `_istft`
         (magnitude before the 1e2 clip)."""
-        s_stft = self.stft.stacked(source.squeeze(1))  # [B, 2F, frames]: real then imag, as upstream cat
-        x = self.conv_pre(mel)
+        net = self.conv_pre.weight.dtype
+        s_stft = _cast(self.stft.stacked(source.squeeze(1)), net)  # [B, 2F, frames]: real then imag, as upstream cat
+        x = self.conv_pre(_cast(mel, net))
         last = len(self.ups) - 1
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, self.cfg.lrelu_slope))
@@ -434,7 +453,8 @@ class HiFTGenerator(nn.Module):
     def polar_istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """Upstream `_istft`: clip magnitude at 1e2, polar -> cartesian, inverse STFT (no clamp).
         [B, F, frames] x 2 -> [B, hop*(frames-1)]."""
-        magnitude = torch.clamp(magnitude, max=1e2)
+        magnitude = torch.clamp(_cast(magnitude, torch.float32), max=1e2)
+        phase = _cast(phase, torch.float32)
         return self.istft(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,10 @@ from functools import cached_property
 import torch
 
 from models.errors import UserError
-from models.family import Sampler, TTSModel, Utterance, device_generator, require_text
-from models.sampling import OrpheusSampling, orpheus_sampling
-from models.snac import (AUDIO_TOKEN_BASE, FRAME_LAYOUT, FRAME_TOKENS, ORPHEUS_CODEBOOK, SNAC_24KHZ, SNACConfig,
-                         SNACDecoder, graph_spec, load_snac, make_noise, tokens_to_codes)
+from models.family import SpeechLM, TTSModel, Utterance, require_text
+from models.sampling import FrameGrammar, OrpheusSampler, OrpheusSampling, Sampler, device_generator
+from models.snac import (AUDIO_TOKEN_BASE, FRAME_TOKENS, ORPHEUS_CODEBOOK, SNAC_24KHZ, SNACConfig, SNACDecoder,
+                         codes_to_tokens, graph_spec, load_snac, make_noise, tokens_to_codes)
 from models.speech_lm import ORPHEUS_STOP_TOKEN_ID, OrpheusLM, llm_graph_spec, load_orpheus_lm, read_hf_config
 from models.text import ByteTokenizer, HFTokenizer, normalize_text, split_sentences
 from models.transformer_lm import DecoderConfig
@@ -30,38 +30,7 @@ BEGIN_OF_TEXT = 128000
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
 DEFAULT_VOICE = "tara"
 MAX_NEW_TOKENS = 1200  # Orpheus' default max_tokens (~7 s of audio)
-
-
-class OrpheusSampler(Sampler):
-    """Orpheus sampling (temperature, top-p, repetition penalty over prompt + generated ids).
-
-    `grammar=True` restricts every step to the audio token of the next frame position (plus the stop
-    token unless `fixed`). Random-weight presets use it so their output always decodes; a real model
-    samples freely and undecodable tokens are reported, not hidden."""
-
-    def __init__(self, params: OrpheusSampling, prompt_ids: list[int], generator: torch.Generator,
-                 grammar: bool, fixed: bool):
-        self.params = params
-        self.prompt = list(prompt_ids)
-        self.generator = generator
-        self.grammar = grammar
-        self.fixed = fixed
-
-    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
-        if self.grammar or self.fixed:
-            logits = logits.clone()
-            allowed = torch.zeros_like(logits, dtype=torch.bool)
-            if self.grammar:
-                pos = sum(1 for t in history if t >= AUDIO_TOKEN_BASE) % FRAME_TOKENS
-                lo = AUDIO_TOKEN_BASE + pos * ORPHEUS_CODEBOOK
-                allowed[lo: lo + ORPHEUS_CODEBOOK] = True
-            else:
-                allowed[:] = True
-            allowed[ORPHEUS_STOP_TOKEN_ID] = not self.fixed
-            logits[~allowed] = float("-inf")
-        p = self.params
-        return int(orpheus_sampling(logits, self.prompt + list(history), self.generator, temperature=p.temperature,
-                                    top_p=p.top_p, repetition_penalty=p.repetition_penalty, top_k=p.top_k))
+GRAMMAR = FrameGrammar(AUDIO_TOKEN_BASE, FRAME_TOKENS, ORPHEUS_CODEBOOK)
 
 
 class Orpheus(TTSModel):
@@ -140,19 +109,28 @@ class Orpheus(TTSModel):
         return Utterance(text, ids, len(text_ids), 0, MAX_NEW_TOKENS, speaker)
 
     # -- LLM --------------------------------------------------------------------------------------
-    def make_sampler(self, utt, generator, fixed_tokens) -> Sampler:
-        return OrpheusSampler(OrpheusSampling(), utt.prompt_ids, generator, grammar=self.random_weights,
-                              fixed=fixed_tokens is not None)
-
-    def is_stop(self, token: int) -> bool:
-        return token == ORPHEUS_STOP_TOKEN_ID
-
-    def next_input_id(self, token: int) -> int:
-        return token
-
-    def llm_cache_shape(self):
+    @cached_property
+    def lm(self) -> SpeechLM:
         c = self.llm_cfg
-        return c.num_layers, c.num_kv_heads, c.head_dim
+        # logits cover the whole Llama vocabulary, so a sampled id is fed back as itself
+        return SpeechLM("llm", c.num_layers, c.num_kv_heads, c.head_dim, token_offset=0,
+                        stop_tokens=range(ORPHEUS_STOP_TOKEN_ID, ORPHEUS_STOP_TOKEN_ID + 1))
+
+    def make_sampler(self, utt, generator, fixed_tokens) -> Sampler:
+        # random-weight presets follow the frame grammar so their tokens always decode
+        return OrpheusSampler(OrpheusSampling(stop_token_id=ORPHEUS_STOP_TOKEN_ID), utt.prompt_ids, generator,
+                              grammar=GRAMMAR if self.random_weights else None, fixed=fixed_tokens is not None)
+
+    # -- benchmark inputs ---------------------------------------------------------------------------
+    def synthetic_tokens(self, n: int, generator: torch.Generator) -> list[int]:
+        f = max(n // FRAME_TOKENS, 1)
+        codes = [torch.randint(0, ORPHEUS_CODEBOOK, (k * f,), generator=generator) for k in (1, 2, 4)]
+        return codes_to_tokens(*codes)
+
+    def graph_sizes(self, graph: str, tokens: int, batch: int = 1) -> dict[str, int]:
+        spec = self.graph_specs()[graph]
+        want = {"B": batch * spec.rows_per_request, "S": 1, "P": tokens, "F": max(tokens // FRAME_TOKENS, 1)}
+        return {d.name: want[d.name] for d in spec.dims}
 
     def token_rate(self) -> float:
         return FRAME_TOKENS * self.sample_rate / self.snac_cfg.samples_per_frame  # ~82 tokens per second

@@ -13,10 +13,10 @@ list of such rows or a LongTensor [B,H] whose negative entries are padding (left
   count < top_k` (the first token always; the token that crosses top_p is included); if the chosen
   token occurs >= win_size * tau_r times in the last `win_size` generated tokens, it is masked out and a
   token is drawn from the full remaining distribution instead.
-* `cosyvoice_sampling_ids` adds upstream's `sampling_ids`: while fewer than min_len tokens were
-  generated, logit index `speech_token_size` is masked. That is eos for CosyVoice2. For CosyVoice3 it is
-  *sos* (eos is speech_token_size + 1, and every index >= speech_token_size stops), so upstream CV3 does
-  not actually enforce min_len; we keep upstream's behaviour on purpose.
+* `RASSampler` adds the minimum length: while fewer than min_len tokens were generated, every stop
+  index (>= speech_token_size) is masked. Upstream's `sampling_ids` masks only index
+  speech_token_size, which for CosyVoice3 is sos rather than eos (eos is speech_token_size + 1), so
+  upstream CosyVoice3 can stop before min_len; we apply the rule upstream intends.
 * Orpheus (vLLM SamplingParams semantics, Orpheus-TTS defaults temperature 0.6, top_p 0.8,
   repetition_penalty 1.3): repetition penalty on logits (positive / penalty, negative * penalty) for
   every token in `history`, then temperature, then top-k (off by default) and top-p (smallest set whose
@@ -26,10 +26,13 @@ list of such rows or a LongTensor [B,H] whose negative entries are padding (left
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+NEG_INF = float("-inf")
 
 History = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None
 
@@ -90,25 +93,12 @@ def nucleus_keep(probs_sorted: torch.Tensor, top_p: float, top_k: int) -> torch.
     return (before < top_p) & (rank < top_k)
 
 
-def nucleus_sampling(logits: torch.Tensor, generator: torch.Generator, top_p: float = 0.8, top_k: int = 25) -> torch.Tensor:
-    """Upstream `nucleus_sampling` (top-p and top-k together) for [V] or [B,V] logits."""
-    x, squeeze = _as_2d(logits, generator)
-    return _out(_nucleus(x, generator, top_p, top_k), squeeze, logits.device)
-
-
 def _nucleus(x: torch.Tensor, generator: torch.Generator, top_p: float, top_k: int) -> torch.Tensor:
     probs = x.softmax(dim=-1)
     sorted_p, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)
     kept = torch.where(nucleus_keep(sorted_p, top_p, top_k), sorted_p, torch.zeros_like(sorted_p))
     pick = torch.multinomial(kept, 1, replacement=True, generator=generator)  # [B,1] rank
     return sorted_idx.gather(-1, pick).squeeze(-1)
-
-
-def random_sampling(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Upstream `random_sampling`: one draw from softmax(logits)."""
-    x, squeeze = _as_2d(logits, generator)
-    ids = torch.multinomial(x.softmax(dim=-1), 1, replacement=True, generator=generator).squeeze(-1)
-    return _out(ids, squeeze, logits.device)
 
 
 def ras_sampling(logits: torch.Tensor, history: History, generator: torch.Generator, top_p: float = 0.8,
@@ -126,18 +116,6 @@ def ras_sampling(logits: torch.Tensor, history: History, generator: torch.Genera
         redraw = torch.multinomial(masked.softmax(dim=-1), 1, replacement=True, generator=generator).squeeze(-1)
         top_ids = top_ids.index_copy(0, rows, redraw)
     return _out(top_ids, squeeze, logits.device)
-
-
-def cosyvoice_sampling_ids(logits: torch.Tensor, history: History, generator: torch.Generator, speech_token_size: int,
-                           ignore_eos: bool, top_p: float = 0.8, top_k: int = 25, win_size: int = 10,
-                           tau_r: float = 0.1) -> torch.Tensor:
-    """Upstream `TransformerLM.sampling_ids` + `ras_sampling`: with `ignore_eos` (upstream: step < min_len)
-    logit index `speech_token_size` is set to -inf first. For CosyVoice3 that index is sos, not eos
-    (eos = speech_token_size + 1): upstream behaviour, kept deliberately (see the module docstring)."""
-    if ignore_eos:
-        logits = logits.clone()
-        logits[..., speech_token_size] = float("-inf")
-    return ras_sampling(logits, history, generator, top_p, top_k, win_size, tau_r)
 
 
 @dataclass(frozen=True)
@@ -194,3 +172,280 @@ def orpheus_sampling(logits: torch.Tensor, history: History, generator: torch.Ge
     x = top_p_top_k_mask(x / temperature, top_p, top_k)
     ids = torch.multinomial(x.softmax(dim=-1), 1, replacement=True, generator=generator).squeeze(-1)
     return _out(ids, squeeze, logits.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# samplers: one object per request, host side, each with its device twin (`to_device`)
+# -------------------------------------------------------------------------------------------------
+def device_generator(generator: torch.Generator, device) -> torch.Generator:
+    """A generator on `device` seeded from `generator` (a CPU generator; advances it by one draw),
+    so a run's seed still determines the device's random stream. On the CPU it is `generator`
+    itself, so CPU runs keep one exact random stream (upstream's, where the draws are upstream's)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Sampler(abc.ABC):
+    """Chooses the next token of one request from last-position logits [V] (float32, any device).
+    `to_device` gives the same rule as a `DeviceSampler` whose state lives on the device."""
+
+    @abc.abstractmethod
+    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int: ...
+
+    @abc.abstractmethod
+    def to_device(self, vocab: int, device, batch: int = 1,
+                  generator: torch.Generator | None = None) -> "DeviceSampler": ...
+
+
+class RASSampler(Sampler):
+    """CosyVoice's repetition-aware sampling (top-p / top-k nucleus, window redraw; upstream defaults
+    top-p 0.8, top-k 25, window 10, tau_r 0.1). Logit indices >= `stop_from` are stop tokens: masked
+    while fewer than `min_len` tokens exist (see the module docstring) and, with `fixed`
+    (benchmarks: a fixed token count), at every step."""
+
+    def __init__(self, stop_from: int, sampling: dict, min_len: int, generator: torch.Generator, fixed: bool):
+        self.stop_from = stop_from
+        self.sampling = {k: sampling[k] for k in ("top_p", "top_k", "win_size", "tau_r") if k in sampling}
+        self.min_len = min_len
+        self.generator = generator
+        self.fixed = fixed
+
+    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
+        if self.fixed or step < self.min_len:
+            logits = logits.clone()
+            logits[self.stop_from:] = NEG_INF
+        return int(ras_sampling(logits, history, self.generator, **self.sampling))
+
+    def to_device(self, vocab, device, batch=1, generator=None) -> "DeviceRASSampler":
+        gen = device_generator(generator or self.generator, device)
+        return DeviceRASSampler(self.stop_from, vocab, self.min_len, self.fixed, batch=batch, device=device,
+                                generator=gen, **self.sampling)
+
+
+@dataclass(frozen=True)
+class FrameGrammar:
+    """Audio tokens come in frames of `frame_tokens` positions; position p of a frame may only be
+    one of the `codebook` ids from `base + p * codebook` (Orpheus' SNAC layout)."""
+
+    base: int
+    frame_tokens: int
+    codebook: int
+
+    def allowed_range(self, audio_tokens_so_far: int) -> tuple[int, int]:
+        lo = self.base + (audio_tokens_so_far % self.frame_tokens) * self.codebook
+        return lo, lo + self.codebook
+
+
+class OrpheusSampler(Sampler):
+    """Orpheus sampling (temperature, top-p, repetition penalty over prompt + generated ids, as
+    vLLM). With a `grammar`, every step is restricted to the audio token of the next frame position
+    (plus the stop token unless `fixed`): random-weight presets use it so their output always
+    decodes; a real model samples freely and undecodable tokens are reported, not hidden."""
+
+    def __init__(self, params: OrpheusSampling, prompt_ids: list[int], generator: torch.Generator,
+                 grammar: FrameGrammar | None, fixed: bool):
+        self.params = params
+        self.prompt = list(prompt_ids)
+        self.generator = generator
+        self.grammar = grammar
+        self.fixed = fixed
+
+    def __call__(self, logits: torch.Tensor, history: list[int], step: int) -> int:
+        p = self.params
+        if self.grammar is not None or self.fixed:
+            logits = logits.clone()
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            if self.grammar is not None:
+                lo, hi = self.grammar.allowed_range(sum(1 for t in history if t >= self.grammar.base))
+                allowed[lo:hi] = True
+            else:
+                allowed[:] = True
+            allowed[p.stop_token_id] = not self.fixed
+            logits[~allowed] = NEG_INF
+        return int(orpheus_sampling(logits, self.prompt + list(history), self.generator, temperature=p.temperature,
+                                    top_p=p.top_p, repetition_penalty=p.repetition_penalty, top_k=p.top_k))
+
+    def to_device(self, vocab, device, batch=1, generator=None) -> "DeviceOrpheusSampler":
+        p = self.params
+        gen = device_generator(generator or self.generator, device)
+        return DeviceOrpheusSampler(vocab, self.prompt, p.stop_token_id, self.grammar, self.fixed, p.temperature,
+                                    p.top_p, p.repetition_penalty, p.top_k, batch=batch, device=device, generator=gen)
+
+
+# -------------------------------------------------------------------------------------------------
+# device samplers: the same rules without moving logits to the host
+# -------------------------------------------------------------------------------------------------
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index [B] drawn proportionally to non-negative `weights` [B,N] with uniforms u [B] in [0,1):
+    the first index whose cumulative weight exceeds u * total, clamped to the last positive weight
+    (float rounding can put u * total at the very end). No host sync."""
+    cum = torch.cumsum(weights, dim=-1)
+    target = (u.to(cum.dtype) * cum[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cum, target, right=True).squeeze(-1)
+    n = weights.shape[-1]
+    last = torch.where(weights > 0, torch.arange(n, device=weights.device), -1).amax(dim=-1).clamp(min=0)
+    return torch.minimum(idx, last)
+
+
+def ras_select(logits: torch.Tensor, window: torch.Tensor, u: torch.Tensor, top_p: float = 0.8, top_k: int = 25,
+               win_size: int = 10, tau_r: float = 0.1, stop_from: int | None = None,
+               mask_stop: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition-aware sampling on the device (`ras_sampling`'s rules).
+
+    logits [B,V]; window [B,W] int64 the last `win_size` generated tokens (negative = empty);
+    u [B,2] uniforms in [0,1) (u[:,0] draws the nucleus token, u[:,1] the redraw); stop_from /
+    mask_stop (bool [B] or [1]): where mask_stop, logit indices >= stop_from are set to -inf first.
+    Returns ids [B] int64. Nucleus: among the top_k most probable tokens (torch.topk order), keep rank
+    i while the probability mass before it is < top_p; draw proportionally. If the drawn token occurs
+    >= win_size * tau_r times in the window, draw again from the full distribution without it."""
+    x = logits.float()
+    b, v = x.shape
+    if stop_from is not None and mask_stop is not None:
+        stop_cols = torch.arange(v, device=x.device) >= stop_from
+        x = x.masked_fill(stop_cols.unsqueeze(0) & mask_stop.reshape(-1, 1), NEG_INF)
+    probs = x.softmax(dim=-1)
+    k = min(int(top_k), v) if top_k > 0 else v
+    top_p_sorted, top_idx = torch.topk(probs, k, dim=-1, largest=True, sorted=True)
+    keep = nucleus_keep(top_p_sorted, top_p, k)
+    rank = _inverse_cdf(torch.where(keep, top_p_sorted, torch.zeros_like(top_p_sorted)), u[:, 0])
+    top = top_idx.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
+    repeats = (window == top.unsqueeze(-1)).sum(dim=-1)
+    repeat = repeats >= win_size * tau_r
+    redraw_probs = x.scatter(-1, top.unsqueeze(-1), NEG_INF).softmax(dim=-1)
+    redraw = _inverse_cdf(redraw_probs, u[:, 1])
+    return torch.where(repeat, redraw, top)
+
+
+def orpheus_select(logits: torch.Tensor, seen: torch.Tensor, u: torch.Tensor, temperature: float = 0.6,
+                   top_p: float = 0.8, repetition_penalty: float = 1.3, top_k: int = -1,
+                   allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Orpheus / vLLM sampling on the device (`orpheus_sampling`'s rules).
+
+    logits [B,V]; seen bool [B,V] (token ids in prompt + generated, for the repetition penalty);
+    u [B] or [B,1+] uniforms; allowed: optional bool [B,V] / [1,V] (False -> -inf before everything).
+    Order: mask, repetition penalty (logit / p if > 0 else * p), temperature (<= 1e-5: greedy),
+    top-k (<= 0: off), top-p over the renormalised top-k distribution (smallest prefix reaching
+    top_p; always >= 1 token), draw. Returns ids [B] int64."""
+    x = logits.float()
+    if allowed is not None:
+        x = x.masked_fill(~allowed, NEG_INF)
+    if repetition_penalty != 1.0:
+        x = torch.where(seen, torch.where(x > 0, x / repetition_penalty, x * repetition_penalty), x)
+    if temperature <= 1e-5:
+        return x.argmax(dim=-1)
+    x = x / temperature
+    u0 = u.reshape(u.shape[0], -1)[:, 0]
+    v = x.shape[-1]
+    if 0 < top_k < v:
+        sorted_l, sorted_idx = torch.topk(x, top_k, dim=-1, largest=True, sorted=True)
+    else:
+        sorted_l, sorted_idx = x.sort(dim=-1, descending=True, stable=True)
+    probs = sorted_l.softmax(dim=-1)
+    if top_p < 1.0:
+        cum = torch.cumsum(probs, dim=-1)
+        keep = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1) < top_p
+        keep[:, 0] = True
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    rank = _inverse_cdf(probs, u0)
+    return sorted_idx.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
+
+
+class DeviceSampler:
+    """A sampler whose state lives on the device: `__call__(logits [B,V] or [V]) -> ids [B]` (int64,
+    on the device, no host sync) draws two uniforms per row from a device generator and updates the
+    state with the chosen ids. Random streams differ from the host samplers (a CUDA Philox stream
+    cannot reproduce a CPU Mersenne stream); the distributions do not."""
+
+    def __init__(self, batch: int, vocab: int, device, generator: torch.Generator | None, seed: int):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.batch, self.vocab = batch, vocab
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        if torch.device(generator.device).type != self.device.type:
+            raise ValueError(f"the sampler's generator is on {generator.device}, its state on {self.device}")
+        self.generator = generator
+        with torch.inference_mode():
+            self.u = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)
+
+    def select(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            self.u.uniform_(generator=self.generator)
+            return self.select(logits.reshape(self.batch, self.vocab), self.u)
+
+
+class DeviceRASSampler(DeviceSampler):
+    """`RASSampler` on the device: while fewer than `min_len` tokens were drawn (counted on the
+    device), and at every step when `fixed`, logit indices >= `stop_from` are masked; the window of
+    the last `win_size` drawn tokens is kept on the device."""
+
+    def __init__(self, stop_from: int, vocab: int, min_len: int = 0, fixed: bool = False, top_p: float = 0.8,
+                 top_k: int = 25, win_size: int = 10, tau_r: float = 0.1, batch: int = 1, device="cuda",
+                 generator: torch.Generator | None = None, seed: int = 0):
+        self.stop_from, self.min_len, self.fixed = stop_from, min_len, fixed
+        self.top_p, self.top_k, self.win_size, self.tau_r = float(top_p), int(top_k), int(win_size), float(tau_r)
+        super().__init__(batch, vocab, device, generator, seed)
+        with torch.inference_mode():
+            self.window = torch.full((batch, self.win_size), -1, dtype=torch.int64, device=self.device)
+            self.count = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+    def select(self, logits, u):
+        mask_stop = (self.count < self.min_len) | self.fixed
+        ids = ras_select(logits, self.window, u, self.top_p, self.top_k, self.win_size, self.tau_r,
+                         self.stop_from, mask_stop)
+        self.window.copy_(torch.cat([self.window[:, 1:], ids.unsqueeze(-1)], dim=1))
+        self.count.add_(1)
+        return ids
+
+
+class DeviceOrpheusSampler(DeviceSampler):
+    """`OrpheusSampler` on the device. `seen` (bool [B,V]) starts from the prompt ids and gains every
+    drawn id (vLLM counts prompt and generated ids for the repetition penalty). With a `grammar`
+    only the audio token of the next frame position (counted on the device) and, unless `fixed`,
+    the stop token are allowed; `fixed` without a grammar only masks the stop token."""
+
+    def __init__(self, vocab: int, prompt_ids, stop_id: int, grammar: FrameGrammar | None = None,
+                 fixed: bool = False, temperature: float = 0.6, top_p: float = 0.8,
+                 repetition_penalty: float = 1.3, top_k: int = -1, batch: int = 1, device="cuda",
+                 generator: torch.Generator | None = None, seed: int = 0):
+        self.stop_id, self.grammar, self.fixed = stop_id, grammar, fixed
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.repetition_penalty = repetition_penalty
+        super().__init__(batch, vocab, device, generator, seed)
+        with torch.inference_mode():
+            self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=self.device)
+            prompt = torch.as_tensor(prompt_ids, dtype=torch.int64).reshape(batch, -1).to(self.device)
+            if prompt.numel():  # rows of equal length; negative ids are padding
+                counts = torch.zeros(batch, vocab, dtype=torch.int64, device=self.device)
+                counts.scatter_add_(1, prompt.clamp(min=0), (prompt >= 0).to(torch.int64))
+                self.seen |= counts > 0
+            self.audio_count = torch.zeros(batch, dtype=torch.int64, device=self.device)
+            self.cols = torch.arange(vocab, device=self.device)
+
+    def _allowed(self) -> torch.Tensor | None:
+        cols = self.cols.unsqueeze(0)
+        g = self.grammar
+        if g is not None:
+            lo = (g.base + (self.audio_count % g.frame_tokens) * g.codebook).unsqueeze(-1)
+            allowed = (cols >= lo) & (cols < lo + g.codebook)
+            if not self.fixed:
+                allowed = allowed | (cols == self.stop_id)
+            return allowed
+        if self.fixed:
+            return cols != self.stop_id
+        return None
+
+    def select(self, logits, u):
+        ids = orpheus_select(logits, self.seen, u, self.temperature, self.top_p, self.repetition_penalty, self.top_k,
+                             self._allowed())
+        self.seen.scatter_(1, ids.unsqueeze(-1), torch.ones_like(ids, dtype=torch.bool).unsqueeze(-1))
+        if self.grammar is not None:
+            self.audio_count.add_((ids >= self.grammar.base).to(torch.int64))
+        return ids

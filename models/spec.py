@@ -27,7 +27,14 @@ DTYPES = {
     "int32": torch.int32,
     "bool": torch.bool,
 }
+# precision names of the command line (--backend kind:precision) -> the torch compute dtype
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POINTS = ("min", "opt", "max")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The spec's name of a torch dtype ("float32", ...)."""
+    return str(dtype).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,17 @@ class TensorSpec:
             raise ValueError(f"tensor {self.name}: unknown dtype {self.dtype}")
 
 
+@dataclass(frozen=True)
+class PadRule:
+    """Dim `dim` may be padded up to a bucket without changing the valid region of any output:
+    inputs using it are padded at the end of those axes with `fill[name]` (default 0), outputs are
+    sliced back. Declared by the family only where padding provably changes nothing (tests check
+    each numerically); the compile backend buckets that dim, every other dim runs at exact shapes."""
+
+    dim: str
+    fill: dict = field(default_factory=dict)
+
+
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
@@ -113,12 +131,36 @@ def _names(expr) -> set[str]:
 
 @dataclass(frozen=True)
 class GraphSpec:
+    """One graph: inputs, outputs, dims, plus what backends need to know to run it well.
+
+    pad: the dim a backend may bucket (PadRule) or None (exact shapes only).
+    fp32_inputs: floating inputs that stay float32 whatever the compute dtype (e.g. flow noise).
+    fp32_scopes: module names (any component of a parameter / buffer path, or of an ONNX node's
+        name scope) whose weights and arithmetic stay float32 in low-precision builds ("fp32
+        islands"); the module's forward casts at their boundaries itself.
+    sensitive_scopes: module names that a low-precision build may also keep float32 when
+        validation needs it (a rung of the fp16 ladder), never by default.
+    rows_per_request: rows of dim B one request occupies (2 for a CFG estimator: conditional and
+        unconditional), so the number of requests one call takes is B.max // rows_per_request.
+    compiled_part: a child module that compiling backends compile alone, running the rest of the
+        forward as plain torch ops around it (the flow solver's 10-step loop around its estimator:
+        the compile time of one estimator, not of ten inlined copies). None: the whole module.
+    autoregressive: the graph is an LM step with an explicit KV cache in and out; backends may
+        drive it through a faster decoder (static cache, captured step) instead of `infer`."""
+
     name: str
     stage: str
     inputs: tuple
     outputs: tuple
     dims: tuple
     doc: str = ""
+    pad: PadRule | None = None
+    fp32_inputs: frozenset = frozenset()
+    fp32_scopes: tuple = ()
+    sensitive_scopes: tuple = ()
+    rows_per_request: int = 1
+    compiled_part: str | None = None
+    autoregressive: bool = False
 
     def __post_init__(self):
         declared = {d.name for d in self.dims}
@@ -131,6 +173,23 @@ class GraphSpec:
         missing = declared - alone
         if missing:
             raise ValueError(f"{self.name}: dims {sorted(missing)} never appear alone in an input shape")
+        if self.pad is not None and self.pad.dim not in declared:
+            raise ValueError(f"{self.name}: pad dim {self.pad.dim!r} is not declared")
+        unknown = set(self.fp32_inputs) - {t.name for t in self.inputs}
+        if unknown:
+            raise ValueError(f"{self.name}: fp32_inputs {sorted(unknown)} are not inputs")
+
+    @property
+    def max_requests(self) -> int:
+        """How many requests one call can take (dim B's max over the rows one request needs); 1
+        for a graph without a batch dim."""
+        names = {d.name for d in self.dims}
+        return self.dim("B").max // self.rows_per_request if "B" in names else 1
+
+    def in_fp32_scope(self, qualified_name: str) -> bool:
+        """Whether a parameter / buffer / ONNX scope path lies inside one of the fp32 islands."""
+        parts = qualified_name.replace("/", ".").split(".")
+        return any(p in self.fp32_scopes for p in parts)
 
     # -- sizes and shapes -------------------------------------------------------------------------
     def dim(self, name: str) -> Dim:
@@ -169,6 +228,16 @@ class GraphSpec:
                 for t in (*self.inputs, *self.outputs)}
 
     # -- checking a feed --------------------------------------------------------------------------
+    def sizes_of(self, feed: dict) -> dict[str, int]:
+        """Dim sizes read from a feed without checking it (the first input where each dim stands
+        alone). Use `check_feed` for an untrusted feed."""
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            for s, n in zip(t.shape, feed[t.name].shape):
+                if isinstance(s, str) and s.isidentifier():
+                    sizes.setdefault(s, int(n))
+        return sizes
+
     def check_feed(self, feed: dict) -> dict[str, int]:
         """Validate names, ranks, dtypes and dim ranges of `feed`; return the dim sizes.
 
@@ -221,7 +290,9 @@ class GraphSpec:
 
     # -- serialisation (ONNX metadata, manifests) --------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["fp32_inputs"] = sorted(self.fp32_inputs)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -232,8 +303,12 @@ class GraphSpec:
             return TensorSpec(x["name"], x["dtype"], tuple(x["shape"]),
                               Fill(x["fill"]["kind"], x["fill"]["a"], x["fill"]["b"], tuple(x["fill"]["values"])),
                               x.get("doc", ""))
+        pad = d.get("pad")
         return cls(d["name"], d["stage"], tuple(tensor(t) for t in d["inputs"]),
-                   tuple(tensor(t) for t in d["outputs"]), tuple(Dim(**x) for x in d["dims"]), d.get("doc", ""))
+                   tuple(tensor(t) for t in d["outputs"]), tuple(Dim(**x) for x in d["dims"]), d.get("doc", ""),
+                   PadRule(pad["dim"], dict(pad.get("fill", {}))) if pad else None,
+                   frozenset(d.get("fp32_inputs", ())), tuple(d.get("fp32_scopes", ())), tuple(d.get("sensitive_scopes", ())),
+                   int(d.get("rows_per_request", 1)), d.get("compiled_part"), bool(d.get("autoregressive", False)))
 
     @classmethod
     def from_json(cls, s: str) -> "GraphSpec":

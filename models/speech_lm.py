@@ -43,9 +43,6 @@ from models.errors import UserError
 from models.transformer_lm import DecoderBody, DecoderConfig
 from models.spec import Dim, GraphSpec, TensorSpec, const, integers, normal
 
-GRAPH_INPUTS = ("input_ids", "attention_mask", "past_keys", "past_values")
-GRAPH_OUTPUTS = ("logits", "present_keys", "present_values")
-
 VARIANTS = ("cosyvoice2", "cosyvoice3")
 COSYVOICE3_END_OF_PROMPT = 151646  # <|endofprompt|>: upstream CosyVoice3 inference asserts it is in the text (frontend's job)
 ORPHEUS_STOP_TOKEN_ID = 128258  # end of speech (canopyai/Orpheus-TTS stop_token_ids)
@@ -461,4 +458,4 @@ def llm_graph_spec(layers: int, kv_heads: int, head_dim: int, input_vocab: int, 
          TensorSpec("present_keys", "float32", grown),
          TensorSpec("present_values", "float32", grown)),
         (Dim("B", 1, 1, max_batch, "batch"), Dim("S", 1, 1, max_new, "new tokens per LLM call"),
-         Dim("P", 0, opt_past, max_past, "cached tokens")))
+         Dim("P", 0, opt_past, max_past, "cached tokens")), autoregressive=True)

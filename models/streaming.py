@@ -106,7 +106,7 @@ class OrpheusStream:
         self.last = None  # that window's audio
 
     def _decode(self, c0, c1, c2, start: int, end: int) -> torch.Tensor:
-        from models.family import device_generator
+        from models.sampling import device_generator
         from models.snac import make_noise
 
         feed = {"codes_0": c0[:, start:end].to(self.device), "codes_1": c1[:, 2 * start:2 * end].to(self.device),

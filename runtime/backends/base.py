@@ -3,16 +3,25 @@
 Like Polygraphy's runners: construction is cheap and loads nothing; `activate()` builds what is
 needed (moves weights, creates sessions, deserialises engines, compiles); `infer(feed)` maps input
 names to torch tensors and returns output names to torch tensors on the backend's device;
-`metadata()` says what actually runs. The pipeline only ever calls these, so it never knows which
-backend runs a stage.
+`deactivate()` drops all of it so its memory is freed; `metadata()` says what actually runs. The
+pipeline only ever calls these, so it never knows which backend runs a stage.
+
+Two families of backends share helpers here:
+- module backends (torch, compile) run the family's torch module; `cast_module` / `cast_input`
+  apply the spec's fp32 islands the same way for every one of them;
+- artifact backends (ort, trt, aoti) run a file from the manifest (`ArtifactBackend`): the spec they
+  check feeds against is the artifact's own (its export limits), not the live model's.
 """
 
 from __future__ import annotations
 
 import abc
+import gc
+from typing import Callable
 
 import torch
 
+from models.errors import UserError
 from models.spec import GraphSpec
 
 
@@ -31,7 +40,19 @@ class Backend(abc.ABC):
         return self
 
     def deactivate(self) -> None:
-        self.active = False
+        """Drop sessions, engines, compiled functions and device buffers (`_release`), then give the
+        memory back to the device; the next `infer` activates again."""
+        if self.active:
+            self._release()
+            self.active = False
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def check(self) -> None:
+        """Load and prove the backend can run (a choice with fallbacks calls it at load time, so a
+        backend that would fail on its first request is passed over instead). Default: activate."""
+        self.activate()
 
     def infer(self, feed: dict[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
         """Run the graph. `check` validates the feed against the spec first (names, dtypes, dim
@@ -45,15 +66,21 @@ class Backend(abc.ABC):
     def _activate(self) -> None: ...
 
     @abc.abstractmethod
+    def _release(self) -> None:
+        """Drop every reference to what `_activate` built."""
+
+    @abc.abstractmethod
     def _infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def metadata(self) -> dict:
         return {"kind": self.kind, "graph": self.spec.name, "device": str(self.device)}
 
-    def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0) -> "LLMDecoder":
-        """Generation state for the `llm` graph (see LLMDecoder)."""
+    def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0,
+                call: Callable[[dict], dict] | None = None) -> "LLMDecoder":
+        """Generation state for an autoregressive graph (see LLMDecoder). `call` runs one feed of
+        the graph (default: this backend's `infer`); a pipeline passes its own to observe calls."""
         self.activate()
-        return LLMDecoder(self, layers, kv_heads, head_dim, batch)
+        return LLMDecoder(call or self.infer, self.device, layers, kv_heads, head_dim, batch)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.name} on {self.device})"
@@ -61,17 +88,17 @@ class Backend(abc.ABC):
 
 class LLMDecoder:
     """Autoregressive state of one generation: `prefill(ids [B,S]) -> logits [B,V]`, then one
-    `step(ids [B,1]) -> logits [B,V]` per token. This default drives any backend's `llm` graph with
-    the explicit KV cache in and out (the cache grows by concatenation inside the graph); backends
-    with a faster path (a static cache and a captured decode step) return their own from
+    `step(ids [B,1]) -> logits [B,V]` per token. This default drives any backend's autoregressive
+    graph with the explicit KV cache in and out (the cache grows by concatenation inside the graph);
+    backends with a faster path (a static cache and a captured decode step) return their own from
     `Backend.decoder`."""
 
-    def __init__(self, backend: Backend, layers: int, kv_heads: int, head_dim: int, batch: int = 1):
-        self.backend = backend
-        dev = backend.device
-        self.keys = torch.zeros(layers, batch, kv_heads, 0, head_dim, device=dev)
+    def __init__(self, call: Callable[[dict], dict], device: torch.device, layers: int, kv_heads: int,
+                 head_dim: int, batch: int = 1):
+        self.call = call
+        self.keys = torch.zeros(layers, batch, kv_heads, 0, head_dim, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.mask = torch.zeros(batch, 0, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(batch, 0, dtype=torch.int64, device=device)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._run(input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
@@ -81,7 +108,57 @@ class LLMDecoder:
 
     def _run(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, new_mask.to(self.mask.device)], dim=1)
-        out = self.backend.infer({"input_ids": ids, "attention_mask": self.mask,
-                                  "past_keys": self.keys, "past_values": self.values})
+        out = self.call({"input_ids": ids, "attention_mask": self.mask, "past_keys": self.keys,
+                         "past_values": self.values})
         self.keys, self.values = out["present_keys"], out["present_values"]
         return out["logits"]
+
+
+# -- module backends: one precision rule --------------------------------------------------------------
+def cast_module(module: torch.nn.Module, spec: GraphSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move `module` to `device` (in place) and cast its floating weights and buffers to `dtype`,
+    except those inside the spec's fp32 islands (`spec.fp32_scopes`), which stay float32: the
+    module's forward casts at their boundaries."""
+    module.to(device)
+    if dtype == torch.float32:
+        return module
+    for prefix, mod in module.named_modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.is_floating_point() and not spec.in_fp32_scope(f"{prefix}.{name}"):
+                p.data = p.data.to(dtype)
+        for name, b in mod._buffers.items():
+            if b is not None and b.is_floating_point() and not spec.in_fp32_scope(f"{prefix}.{name}"):
+                mod._buffers[name] = b.to(dtype)
+    return module
+
+
+def cast_input(spec: GraphSpec, name: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A feed tensor on `device` in the compute dtype (floating inputs outside `spec.fp32_inputs`)."""
+    x = x.to(device, non_blocking=True)
+    if x.is_floating_point() and name not in spec.fp32_inputs and x.dtype != dtype:
+        x = x.to(dtype)
+    return x
+
+
+# -- artifact backends --------------------------------------------------------------------------------
+class ArtifactBackend(Backend):
+    """A backend that runs a file from the manifest (already hash-checked by the registry).
+
+    `spec` is the artifact's own spec (the limits it was exported with); `graph_spec` is the live
+    model's, and the two must agree on input and output names, or the file is refused with
+    `rebuild` (the command that makes it again)."""
+
+    def __init__(self, spec: GraphSpec, device, path: str, built: dict, rebuild: str,
+                 graph_spec: GraphSpec | None = None):
+        super().__init__(spec, device)
+        self.path = path
+        self.built = built
+        self.rebuild = rebuild
+        if graph_spec is not None:
+            names = lambda s: ([t.name for t in s.inputs], [t.name for t in s.outputs])  # noqa: E731
+            if names(spec) != names(graph_spec):
+                raise UserError(f"{path} was exported for other inputs/outputs than graph {graph_spec.name} has now.",
+                                f"build it again: {rebuild}")
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "file": self.path}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends.base import Backend
+from models.spec import dtype_name
+from runtime.backends.base import Backend, cast_input, cast_module
 
 
 class TorchBackend(Backend):
@@ -17,13 +18,14 @@ class TorchBackend(Backend):
         self.module: torch.nn.Module | None = None
 
     def _activate(self) -> None:
-        self.module = self._factory().to(self.device, self.dtype).eval()
+        self.module = cast_module(self._factory(), self.spec, self.device, self.dtype).eval()
+
+    def _release(self) -> None:
+        # the weights belong to the model object (moved in place): only our reference goes
+        self.module = None
 
     def _infer(self, feed):
-        args = []
-        for t in self.spec.inputs:
-            x = feed[t.name].to(self.device, non_blocking=True)
-            args.append(x.to(self.dtype) if x.is_floating_point() else x)
+        args = [cast_input(self.spec, t.name, feed[t.name], self.device, self.dtype) for t in self.spec.inputs]
         with torch.inference_mode():
             out = self.module(*args)
         if isinstance(out, torch.Tensor):
@@ -31,4 +33,4 @@ class TorchBackend(Backend):
         return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, out)}
 
     def metadata(self):
-        return {**super().metadata(), "dtype": str(self.dtype).replace("torch.", "")}
+        return {**super().metadata(), "dtype": dtype_name(self.dtype)}
