@@ -170,6 +170,10 @@ def test_compiles_fullgraph(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_inductor_cuda_graph(name):
     """Compiled with inductor and replayed in a CUDA graph; the lengths change between replays."""
+    if name == "flex":
+        # an illegal address poisons the CUDA context of the whole test process
+        pytest.skip("flex (enable_gqa, G=3) hits an illegal memory access in inductor's main flex kernel on "
+                    "torch 2.11 + H200 (decode_attention.flex docstring); flex_grouped is the CUDA path")
     q, keys, values, lengths = (x.cuda() for x in make_inputs("gqa3", torch.bfloat16))
     compiled = torch.compile(IMPLEMENTATIONS[name], fullgraph=True, dynamic=False)
     side = torch.cuda.Stream()
