@@ -8,6 +8,7 @@ a second `build` reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,7 +87,10 @@ def capture(model: TTSModel, graphs: list[str], device: str = "cpu", max_tokens:
 
 def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: str = "cpu",
                     max_tokens: int = 120, log=print) -> dict[str, list[dict]]:
-    """Cached captures: `<cache_dir>/<graph>.pt` (+ .json key); recapture what is missing or stale."""
+    """Cached captures: `<cache_dir>/<graph>.pt` (+ .json key); recapture what is missing, stale or
+    unreadable (a cache heals itself: a damaged file costs a recapture and a one-line note, not the build)."""
+    from models.files import AtomicFile
+
     texts = calibration_texts()
     os.makedirs(cache_dir, exist_ok=True)
     out, missing = {}, []
@@ -94,19 +98,64 @@ def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: 
         key = _key(model, g, texts, max_tokens)
         data, meta = os.path.join(cache_dir, f"{g}.pt"), os.path.join(cache_dir, f"{g}.json")
         if os.path.isfile(data) and os.path.isfile(meta):
-            with open(meta) as f:
-                if json.load(f) == key:
-                    out[g] = torch.load(data, weights_only=True)
-                    continue
+            cached = _read_cache(data, meta, key, log)
+            if cached is not None:
+                out[g] = cached
+                continue
         missing.append(g)
     if missing:
         log(f"calibration: running the torch pipeline over {len(texts)} texts for {', '.join(missing)}")
-        fresh = capture(model, missing, device, max_tokens, texts)
+        with _text_progress(model, len(texts) * _passes(model, missing)):
+            fresh = capture(model, missing, device, max_tokens, texts)
         for g in missing:
-            torch.save(fresh[g], os.path.join(cache_dir, f"{g}.pt"))
-            with open(os.path.join(cache_dir, f"{g}.json"), "w") as f:
-                json.dump(_key(model, g, texts, max_tokens), f)
+            # the data first, its key last: a key is only ever next to the complete data it describes
+            with AtomicFile(os.path.join(cache_dir, f"{g}.pt")) as f:
+                torch.save(fresh[g], f)
+            with AtomicFile(os.path.join(cache_dir, f"{g}.json")) as f:
+                f.write(json.dumps(_key(model, g, texts, max_tokens)).encode())
             out[g] = fresh[g]
     else:
         log(f"calibration: cached captures reused from {cache_dir}")
     return out
+
+
+def _read_cache(data: str, meta: str, key: dict, log) -> list[dict] | None:
+    """The cached feeds when their key matches and they load as a list of tensor dicts; None (after a
+    note when the files are damaged) otherwise."""
+    try:
+        with open(meta) as f:
+            if json.load(f) != key:
+                return None
+        feeds = torch.load(data, weights_only=True)
+        if isinstance(feeds, list) and all(isinstance(x, dict) and all(isinstance(v, torch.Tensor) for v in x.values())
+                                           for x in feeds):
+            return feeds
+        problem = "does not hold a list of graph inputs"
+    except Exception as e:  # any damage (truncation, garbage, a foreign pickle): the cache is rebuilt
+        problem = f"is damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0][:100]})"
+    log(f"calibration: the cached {data} {problem}; capturing it again")
+    return None
+
+
+def _passes(model: TTSModel, graphs: list[str]) -> int:
+    """How often capture() speaks every text: once, and once more per-step for the flow estimator."""
+    return 2 if "flow_estimator" in graphs and hasattr(model, "set_flow_mode") else 1
+
+
+@contextlib.contextmanager
+def _text_progress(model: TTSModel, total: int):
+    """Progress per calibration text on stderr (runtime/progress.py): capture() has the pipeline
+    speak one text per split_text call, so that call is counted."""
+    from runtime.progress import Progress
+
+    inner = model.split_text
+    with Progress("calibration", total) as progress:
+        def counted(text):
+            progress.step("texts")
+            return inner(text)
+
+        model.split_text = counted
+        try:
+            yield
+        finally:
+            del model.split_text  # back to the class's method

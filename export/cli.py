@@ -34,6 +34,18 @@ def _source_hash(model, stage: str) -> str:
     return hashes.get(stage, "") if hashes else f"random-weights:{model.name}:seed={getattr(model, 'seed', 0)}"
 
 
+def check_out_dir(out_dir: str | None) -> None:
+    """Refuse, before any export, an artifact folder that is a file or where nothing can be written
+    (missing folders are created)."""
+    from models.files import check_folder_writable
+
+    if out_dir is None:
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder.", "pass a folder for the artifacts with --out-dir")
+    check_folder_writable(out_dir, out_dir, "--out-dir", create=True)
+
+
 def torch_backends_fp32() -> None:
     import torch
 
@@ -57,9 +69,12 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed):
     """Export every graph of the chosen stages to fp32 ONNX and check each (checker, shapes, ORT run)."""
     from export.onnx_export import export_graph
     from runtime.artifacts import Manifest, default_dir, file_artifact, onnx_path
+    from runtime.progress import Progress
 
+    check_out_dir(out_dir)
     model = _model(model_name, seed=seed)
     root = out_dir or default_dir(model.name)
+    check_out_dir(root)
     chosen = _split(stages, model.stages, "stage") if stages else list(model.stages)
     specs = model.graph_specs()
     names = [g for g, s in specs.items() if s.stage in chosen]
@@ -70,17 +85,19 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed):
     if model.random_weights:
         click.echo(f"NOTE: {model.name} has random weights (real sizes for benchmarks, tiny for tests).", err=True)
     t_all = time.perf_counter()
-    for i, g in enumerate(names, 1):
-        path = onnx_path(root, "fp32", g)
-        click.echo(f"[{i}/{len(names)}] {g:<15} exporting ...", nl=False)
-        facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
-        art = file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
-                            profiles=specs[g].profile(), built={"export": facts, "tool": "torch.onnx (dynamo)"})
-        manifest.add(art)
-        manifest.save()  # after every graph: an interrupted export keeps what is done
-        err = max(facts.get("ort_vs_torch_at_opt", {0: 0.0}).values())
-        click.echo(f"\r[{i}/{len(names)}] {g:<15} {facts['export_seconds']:6.1f} s  {art.bytes / 1e6:9.1f} MB  "
-                   f"checker ok, ORT vs torch at opt: {err:.1e}")
+    # one graph can take minutes: a bar (terminal) or a line per graph and every 30 s (logs) on stderr
+    with Progress("export", len(names), announce=True) as progress:
+        for i, g in enumerate(names, 1):
+            path = onnx_path(root, "fp32", g)
+            progress.step(g)
+            facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
+            art = file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
+                                profiles=specs[g].profile(), built={"export": facts, "tool": "torch.onnx (dynamo)"})
+            manifest.add(art)
+            manifest.save()  # after every graph: an interrupted export keeps what is done
+            err = max(facts.get("ort_vs_torch_at_opt", {0: 0.0}).values())
+            progress.echo(f"[{i}/{len(names)}] {g:<15} {facts['export_seconds']:6.1f} s  {art.bytes / 1e6:9.1f} MB  "
+                          f"checker ok, ORT vs torch at opt: {err:.1e}")
     click.echo(f"exported {len(names)} graph(s) to {root} in {time.perf_counter() - t_all:.1f} s")
 
 
@@ -180,16 +197,22 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
     from export.validate import validate_graph
     from runtime.artifacts import PRECISIONS, Manifest, default_dir, file_artifact, onnx_path
     from runtime.backends.onnxrt import OrtBackend
+    from runtime.progress import Progress
     from runtime.synthesize import check_device
 
     device = check_device(device)
+    precs = _split(precisions, PRECISIONS, "precision")
+    check_out_dir(out_dir)
     if device.startswith("cuda"):
         torch_backends_fp32()
     model = _model(model_name, seed=seed)
     root = out_dir or default_dir(model.name)
-    precs = _split(precisions, PRECISIONS, "precision")
+    check_out_dir(root)
     specs = model.graph_specs()
     names = _split(graphs, list(specs), "graph") if graphs else list(specs)
+    # a graph's fp32 export and its candidates can take minutes: a bar or periodic lines on stderr
+    progress = Progress("build", len(names), announce=True)
+    say = progress.echo
     manifest = Manifest.load(root, required=False)
     manifest.model, manifest.family, manifest.model_info = model.name, model.family, model.describe()
     if model.random_weights:
@@ -199,7 +222,7 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
         art = manifest.get(g, "fp32", "onnx")
         if art is None:
             path = onnx_path(root, "fp32", g)
-            click.echo(f"{g:<15} fp32  exporting ...")
+            say(f"{g:<15} fp32  exporting ...")
             facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
             art = manifest.add(file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
                                              profiles=specs[g].profile(), built={"export": facts}))
@@ -213,51 +236,53 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
             return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
         except (UserError, RuntimeError) as e:  # a candidate the runtime cannot run fails like a wrong one
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            click.echo(f"{g:<15} {prec}  candidate failed to run: {first}", err=True)
+            say(f"{g:<15} {prec}  candidate failed to run: {first}", err=True)
             return {"passed": False, "error": first, "points": [{"tolerance": float("nan"),
                                                                   "outputs": {"error": {"max_rel_error": float("inf")}}}]}
 
     feeds = {}
     if "int8" in precs:
         feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo)
-    for g in names:
-        src = fp32_of(g)
-        for prec in precs:
-            if prec == "fp32":
-                continue
-            dst = onnx_path(root, prec, g)
-            tried = []
-            ladder = FP16_LEVELS if prec == "fp16" else INT8_LEVELS
-            for level in ladder:
-                t0 = time.perf_counter()
-                if prec == "fp16":
-                    facts = to_fp16(src, dst, level)
-                    label = level.name
-                else:
-                    label, ops = level
-                    facts = to_int8(src, dst, feeds.get(g, []), ops)
-                    facts["level"] = label
-                res = accept(g, prec, dst, facts)
-                worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
-                tried.append({"level": label, "max_rel_error": worst, "passed": res["passed"]})
-                click.echo(f"{g:<15} {prec}  {label:<22} max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
-                           f"{'PASS' if res['passed'] else 'fail'}  {time.perf_counter() - t0:.1f} s")
-                if res["passed"]:
-                    break
-            names_file = dst.replace(".onnx", ".fp32_nodes.json") if prec == "fp16" else None
-            notes = {k: v for k, v in facts.items() if k != "fp32_node_names"}
-            notes["tried"] = tried
-            if names_file:
-                write_sidecar(names_file, {"graph": g, "level": facts["level"], "fp32_nodes": facts["fp32_node_names"]})
-                notes["fp32_node_list"] = os.path.relpath(names_file, root)
-            art = file_artifact(root, dst, g, prec, "onnx", source_sha256=manifest.get(g, "fp32", "onnx").sha256,
-                                profiles=specs[g].profile(), notes=notes)
-            art.validation[f"ort:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
-                                               "when": time.strftime("%Y-%m-%d %H:%M")}
-            manifest.add(art)
-            manifest.save()
-            if not res["passed"]:
-                click.echo(f"{g:<15} {prec}  no level met the {prec} tolerance; kept the last ({tried[-1]['level']})", err=True)
+    with progress:
+        for g in names:
+            progress.step(g)
+            src = fp32_of(g)
+            for prec in precs:
+                if prec == "fp32":
+                    continue
+                dst = onnx_path(root, prec, g)
+                tried = []
+                ladder = FP16_LEVELS if prec == "fp16" else INT8_LEVELS
+                for level in ladder:
+                    t0 = time.perf_counter()
+                    if prec == "fp16":
+                        facts = to_fp16(src, dst, level)
+                        label = level.name
+                    else:
+                        label, ops = level
+                        facts = to_int8(src, dst, feeds.get(g, []), ops)
+                        facts["level"] = label
+                    res = accept(g, prec, dst, facts)
+                    worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
+                    tried.append({"level": label, "max_rel_error": worst, "passed": res["passed"]})
+                    say(f"{g:<15} {prec}  {label:<22} max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
+                        f"{'PASS' if res['passed'] else 'fail'}  {time.perf_counter() - t0:.1f} s")
+                    if res["passed"]:
+                        break
+                names_file = dst.replace(".onnx", ".fp32_nodes.json") if prec == "fp16" else None
+                notes = {k: v for k, v in facts.items() if k != "fp32_node_names"}
+                notes["tried"] = tried
+                if names_file:
+                    write_sidecar(names_file, {"graph": g, "level": facts["level"], "fp32_nodes": facts["fp32_node_names"]})
+                    notes["fp32_node_list"] = os.path.relpath(names_file, root)
+                art = file_artifact(root, dst, g, prec, "onnx", source_sha256=manifest.get(g, "fp32", "onnx").sha256,
+                                    profiles=specs[g].profile(), notes=notes)
+                art.validation[f"ort:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
+                                                   "when": time.strftime("%Y-%m-%d %H:%M")}
+                manifest.add(art)
+                manifest.save()
+                if not res["passed"]:
+                    say(f"{g:<15} {prec}  no level met the {prec} tolerance; kept the last ({tried[-1]['level']})", err=True)
     if aoti:
         from export.aoti import build_aoti
 

@@ -22,20 +22,40 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a `.pt`/`.bin` (weights_only, never unpickling objects) or `.safetensors` file."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist.", "check the model folder; it must hold the file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
             sd = load_file(path, device="cpu")
-        else:
+        except (SafetensorError, OSError, ValueError) as e:  # a cut download fails the header's size check
+            raise UserError(f"checkpoint {path} is truncated or damaged ({_first_line(e)[:160]}).",
+                            "download the file again") from None
+    else:
+        # torch.save writes a zip archive (its directory sits at the end, so a cut file has none) or,
+        # before torch 1.6, a pickle; torch.load would read anything else as a legacy pickle and fail
+        # with a long message about weights_only that hides the real problem
+        if not zipfile.is_zipfile(path) and not _legacy_pickle(path):
+            raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint.",
+                            "download the file again") from None
+        try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read safely ({first[:160]}).",
-                        "re-download the file; only plain tensor state_dicts are accepted") from None
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+            raise UserError(f"checkpoint {path} cannot be read safely ({_first_line(e)[:160]}).",
+                            "download the file again; only plain tensor state_dicts are accepted") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"checkpoint {path} is not a state_dict of tensors.", "pass the upstream llm.pt / flow.pt / hift.pt files")
     return sd
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _legacy_pickle(path: str) -> bool:
+    """Whether `path` starts like a pre-1.6 torch.save file (a pickle: protocol opcode 0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def strip_prefix(sd: dict, prefix: str) -> dict:

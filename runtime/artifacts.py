@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from models.checkpoint import sha256_file
 from models.errors import UserError
+from models.files import write_text
 from models.spec import GraphSpec
 
 MANIFEST = "manifest.json"
@@ -85,10 +86,7 @@ class Manifest:
         d = {"model": self.model, "family": self.family, "model_info": self.model_info,
              "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "artifacts": [asdict(a) for a in sorted(self.artifacts.values(), key=lambda a: a.key())]}
-        tmp = os.path.join(self.root, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(d, f, indent=1, sort_keys=False)
-        os.replace(tmp, os.path.join(self.root, MANIFEST))
+        write_text(os.path.join(self.root, MANIFEST), json.dumps(d, indent=1, sort_keys=False))
 
     def add(self, artifact: Artifact) -> Artifact:
         self.artifacts[artifact.key()] = artifact
@@ -143,8 +141,15 @@ def file_artifact(root: str, path: str, graph: str, precision: str, kind: str, *
 # -- ONNX metadata (the runtime configures itself from it) -------------------------------------------
 def read_metadata(path: str) -> dict[str, str]:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    m = onnx.load(path, load_external_data=False)
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        # reached after the manifest's sha256 matched: the file was broken when it was hashed (an
+        # export cut short, a full disk, an edit by hand), so only a new export helps
+        raise UserError(f"{path} is not a readable ONNX model ({str(e).strip()[:120] or type(e).__name__}).",
+                        "delete it (or its artifact folder) and export again with python -m export onnx") from None
     return {p.key: p.value for p in m.metadata_props}
 
 

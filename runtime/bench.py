@@ -25,7 +25,7 @@ import time
 import click
 import torch
 
-from models.errors import UserError
+from models.errors import UserError, exit_on_user_error
 
 
 def _sync(device: torch.device):
@@ -219,22 +219,31 @@ def print_table(results: list[dict], lengths: list[int], log) -> None:
 @click.option("--reps", default=20, show_default=True)
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--engines-dir", default=None)
-@click.option("--json", "json_path", default=None, help="Write all numbers here.")
+@click.option("--json", "json_path", default=None, help="Write all numbers here (replaced only when complete).")
 @click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]))
+@exit_on_user_error
 def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_path, flow_mode):
+    """Every backend against the torch eager baseline; exits 2 when every backend was skipped."""
+    from models.files import check_folder_writable, write_text
     from models.registry import load_model
+    from runtime.report import parse_counts
     from runtime.synthesize import check_device
 
-    try:
-        device = torch.device(check_device(device))
-        model = load_model(model_name, device=str(device))
-    except UserError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    # every argument is checked before the model is loaded
+    ns = parse_counts(lengths, "--lengths")
+    if reps < 1 or warmup < 1:
+        raise UserError(f"--reps {reps} / --warmup {warmup}: both must be at least 1.", "pass --reps 1 --warmup 1 or more")
+    if json_path is not None:
+        if os.path.isdir(json_path):
+            raise UserError(f"--json {json_path} is a directory.", "pass a file name such as bench.json")
+        check_folder_writable(os.path.dirname(os.path.abspath(json_path)), json_path, "--json", create=True)
+    choices = backend_choices(backends)
+    if not choices:
+        raise UserError(f"--backends {backends!r} names no backend.", "pass e.g. --backends torch,ort")
+    device = torch.device(check_device(device))
+    model = load_model(model_name, device=str(device))
     if flow_mode and hasattr(model, "set_flow_mode"):
         model.set_flow_mode(flow_mode)
-    ns = [int(x) for x in lengths.split(",")]
-    choices = backend_choices(backends)
     results = []
     for choice in choices:
         click.echo(f"{choice}:")
@@ -252,9 +261,12 @@ def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_
             "command": "python -m runtime.bench " + " ".join(sys.argv[1:]), "random_weights": model.random_weights}
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+        write_text(json_path, json.dumps({"meta": meta, "results": results}, indent=1, default=str))
         click.echo(f"wrote {json_path}")
+    if all("skipped" in r for r in results):  # a table of skips is not a benchmark
+        problem, _, fix = results[0]["skipped"].partition(" Fix: ")
+        raise UserError(f"nothing was measured: every backend was skipped, first {results[0]['backend']}: "
+                        f"{problem.rstrip('.')}.", fix or "pass --backends with at least one backend that loads")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ comparable. Per backend choice (one backend for all stages, e.g. ort:fp16, or a 
 
 Anything that cannot be measured (unknown backend, missing artifact, a length beyond the graphs'
 limits, a batch beyond the spec's maximum) is listed as skipped with the reason instead of failing
-the report.
+the report; a report where nothing at all was measured is still written, and exits 2 with the first
+reason.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import torch
 
 from models.errors import UserError, exit_on_user_error
 from runtime.bench import backend_choices, environment, peak_memory, summarize, time_call
-from runtime.synthesize import check_device
+from runtime.synthesize import check_device, check_seed
 
 # name -> (seconds of audio, text). One sentence each (no . ! ? ; :), so the pipeline makes one
 # utterance and --tokens-style fixed counts apply to the whole request; the text grows with the
@@ -527,17 +528,53 @@ def write_plots(report: dict, folder: str) -> None:
     finish(fig, [] if has_data else [ax], PLOTS[2])
 
 
-def write_report(report: dict, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(folder, "report.md"), "w") as f:
-        f.write(render_markdown(report))
-    write_plots(report, folder)
+def write_report(report: dict, folder: str, next_free: bool = False) -> str:
+    """Write the report into a temporary folder beside `folder` and rename it to `folder` when complete
+    (models/files.py): never over another run's report. `next_free`: take `folder`-2, -3, ... when
+    `folder` is taken (the default name), else that is a UserError. Returns the folder written."""
+    from models.files import AtomicFolder, write_text
+
+    target = AtomicFolder(folder, next_free=next_free)
+    with target as tmp:
+        write_text(os.path.join(tmp, "report.json"), json.dumps(report, indent=1, default=str))
+        write_text(os.path.join(tmp, "report.md"), render_markdown(report))
+        write_plots(report, tmp)
+    return target.path
+
+
+def check_out_folder(out: str | None, option: str = "--out") -> None:
+    """Refuse, before measuring, an output folder the report could not take: a file, a folder that
+    already holds files (a report is never overwritten), or a place nothing can be written."""
+    from models.files import check_folder_writable
+
+    shown = out or "reports/"
+    if out is not None and os.path.isfile(out):
+        raise UserError(f"{option} {out} is a file, not a report folder.", f"pass a new folder with {option}")
+    if out is not None and os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"{option} {out} already exists and is not empty; a report never overwrites another.",
+                        f"pass a new folder with {option} (or leave it out for a fresh reports/<name>), or delete {out}")
+    # missing folders on the way are created: the nearest one that exists must take new entries
+    check_folder_writable(os.path.dirname(os.path.abspath(out or os.path.join("reports", "x"))), shown, option,
+                          create=True)
+
+
+def check_measured(report: dict, folder: str) -> None:
+    """A report where every backend, length, batch and concurrency level was skipped measured
+    nothing: that is a failure (exit 2) with the first reason, though the folder lists them all."""
+    values, _ = flatten(report)
+    if any(key[0] != "backend" for key in values):
+        return
+    rows = skipped_rows(report)
+    backend, what, reason = rows[0] if rows else ("-", "-", "no backend was given")
+    problem, _, fix = reason.partition(" Fix: ")
+    raise UserError(f"nothing was measured: every entry was skipped, first {backend} ({what}): "
+                    f"{problem.rstrip('.')}; {folder}/report.md lists every reason.",
+                    fix or f"see the Skipped table in {folder}/report.md")
 
 
 def default_folder(model_name: str, env: dict) -> str:
-    """reports/<model>-<gpu or cpu>-<date>, with -2, -3, ... when that run already exists."""
+    """reports/<model>-<gpu or cpu>-<date>, with -2, -3, ... when that run already exists (write_report
+    moves on again if another run takes the name meanwhile)."""
     slug = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or "cpu").lower()).strip("-")
     base = os.path.join("reports", f"{model_name}-{slug}-{time.strftime('%Y%m%d')}")
     folder, n = base, 1
@@ -648,7 +685,8 @@ def exact_command(ctx: click.Context) -> str:
 @click.option("--engines-dir", default=None, help="Folder with exported artifacts (default engines/<model>).")
 @click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]), help="CosyVoice flow layout.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", default=None, help="Report folder (default reports/<model>-<gpu or cpu>-<date>).")
+@click.option("--out", default=None, help="Report folder, new or empty (default reports/<model>-<gpu or cpu>-<date>, "
+                                          "then -2, -3, ...: a report never overwrites another).")
 @click.pass_context
 @exit_on_user_error
 def main(ctx, model, device, backends, lengths, batches, throughput_length, reps, warmup, engines_dir, flow_mode, seed, out):
@@ -664,6 +702,8 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
         raise UserError("matplotlib is not installed; the report's plots need it.", "pip install matplotlib==3.11.2") from None
     if reps < 1 or warmup < 1:
         raise UserError(f"--reps {reps} / --warmup {warmup}: both must be at least 1.", "pass --reps 1 --warmup 1 or more")
+    check_seed(seed)
+    check_out_folder(out)
     command = exact_command(ctx)
     dev = torch.device(check_device(device))
     tts = load_model(model, device=str(dev), seed=seed)
@@ -691,27 +731,29 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
         "lengths": {r.name: {"tokens": r.tokens, "nominal_audio_s": r.tokens / tts.token_rate(), "text": r.text}
                     for r in requests}},
         "backends": results}
-    folder = out or default_folder(tts.name, env)
-    write_report(report, folder)
+    folder = write_report(report, out or default_folder(tts.name, env), next_free=out is None)
     click.echo(f"wrote {folder}/report.md, report.json, {', '.join(PLOTS)}")
+    check_measured(report, folder)
 
 
 @main.command()
 @click.argument("a")
 @click.argument("b")
-@click.option("--out", default=None, help="Folder for compare.md and compare.json (default: print the Markdown only).")
+@click.option("--out", default=None, help="New folder for compare.md and compare.json (default: print the Markdown only).")
 @exit_on_user_error
 def compare(a, b, out):
     """Two report folders side by side: both values and B/A per metric, backend and length."""
+    from models.files import AtomicFolder, write_text
+
+    if out:
+        check_out_folder(out)
     cmp = compare_reports(a, b)
     text = render_compare(cmp)
     click.echo(text)
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "compare.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(out, "compare.json"), "w") as f:
-            json.dump(cmp, f, indent=1)
+        with AtomicFolder(out) as tmp:
+            write_text(os.path.join(tmp, "compare.md"), text)
+            write_text(os.path.join(tmp, "compare.json"), json.dumps(cmp, indent=1))
         click.echo(f"wrote {out}/compare.md, compare.json")
 
 

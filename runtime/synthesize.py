@@ -1,10 +1,13 @@
 """python -m runtime.synthesize --model cosyvoice3-tiny --text "Hello." --out out.wav
 
-Writes a 24 kHz WAV and prints, per stage, time and share, then audio seconds and the real-time factor.
+Writes 24 kHz audio (.wav, .flac or .ogg by the extension of --out; "--out -": a WAV on stdout) and
+prints, per stage, time and share, then audio seconds and the real-time factor. Every argument is
+checked before the model is loaded; the output appears only when complete (models/files.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -12,6 +15,9 @@ import click
 import torch
 
 from models.errors import UserError, exit_on_user_error
+
+# presets draw their random weights from seed * 1000 + stage, which torch.manual_seed takes up to 2**64 - 1
+SEED_MAX = 2**32 - 1
 
 
 def check_device(device: str) -> str:
@@ -23,13 +29,36 @@ def check_device(device: str) -> str:
     return device
 
 
+def check_seed(seed: int) -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed {seed} is outside 0..{SEED_MAX}.", f"pass a seed from 0 to {SEED_MAX}")
+    return seed
+
+
+def check_utf8(value: str | None, option: str) -> None:
+    """Bytes that are not UTF-8 reach us from argv as lone surrogates (surrogateescape); the tokenizer
+    would fail on them deep inside the first request."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(value[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"code point U+{ch:04X}"
+        raise UserError(f"{option} is not valid UTF-8 ({what} at character {e.start}).",
+                        f"pass {option} as UTF-8 text (use a UTF-8 locale, or convert it with iconv -t UTF-8)") from None
+
+
 @click.command()
 @click.option("--model", "model_name", default="cosyvoice3-tiny", show_default=True,
               help="Preset name (cosyvoice3-tiny, cosyvoice3-random, ...) or an upstream model folder.")
 @click.option("--text", required=True, help="Text to speak; long text is split into sentences.")
-@click.option("--out", "out_path", default="out.wav", show_default=True, help="Output WAV path.")
+@click.option("--out", "out_path", default="out.wav", show_default=True,
+              help="Output file: .wav (16-bit PCM), .flac (16-bit) or .ogg (Vorbis), by extension; written beside "
+                   "the target and renamed into place when complete. '-': a 16-bit WAV on stdout (with --stream its "
+                   "header has an open length, 0xFFFFFFFF), and every other line goes to stderr.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling and noise.")
+@click.option("--seed", default=0, show_default=True, help=f"Seed for sampling and noise (0 to {SEED_MAX}).")
 @click.option("--tokens", "fixed_tokens", type=int, default=None,
               help="Generate exactly this many speech tokens per sentence (benchmarks; ignores stop tokens).")
 @click.option("--backend", "backends", default="torch", show_default=True,
@@ -40,27 +69,54 @@ def check_device(device: str) -> str:
 @click.option("--prompt-text", default=None, help="Transcript of the prompt recording.")
 @click.option("--voice", default=None, help="Named voice (Orpheus: tara, leah, jess, leo, dan, mia, zac, zoe).")
 @click.option("--warmup", default=0, show_default=True, help="Untimed runs before the timed one (GPU kernels, caches).")
-@click.option("--stream", is_flag=True, help="Write audio as it is produced and report the first-chunk latency.")
+@click.option("--stream", is_flag=True,
+              help="Write audio as it is produced (to stdout at once with --out -) and report the first-chunk latency.")
 @click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]),
               help="CosyVoice flow: the 10-step solve as one graph (solver, default) or one estimator call per step.")
 @exit_on_user_error
 def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engines_dir, precision, prompt_wav, prompt_text,
          voice, warmup, stream, flow_mode):
-    from models.audio import check_writable, save_wav
+    from models.audio import STDOUT, check_prompt_wav, check_writable
     from models.family import require_text
+
+    # every argument is checked before the model is loaded: a mistake costs no minutes of loading
+    require_text(text)
+    check_utf8(text, "--text")
+    check_utf8(prompt_text, "--prompt-text")
+    check_utf8(voice, "--voice")
+    check_seed(seed)
+    if fixed_tokens is not None and fixed_tokens < 1:
+        raise UserError(f"--tokens {fixed_tokens} is not a positive count.", "pass --tokens 1 or more, or leave it out")
+    if warmup < 0:
+        raise UserError(f"--warmup {warmup} is negative.", "pass --warmup 0 or more")
+    check_writable(out_path)
+    audio_out = None
+    if out_path == STDOUT:
+        audio_out = sys.stdout.buffer  # before the redirect below; a test runner's stdout has one too
+        if audio_out.isatty():
+            raise UserError("--out - writes binary audio to stdout, which is a terminal.",
+                            "pipe it into a player (... --out - | aplay) or a file, or pass --out out.wav")
+    device = check_device(device)
+    if prompt_wav is not None:
+        check_prompt_wav(prompt_wav)
+    # with --out - stdout carries the audio alone: every line (ours, a library's print) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if audio_out is not None else contextlib.nullcontext():
+        _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_tokens, backends, engines_dir, precision,
+                    prompt_wav, prompt_text, voice, warmup, stream, flow_mode)
+
+
+def _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_tokens, backends, engines_dir, precision,
+                prompt_wav, prompt_text, voice, warmup, stream, flow_mode):
+    from models.audio import AudioWriter, save_wav
     from models.registry import load_model
     from runtime.pipeline import Pipeline
 
-    require_text(text)
-    check_writable(out_path)
-    device = check_device(device)
-    if fixed_tokens is not None and fixed_tokens < 1:
-        raise UserError(f"--tokens {fixed_tokens} is not a positive count.", "pass --tokens 1 or more, or leave it out")
     model = load_model(model_name, device=device, seed=seed)
     if flow_mode is not None:
         if not hasattr(model, "set_flow_mode"):
             raise UserError(f"{model.family} has no flow stage.", "leave out --flow-mode")
         model.set_flow_mode(flow_mode)
+    sentences = model.split_text(text)  # the tokenizer only: text with nothing to speak fails before the weights load
     if model.random_weights:
         click.echo(f"NOTE: {model.name} has RANDOM weights: its audio is noise; use it for speed, not for listening.", err=True)
     pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision)
@@ -69,33 +125,54 @@ def main(model_name, text, out_path, device, seed, fixed_tokens, backends, engin
     click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", err=True)
     for _ in range(warmup):
         pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
-    if stream:
-        result = _stream_to_file(pipe, out_path, text, prompt_wav, prompt_text, voice, seed, fixed_tokens)
-    else:
-        result = pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
-                                 fixed_tokens=fixed_tokens)
+    request = dict(prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
+    with sentence_progress(model, len(sentences)):
+        if stream:
+            # the writer takes each chunk as it arrives; the target appears only once the last is in
+            with AudioWriter(out_path, pipe.model.sample_rate, stdout=audio_out) as writer:
+                for chunk in pipe.stream(text, **request):
+                    writer.write(chunk)
+                result = pipe.last_result
+                _check_audio(result)
+        else:
+            result = pipe.synthesize(text, **request)
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    if result.audio.numel() == 0:
-        raise UserError("the model produced no speech tokens, so there is no audio.",
-                        "check the text, or pass --tokens N to force a length")
     if not stream:
-        save_wav(out_path, result.audio, result.sample_rate)
+        _check_audio(result)
+        save_wav(out_path, result.audio, result.sample_rate, stdout=audio_out)
     backend_line = ", ".join(f"{s}={k}" for s, k in pipe.choice.items())
-    click.echo(f"{model.name} on {device} ({backend_line}): {len(result.utterances)} sentence(s) -> {out_path}")
+    target = "stdout" if audio_out is not None else out_path
+    click.echo(f"{model.name} on {device} ({backend_line}): {len(result.utterances)} sentence(s) -> {target}")
     click.echo(result.summary())
 
 
-def _stream_to_file(pipe, out_path, text, prompt_wav, prompt_text, voice, seed, fixed_tokens):
-    """Append each chunk to the WAV as it arrives (a reader can follow the file while it grows)."""
-    import soundfile as sf
+def _check_audio(result) -> None:
+    if result.audio.numel() == 0:
+        raise UserError("the model produced no speech tokens, so there is no audio.",
+                        "check the text, or pass --tokens N to force a length")
 
-    with sf.SoundFile(out_path, "w", samplerate=pipe.model.sample_rate, channels=1, subtype="PCM_16") as f:
-        for chunk in pipe.stream(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed,
-                                 fixed_tokens=fixed_tokens):
-            f.write(chunk.numpy())
-            f.flush()
-    return pipe.last_result
+
+@contextlib.contextmanager
+def sentence_progress(model, count: int):
+    """Progress per sentence on stderr (runtime/progress.py) when the text has several: the pipeline
+    asks the model for one utterance per sentence as it starts it, so that call is counted."""
+    if count < 2:
+        yield
+        return
+    from runtime.progress import Progress
+
+    inner = model.make_utterance
+    with Progress("synthesize", count) as progress:
+        def counted(sentence, speaker):
+            progress.step("sentences")
+            return inner(sentence, speaker)
+
+        model.make_utterance = counted
+        try:
+            yield
+        finally:
+            del model.make_utterance  # back to the class's method
 
 
 if __name__ == "__main__":

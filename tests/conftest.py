@@ -1,5 +1,6 @@
 """Shared fixtures: upstream-format model folders built from the golden checkpoints."""
 
+import errno
 import json
 import os
 import re
@@ -157,6 +158,20 @@ def make_orpheus_folder(root) -> str:
     with open(os.path.join(folder, "snac", "config.json"), "w") as f:
         json.dump(kw, f)
     return folder
+
+
+def deny_writes(monkeypatch, folder, code=errno.EACCES):
+    """os.open refuses to create anything inside `folder` with `code` (EACCES: no permission, EROFS:
+    a read-only mount), as the kernel would for a non-root user."""
+    real_open = os.open
+    folder = os.path.abspath(folder)
+
+    def guarded(path, flags, *args, **kwargs):
+        if os.path.abspath(path).startswith(folder + os.sep) and flags & os.O_CREAT:
+            raise OSError(code, os.strerror(code), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded)
 
 
 TINY_PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
