@@ -15,19 +15,24 @@ import torch
 
 from models.errors import UserError
 from models.family import TTSModel
+from models.spec import dtype_name
 
 
 def build_aoti(model: TTSModel, graph: str, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     from export.onnx_export import example_feed, torch_dynamic_shapes
 
+    from runtime.backends.base import cast_input, cast_module
+
     spec = model.graph_specs()[graph]
-    module = model.graph_module(graph).to(device).eval()
-    if dtype != torch.float32:
+    module = model.graph_module(graph)
+    if dtype != torch.float32:  # the model object keeps its fp32 weights
         import copy
 
-        module = copy.deepcopy(module).to(dtype)
+        module = copy.deepcopy(module)
+    # the same precision rule as the torch and compile backends (the spec's fp32 islands stay fp32)
+    module = cast_module(module, spec, torch.device(device), dtype).eval()
     feed = example_feed(spec)
-    args = tuple(v.to(device).to(dtype) if v.is_floating_point() else v.to(device) for v in (feed[t.name] for t in spec.inputs))
+    args = tuple(cast_input(spec, t.name, feed[t.name], torch.device(device), dtype) for t in spec.inputs)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -41,5 +46,5 @@ def build_aoti(model: TTSModel, graph: str, path: str, device: str = "cpu", dtyp
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"AOTInductor could not compile graph {graph}: {first[:300]}",
                         "use the compile backend (torch.compile) for this graph instead") from e
-    return {"torch": torch.__version__, "device": device, "dtype": str(dtype).replace("torch.", ""),
+    return {"torch": torch.__version__, "device": device, "dtype": dtype_name(dtype),
             "build_seconds": round(time.perf_counter() - t0, 1)}

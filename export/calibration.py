@@ -8,14 +8,15 @@ a second `build` reuses them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import itertools
 import json
 import os
 
 import torch
 
 from models.family import TTSModel
+from runtime.pipeline import PipelineObserver
 
 TEXTS_FILE = os.path.join(os.path.dirname(__file__), "calibration_texts.txt")
 LLM_STEPS = {0, 1, 2, 4, 8, 16, 32, 64, 128, 256}  # prefill and log-spaced decode steps
@@ -34,54 +35,66 @@ def _key(model: TTSModel, graph: str, texts: list[str], max_tokens: int) -> dict
             "spec_sha256": hashlib.sha256(spec.encode()).hexdigest()[:16]}
 
 
+def capture_passes(model: TTSModel, graphs: list[str]) -> list[tuple[dict, set[str]]]:
+    """Which pipelines capture() runs: (options, graphs recorded in that pass) for every combination
+    of the family's options whose pipeline calls a wanted graph no earlier pass recorded (e.g. the
+    flow estimator, called only by the per-step flow layout)."""
+    passes, covered = [], set()
+    names = list(model.options)
+    for values in itertools.product(*(model.options[n] for n in names)):
+        options = dict(zip(names, values))
+        used = {g for gs in model.stage_graphs(options).values() for g in gs}
+        new = (used & set(graphs)) - covered
+        if new:
+            passes.append((options, new))
+            covered |= new
+    return passes
+
+
+class _Recorder(PipelineObserver):
+    """Keeps CPU copies of the feeds of the graphs of one pass; of the LM graph only the prefill and
+    the log-spaced decode steps of LLM_STEPS (counted per text: a text starts at its first sentence)."""
+
+    def __init__(self, feeds: dict[str, list[dict]], record: set[str], lm_graph: str, progress):
+        self.feeds, self.record, self.lm_graph, self.progress = feeds, record, lm_graph, progress
+        self.lm_calls = 0
+
+    def sentence(self, index: int, total: int) -> None:
+        if index == 0:
+            self.lm_calls = 0
+            self.progress.step("texts")
+
+    def graph_call(self, graph: str, feed: dict) -> None:
+        if graph == self.lm_graph:
+            keep = self.lm_calls in LLM_STEPS
+            self.lm_calls += 1
+            if not keep:
+                return
+        if graph in self.record:
+            self.feeds[graph].append({k: v.detach().cpu().clone() for k, v in feed.items()})
+
+
 def capture(model: TTSModel, graphs: list[str], device: str = "cpu", max_tokens: int = 120,
             texts: list[str] | None = None) -> dict[str, list[dict]]:
     """Run the torch pipeline over the calibration texts; return graph -> list of CPU feeds."""
     from runtime.pipeline import Pipeline
+    from runtime.progress import Progress
 
     texts = texts or calibration_texts()
     feeds: dict[str, list[dict]] = {g: [] for g in graphs}
-    modes = ["solver"] + (["steps"] if "flow_estimator" in graphs and hasattr(model, "set_flow_mode") else [])
-    for mode in modes:
-        if hasattr(model, "set_flow_mode"):
-            model.set_flow_mode(mode)
-        pipe = Pipeline(model, "torch", device=device)
-        inner_run = pipe.run
-        llm_calls = {"n": 0}
-
-        def record(graph, feed, inner=inner_run):
-            if graph in feeds and (mode == "solver" or graph == "flow_estimator"):
-                feeds[graph].append({k: v.detach().cpu().clone() for k, v in feed.items()})
-            return inner(graph, feed)
-
-        pipe.run = record
-        llm_backend = pipe.runners["llm"]
-        inner_infer = llm_backend.infer
-
-        def record_llm(feed, check=True, inner=inner_infer):
-            if "llm" in feeds and mode == "solver" and llm_calls["n"] in LLM_STEPS:
-                feeds["llm"].append({k: v.detach().cpu().clone() for k, v in feed.items()})
-            llm_calls["n"] += 1
-            return inner(feed, check)
-
-        llm_backend.infer = record_llm
-        default_speaker = model.make_speaker
-
-        def varied_speaker(prompt_wav, prompt_text, voice=None, gen=torch.Generator().manual_seed(1234)):
-            # a fixed default speaker (zeros) would calibrate the speaker projection on one point
-            spk = default_speaker(prompt_wav, prompt_text, voice)
-            if "embedding" in spk:
-                spk["embedding"] = torch.randn(spk["embedding"].shape, generator=gen)
-            return spk
-
-        model.make_speaker = varied_speaker
-        for i, text in enumerate(texts):
-            llm_calls["n"] = 0
-            # a hard cap keeps random-weight models (which seldom stop) to a useful length
-            pipe.synthesize(text, seed=i, fixed_tokens=None if not model.random_weights else min(max_tokens, 12 + 5 * i))
-        del model.make_speaker  # back to the class method
-    if hasattr(model, "set_flow_mode"):
-        model.set_flow_mode("solver")
+    passes = capture_passes(model, graphs)
+    with Progress("calibration", len(texts) * len(passes)) as progress:
+        for options, record in passes:
+            observer = _Recorder(feeds, record, model.lm.graph, progress)
+            pipe = Pipeline(model, "torch", device=device, options=options, observer=observer)
+            speakers = torch.Generator().manual_seed(1234)
+            for i, text in enumerate(texts):
+                speaker = model.make_speaker(None, None)
+                if "embedding" in speaker:  # a fixed default speaker (zeros) would calibrate on one point
+                    speaker["embedding"] = torch.randn(speaker["embedding"].shape, generator=speakers)
+                # a hard cap keeps random-weight models (which seldom stop) to a useful length
+                fixed = min(max_tokens, 12 + 5 * i) if model.random_weights else None
+                pipe.synthesize(text, seed=i, fixed_tokens=fixed, speaker=speaker)
     return feeds
 
 
@@ -105,8 +118,7 @@ def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: 
         missing.append(g)
     if missing:
         log(f"calibration: running the torch pipeline over {len(texts)} texts for {', '.join(missing)}")
-        with _text_progress(model, len(texts) * _passes(model, missing)):
-            fresh = capture(model, missing, device, max_tokens, texts)
+        fresh = capture(model, missing, device, max_tokens, texts)
         for g in missing:
             # the data first, its key last: a key is only ever next to the complete data it describes
             with AtomicFile(os.path.join(cache_dir, f"{g}.pt")) as f:
@@ -135,27 +147,3 @@ def _read_cache(data: str, meta: str, key: dict, log) -> list[dict] | None:
         problem = f"is damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0][:100]})"
     log(f"calibration: the cached {data} {problem}; capturing it again")
     return None
-
-
-def _passes(model: TTSModel, graphs: list[str]) -> int:
-    """How often capture() speaks every text: once, and once more per-step for the flow estimator."""
-    return 2 if "flow_estimator" in graphs and hasattr(model, "set_flow_mode") else 1
-
-
-@contextlib.contextmanager
-def _text_progress(model: TTSModel, total: int):
-    """Progress per calibration text on stderr (runtime/progress.py): capture() has the pipeline
-    speak one text per split_text call, so that call is counted."""
-    from runtime.progress import Progress
-
-    inner = model.split_text
-    with Progress("calibration", total) as progress:
-        def counted(text):
-            progress.step("texts")
-            return inner(text)
-
-        model.split_text = counted
-        try:
-            yield
-        finally:
-            del model.split_text  # back to the class's method

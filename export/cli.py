@@ -64,8 +64,12 @@ def main():
 @click.option("--graphs", default=None, help="Only these graphs (e.g. flow_solver,vocoder).")
 @click.option("--out-dir", default=None, help="Artifact folder (default engines/<model>).")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Run the exporter's ONNX optimizer (constant folding, rewrites). ONNX Runtime and TensorRT optimize "
+                   "at load either way; --no-optimize exports a large graph (the unrolled flow solver) in a fraction "
+                   "of the time.")
 @exit_on_user_error
-def onnx_cmd(model_name, stages, graphs, out_dir, seed):
+def onnx_cmd(model_name, stages, graphs, out_dir, seed, optimize):
     """Export every graph of the chosen stages to fp32 ONNX and check each (checker, shapes, ORT run)."""
     from export.onnx_export import export_graph
     from runtime.artifacts import Manifest, default_dir, file_artifact, onnx_path
@@ -90,9 +94,10 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed):
         for i, g in enumerate(names, 1):
             path = onnx_path(root, "fp32", g)
             progress.step(g)
-            facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
+            facts = export_graph(model, g, path, _source_hash(model, specs[g].stage), optimize=optimize)
             art = file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
-                                profiles=specs[g].profile(), built={"export": facts, "tool": "torch.onnx (dynamo)"})
+                                profiles=specs[g].profile(), spec=specs[g].to_dict(),
+                                built={"export": facts, "tool": "torch.onnx (dynamo)", "optimized": optimize})
             manifest.add(art)
             manifest.save()  # after every graph: an interrupted export keeps what is done
             err = max(facts.get("ort_vs_torch_at_opt", {0: 0.0}).values())
@@ -116,7 +121,7 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
     """Compare every artifact with the torch graph at min/opt/max (Polygraphy); non-zero exit on failure."""
     from export.validate import validate_audio, validate_graph, write_report
     from runtime.artifacts import PRECISIONS, Manifest, default_dir
-    from runtime.backends import create_backend
+    from runtime.backends import KINDS, Option, create_backend
     from runtime.synthesize import check_device
 
     device = check_device(device)
@@ -125,7 +130,7 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
     model = _model(model_name, device="cpu", seed=seed)
     root = out_dir or default_dir(model.name)
     manifest = Manifest.load(root)
-    kinds = _split(backends, ("ort", "trt"), "backend")
+    kinds = _split(backends, [k for k, kind in KINDS.items() if kind.artifact in ("onnx", "plan")], "backend")
     precs = _split(precisions, PRECISIONS, "precision")
     pts = _split(points, ("min", "opt", "max"), "point")
     specs = model.graph_specs()
@@ -134,14 +139,14 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
     import torch
 
     for kind in kinds:
-        art_kind = {"ort": "onnx", "trt": "plan"}[kind]
+        art_kind = KINDS[kind].artifact
         for prec in precs:
             todo = [g for g in wanted if manifest.get(g, prec, art_kind)]
             if not todo:
                 click.echo(f"{kind} {prec}: no artifacts in {root}; skipped", err=True)
                 continue
             for g in todo:
-                backend = create_backend(kind, model, specs[g], torch.device(device), engines_dir=root, precision=prec)
+                backend = create_backend(Option(kind, prec), model, specs[g], torch.device(device), engines_dir=root)
                 t0 = time.perf_counter()
                 res = validate_graph(model, g, backend, f"{kind}-{prec}", prec, points=pts, ref_device=device)
                 worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
@@ -225,13 +230,13 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
             say(f"{g:<15} fp32  exporting ...")
             facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
             art = manifest.add(file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
-                                             profiles=specs[g].profile(), built={"export": facts}))
+                                             profiles=specs[g].profile(), spec=specs[g].to_dict(), built={"export": facts}))
             manifest.save()
         return manifest.verify(art, fix=f"delete {root} and build again")
 
     def accept(g, prec, path, level_notes):
         """Validate a candidate file at min/opt/max; returns the validation dict."""
-        backend = OrtBackend(specs[g], torch.device(device), path)
+        backend = OrtBackend(specs[g], torch.device(device), path, graph_spec=specs[g])
         try:
             return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
         except (UserError, RuntimeError) as e:  # a candidate the runtime cannot run fails like a wrong one
@@ -276,7 +281,7 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                     write_sidecar(names_file, {"graph": g, "level": facts["level"], "fp32_nodes": facts["fp32_node_names"]})
                     notes["fp32_node_list"] = os.path.relpath(names_file, root)
                 art = file_artifact(root, dst, g, prec, "onnx", source_sha256=manifest.get(g, "fp32", "onnx").sha256,
-                                    profiles=specs[g].profile(), notes=notes)
+                                    profiles=specs[g].profile(), spec=specs[g].to_dict(), notes=notes)
                 art.validation[f"ort:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
                                                    "when": time.strftime("%Y-%m-%d %H:%M")}
                 manifest.add(art)
@@ -291,7 +296,7 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                 path = os.path.join(root, "aoti", prec, f"{g}.pt2")
                 dtype = torch.float16 if prec == "fp16" else torch.float32
                 built = build_aoti(model, g, path, device=device, dtype=dtype)
-                manifest.add(file_artifact(root, path, g, prec, "pt2", profiles=specs[g].profile(), built=built))
+                manifest.add(file_artifact(root, path, g, prec, "pt2", profiles=specs[g].profile(), spec=specs[g].to_dict(), built=built))
                 manifest.save()
                 click.echo(f"{g:<15} {prec}  AOTInductor package built in {built['build_seconds']} s ({device})")
     if trt:
@@ -309,7 +314,7 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                     built = build_plan(manifest.verify(onnx_art, fix="build again"), plan, specs[g], workspace_gb,
                                        opt_level, cache, hardware_compat, version_compat, log=click.echo)
                     manifest.add(file_artifact(root, plan, g, prec, "plan", source_sha256=onnx_art.sha256,
-                                               profiles=specs[g].profile(), built=built))
+                                               profiles=specs[g].profile(), spec=specs[g].to_dict(), built=built))
                     manifest.save()
                     click.echo(f"{g:<15} {prec}  plan built in {built['build_seconds']} s ({built['tensorrt']}, {built.get('gpu')})")
     manifest.save()

@@ -8,19 +8,18 @@ sample rate, precision, and the hash of the checkpoint it came from.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import re
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from models.errors import UserError
 from models.family import TTSModel
 from models.spec import GraphSpec
+from export.validate import scaled_error
 from runtime.artifacts import set_metadata
 
 OPSET = 18
@@ -59,17 +58,6 @@ def example_feed(spec: GraphSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     return spec.sample_feed({d.name: min(max(d.opt, 2), max(d.max, 2)) for d in spec.dims}, seed=seed)
 
 
-def scaled_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| / max |ref|: the error relative to the output's scale (0 for two zero tensors)."""
-    ref = ref.astype(np.float64)
-    diff = np.abs(got.astype(np.float64) - ref)
-    if not np.isfinite(diff).all():
-        return float("inf")
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    top = float(diff.max()) if diff.size else 0.0
-    return top / scale if scale > 0 else top
-
-
 def metadata(model: TTSModel, spec: GraphSpec, precision: str, source_sha256: str) -> dict[str, str]:
     return {
         "tts.family": model.family,
@@ -87,7 +75,6 @@ def metadata(model: TTSModel, spec: GraphSpec, precision: str, source_sha256: st
 
 def export_graph(model: TTSModel, name: str, path: str, source_sha256: str = "", optimize: bool = True) -> dict:
     """Export graph `name` of `model` to `path` (fp32) and check it; returns timing and check facts."""
-    import onnx
 
     spec = model.graph_specs()[name]
     module = model.graph_module(name).float().eval().to("cpu")
@@ -156,10 +143,7 @@ def check_onnx(path: str, spec: GraphSpec, module: torch.nn.Module | None = None
         with torch.no_grad():
             ref = module(*[feed[t.name] for t in spec.inputs])
         ref = (ref,) if isinstance(ref, torch.Tensor) else ref
-        facts["ort_vs_torch_at_opt"] = {t.name: scaled_error(o, r.float().numpy())
+        facts["ort_vs_torch_at_opt"] = {t.name: scaled_error(o, r.float().numpy())[1]
                                         for t, o, r in zip(spec.outputs, outs, ref)}
     return facts
 
-
-def summary_json(facts: dict) -> str:
-    return json.dumps(facts, indent=1, default=str)

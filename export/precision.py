@@ -6,8 +6,8 @@ We make those files with well-kept tools and choose how much to convert by measu
 
 - FP16: ONNX Runtime's float16 converter (`onnxruntime.transformers.float16`), graph I/O kept FP32.
   Candidates go from "everything FP16" to more FP32 islands (normalisations and reductions, then
-  special functions and the numerically sensitive modules: f0 predictor, NSF source, (i)STFT, time
-  embedding) until validation at the spec's min / opt / max passes the FP16 tolerance. The chosen
+  special functions and the modules the graph's spec declares (its fp32 islands and sensitive
+  modules: f0 predictor, NSF source, (i)STFT, time embedding, ...)) until validation at the spec's min / opt / max passes the FP16 tolerance. The chosen
   level and the nodes that stay FP32 are recorded in the manifest.
 - INT8: ONNX Runtime static quantisation to explicit, symmetric Q/DQ (what TensorRT consumes),
   per-channel weights, MinMax calibration on captured pipeline inputs (export/calibration.py).
@@ -28,13 +28,13 @@ import numpy as np
 import onnx
 
 from models.errors import UserError
+from models.spec import GraphSpec
 
 EXTERNAL_DATA_BYTES = 1 << 30
 
 NORM_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
             "ReduceL2", "Pow", "Sqrt", "Reciprocal", "Softmax", "CumSum"]
 SPECIAL_OPS = ["Exp", "Log", "Sin", "Cos", "Erf", "Tanh", "Mod", "Floor", "Round", "Div"]
-SENSITIVE_SCOPES = ["f0_predictor", "m_source", "stft", "istft", "time_embed", "rotary_embed", "spk_embed_affine_layer"]
 HEAVY_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
 
 
@@ -42,7 +42,7 @@ HEAVY_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
 class FP16Level:
     name: str
     block_ops: list = field(default_factory=list)
-    block_scopes: list = field(default_factory=list)
+    spec_scopes: bool = False  # keep the graph's declared fp32 islands and sensitive modules in FP32
     only_heavy: bool = False  # keep everything but HEAVY_OPS in FP32
     all_fp32: bool = False
 
@@ -50,8 +50,8 @@ class FP16Level:
 FP16_LEVELS = [
     FP16Level("all-fp16"),
     FP16Level("fp32-norms", NORM_OPS),
-    FP16Level("fp32-norms-special", NORM_OPS + SPECIAL_OPS, SENSITIVE_SCOPES),
-    FP16Level("fp16-matmul-conv-only", NORM_OPS + SPECIAL_OPS, SENSITIVE_SCOPES, only_heavy=True),
+    FP16Level("fp32-norms-special", NORM_OPS + SPECIAL_OPS, spec_scopes=True),
+    FP16Level("fp16-matmul-conv-only", NORM_OPS + SPECIAL_OPS, spec_scopes=True, only_heavy=True),
     FP16Level("all-fp32", all_fp32=True),
 ]
 
@@ -69,12 +69,13 @@ def _scopes(node) -> list[str]:
     return []
 
 
-def fp32_nodes(model: onnx.ModelProto, level: FP16Level) -> list[str]:
-    """Names of the nodes that level keeps in FP32."""
+def fp32_nodes(model: onnx.ModelProto, level: FP16Level, spec: GraphSpec) -> list[str]:
+    """Names of the nodes that level keeps in FP32 (module scopes from the graph's spec: its fp32
+    islands and sensitive modules, matched against the exporter's name scopes)."""
+    scopes = set(spec.fp32_scopes) | set(spec.sensitive_scopes) if level.spec_scopes else set()
     names = []
     for n in model.graph.node:
-        scoped = any(part.split(".")[0] in level.block_scopes or part in level.block_scopes
-                     for scope in _scopes(n) for part in [scope])
+        scoped = any(part.split(".")[0] in scopes or part in scopes for part in _scopes(n))
         if level.all_fp32 or n.op_type in level.block_ops or scoped or (level.only_heavy and n.op_type not in HEAVY_OPS):
             names.append(n.name)
     return names
@@ -123,8 +124,8 @@ def to_fp16(src: str, dst: str, level: FP16Level) -> dict:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(src)
-    keep = fp32_nodes(model, level)
     meta = {p.key: p.value for p in model.metadata_props}
+    keep = fp32_nodes(model, level, GraphSpec.from_json(meta["tts.spec"]))
     if level.all_fp32:
         converted = model
     else:

@@ -26,7 +26,6 @@ import torch
 from models.errors import UserError
 from models.family import TTSModel
 from models.spec import DTYPES, POINTS, GraphSpec
-from runtime.artifacts import Manifest, spec_from_onnx
 from runtime.backends.base import Backend
 
 # max |err| / max |ref| per output, by precision
@@ -199,7 +198,7 @@ def validate_audio(model: TTSModel, backends: str, precision: str, engines_dir: 
     total = sum(len(t) for t in ref.tokens)
     ok = (snr >= AUDIO_SNR_DB[precision] and dist <= AUDIO_MEL_DIST[precision]
           and bool(torch.isfinite(waves[1]).all()) and float(waves[1].abs().max()) > 1e-4)
-    return {"backends": cand_pipe.choice, "precision": precision, "snr_db": snr, "log_mel_distance": dist,
+    return {"backends": {cand_pipe.stage_of[g]: str(x.option) for g, x in cand_pipe.loaded.items()}, "precision": precision, "snr_db": snr, "log_mel_distance": dist,
             "tokens_identical": same_tokens, "token_agreement": token_match / max(total, 1),
             "candidate_peak": float(waves[1].abs().max()), "samples": waves[0].numel(),
             "snr_floor_db": AUDIO_SNR_DB[precision], "mel_distance_ceiling": AUDIO_MEL_DIST[precision], "passed": ok}

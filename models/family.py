@@ -179,8 +179,9 @@ class TTSModel(abc.ABC):
 
     @abc.abstractmethod
     def stream_decoder(self, utt: Utterance, run: GraphRunner, generator: torch.Generator, device: torch.device):
-        """An object with `push(tokens) -> [audio chunks]` (called as tokens arrive) and
-        `finish(tokens) -> [audio chunks]` (models/streaming.py)."""
+        """An object with `push(tokens) -> [audio chunks]` (called as tokens arrive),
+        `finish(tokens) -> [audio chunks]` and `tokens_for_next_chunk()` (how many tokens the next
+        chunk waits for; models/streaming.py)."""
 
     def token_rate(self) -> float:
         """Speech tokens per second of audio (for --tokens and RTF planning)."""

@@ -199,6 +199,10 @@ class Sampler(abc.ABC):
     def to_device(self, vocab: int, device, batch: int = 1,
                   generator: torch.Generator | None = None) -> "DeviceSampler": ...
 
+    @abc.abstractmethod
+    def slots(self, rows: int, vocab: int, device) -> "SlotSampler":
+        """An empty slot sampler for `rows` requests that sample by this rule (see SlotSampler)."""
+
 
 class RASSampler(Sampler):
     """CosyVoice's repetition-aware sampling (top-p / top-k nucleus, window redraw; upstream defaults
@@ -223,6 +227,9 @@ class RASSampler(Sampler):
         gen = device_generator(generator or self.generator, device)
         return DeviceRASSampler(self.stop_from, vocab, self.min_len, self.fixed, batch=batch, device=device,
                                 generator=gen, **self.sampling)
+
+    def slots(self, rows, vocab, device) -> "SlotRASSampler":
+        return SlotRASSampler(rows, vocab, device, self.stop_from, **self.sampling)
 
 
 @dataclass(frozen=True)
@@ -273,6 +280,9 @@ class OrpheusSampler(Sampler):
         gen = device_generator(generator or self.generator, device)
         return DeviceOrpheusSampler(vocab, self.prompt, p.stop_token_id, self.grammar, self.fixed, p.temperature,
                                     p.top_p, p.repetition_penalty, p.top_k, batch=batch, device=device, generator=gen)
+
+    def slots(self, rows, vocab, device) -> "SlotOrpheusSampler":
+        return SlotOrpheusSampler(rows, vocab, device, self.params, self.grammar)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -448,4 +458,142 @@ class DeviceOrpheusSampler(DeviceSampler):
         self.seen.scatter_(1, ids.unsqueeze(-1), torch.ones_like(ids, dtype=torch.bool).unsqueeze(-1))
         if self.grammar is not None:
             self.audio_count.add_((ids >= self.grammar.base).to(torch.int64))
+        return ids
+
+
+# -------------------------------------------------------------------------------------------------
+# slot samplers: many requests in one device call, each row with its own rule state and random stream
+# -------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without overflowing it (c split in 16-bit halves)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with good avalanche (xorshift-multiply, "lowbias32" constants)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seed: torch.Tensor, step: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """[B, n] uniforms in [0, 1) that depend only on each row's (seed, step, k): a counter-based
+    generator. A request's draws are then the same alone or among any neighbours, on the CPU or a
+    GPU, and inside a captured graph (no generator state to register). seed: int64 [B] in
+    [0, 2**32); step: int64 [B] >= 0."""
+    k = torch.arange(n, device=seed.device, dtype=torch.int64)
+    h = _mix32((seed & _M32).unsqueeze(-1) ^ 0x9E3779B9)
+    h = _mix32(h ^ ((step & _M32).unsqueeze(-1)))
+    h = _mix32(h ^ _mul32(k.unsqueeze(0) + 1, 0x85EBCA6B))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+class SlotSampler:
+    """Device sampling for the rows (slots) of a continuous batch: row i holds one request's rule
+    state, reset when a request takes the slot (`load`) and moved when rows are compacted (`move`).
+    `__call__(logits [b,V])` samples rows 0..b-1 in one device call (graph-capturable: every update
+    is in place), drawing each row's uniforms from its own (seed, step) counter."""
+
+    def __init__(self, rows: int, vocab: int, device):
+        self.rows, self.vocab, self.device = rows, vocab, torch.device(device)
+        self.seed = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.step = torch.zeros(rows, dtype=torch.int64, device=self.device)
+
+    def state(self) -> list[torch.Tensor]:
+        """Every per-row tensor (dim 0 = row)."""
+        return [self.seed, self.step]
+
+    def load(self, row: int, sampler: "Sampler", seed: int) -> None:
+        with torch.inference_mode():
+            self.seed[row] = seed & _M32
+            self.step[row] = 0
+            self._load(row, sampler)
+
+    def _load(self, row: int, sampler: "Sampler") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def move(self, dst: int, src: int) -> None:
+        with torch.inference_mode():
+            for t in self.state():
+                t[dst] = t[src]
+
+    def __call__(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Sample rows start .. start + B - 1 from logits [B,V]."""
+        r = slice(start, start + logits.shape[0])
+        u = counter_uniforms(self.seed[r], self.step[r])
+        ids = self.select(logits, u, r)
+        self.step[r] += 1
+        return ids
+
+    def select(self, logits: torch.Tensor, u: torch.Tensor, r: slice) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class SlotRASSampler(SlotSampler):
+    """`RASSampler` per row: min_len and fixed per row; top-p / top-k / window are the model's."""
+
+    def __init__(self, rows: int, vocab: int, device, stop_from: int, top_p: float = 0.8, top_k: int = 25,
+                 win_size: int = 10, tau_r: float = 0.1):
+        super().__init__(rows, vocab, device)
+        self.stop_from, self.top_p, self.top_k, self.win_size, self.tau_r = stop_from, top_p, top_k, win_size, tau_r
+        self.window = torch.full((rows, win_size), -1, dtype=torch.int64, device=self.device)
+        self.min_len = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.fixed = torch.zeros(rows, dtype=torch.bool, device=self.device)
+
+    def state(self):
+        return super().state() + [self.window, self.min_len, self.fixed]
+
+    def _load(self, row, sampler: RASSampler):
+        self.window[row] = -1
+        self.min_len[row] = sampler.min_len
+        self.fixed[row] = sampler.fixed
+
+    def select(self, logits, u, r):
+        mask_stop = (self.step[r] < self.min_len[r]) | self.fixed[r]
+        ids = ras_select(logits, self.window[r], u, self.top_p, self.top_k, self.win_size, self.tau_r,
+                         self.stop_from, mask_stop)
+        self.window[r] = torch.cat([self.window[r, 1:], ids.unsqueeze(-1)], dim=1)
+        return ids
+
+
+class SlotOrpheusSampler(SlotSampler):
+    """`OrpheusSampler` per row: the repetition-penalty set (prompt + drawn ids), the frame position
+    and `fixed` per row; temperature / top-p / penalty / grammar are the model's."""
+
+    def __init__(self, rows: int, vocab: int, device, params: OrpheusSampling, grammar: FrameGrammar | None):
+        super().__init__(rows, vocab, device)
+        self.params, self.grammar = params, grammar
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=self.device)
+        self.audio_count = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.fixed = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.cols = torch.arange(vocab, device=self.device)
+
+    def state(self):
+        return super().state() + [self.seen, self.audio_count, self.fixed]
+
+    def _load(self, row, sampler: OrpheusSampler):
+        self.seen[row] = False
+        if sampler.prompt:
+            self.seen[row, torch.tensor(sampler.prompt, device=self.device)] = True
+        self.audio_count[row] = 0
+        self.fixed[row] = sampler.fixed
+
+    def select(self, logits, u, r):
+        p, g, cols = self.params, self.grammar, self.cols.unsqueeze(0)
+        fixed = self.fixed[r].unsqueeze(-1)
+        if g is not None:
+            lo = (g.base + (self.audio_count[r] % g.frame_tokens) * g.codebook).unsqueeze(-1)
+            allowed = ((cols >= lo) & (cols < lo + g.codebook)) | ((cols == p.stop_token_id) & ~fixed)
+        else:
+            allowed = (cols != p.stop_token_id) | ~fixed
+        ids = orpheus_select(logits, self.seen[r], u, p.temperature, p.top_p, p.repetition_penalty, p.top_k, allowed)
+        self.seen[r].scatter_(1, ids.unsqueeze(-1), torch.ones_like(ids, dtype=torch.bool).unsqueeze(-1))
+        if g is not None:
+            self.audio_count[r] += (ids >= g.base).to(torch.int64)
         return ids

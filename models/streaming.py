@@ -49,6 +49,11 @@ class CosyVoiceStream:
         self.emitted = 0  # CosyVoice3: samples emitted
         self.cache = None  # CosyVoice2: (mel tail, source tail, speech tail)
 
+    def tokens_for_next_chunk(self) -> int:
+        """How many tokens `push` needs before it returns the next chunk (a caller fed tokens one
+        by one may wait until then)."""
+        return self.offset + self.hop + (self.pad if self.offset == 0 else 0) + self.model.lookahead
+
     def push(self, tokens: list[int]) -> list[torch.Tensor]:
         chunks = []
         while True:
@@ -115,6 +120,13 @@ class OrpheusStream:
                            device=self.device)
         feed.update({f"noise_{i}": n for i, n in enumerate(noise)})
         return self.run("vocoder", feed)["audio"][0]
+
+    def tokens_for_next_chunk(self) -> int:
+        """How many tokens `push` needs at least before it returns the next chunk (every token an
+        audio token; with others in between it needs more, and `push` then returns nothing)."""
+        from models.snac import FRAME_TOKENS
+
+        return max(self.decoded_until + 1, self.window) * FRAME_TOKENS
 
     def push(self, tokens: list[int]) -> list[torch.Tensor]:
         from models.snac import tokens_to_codes

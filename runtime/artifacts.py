@@ -49,6 +49,7 @@ class Artifact:
     built: dict = field(default_factory=dict)  # tool versions, GPU, flags, time
     profiles: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)  # e.g. which nodes stay fp32, calibration set
+    spec: dict = field(default_factory=dict)  # the GraphSpec it was made for (its limits: what it accepts)
     validation: dict = field(default_factory=dict)
 
     def key(self) -> tuple[str, str, str]:

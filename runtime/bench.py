@@ -63,16 +63,11 @@ def time_call(fn, device: torch.device, warmup: int = 3, reps: int = 20, results
 
 
 def graph_sizes(model, graph: str, tokens: int, batch: int = 1) -> dict:
-    """Dim sizes of `graph` for a request of `tokens` speech tokens (clipped to the spec)."""
+    """Dim sizes of `graph` for a request of `tokens` speech tokens (the family's rule, clipped to
+    the spec's range)."""
     spec = model.graph_specs()[graph]
-    sizes = spec.sizes_at("opt")
-    ratio = getattr(getattr(model, "cfg", None), "token_mel_ratio", 2)
-    want = {"B": batch * (2 if graph == "flow_estimator" else 1), "N": tokens, "T": tokens * ratio,
-            "S": 1, "P": tokens, "F": max(tokens // 7, 1)}
-    for d in spec.dims:
-        if d.name in want:
-            sizes[d.name] = max(d.min, min(d.max, want[d.name]))
-    return sizes
+    want = model.graph_sizes(graph, tokens, batch)
+    return {d.name: max(d.min, min(d.max, want[d.name])) for d in spec.dims}
 
 
 def peak_memory(device: torch.device) -> float | None:
@@ -114,30 +109,29 @@ def environment(device: torch.device) -> dict:
 
 
 def bench_backend(model, choice: str, device: torch.device, lengths: list[int], engines_dir: str | None,
-                  reps: int, warmup: int, log) -> dict:
+                  reps: int, warmup: int, log, options: dict | None = None) -> dict:
+    from runtime.backends import create_backend
     from runtime.pipeline import Pipeline
 
     out = {"backend": choice, "graphs": {}, "token2wav": {}, "llm_step": {}, "e2e": {}}
     t0 = time.perf_counter()
-    pipe = Pipeline(model, choice, device=str(device), engines_dir=engines_dir)
+    pipe = Pipeline(model, choice, device=str(device), engines_dir=engines_dir, options=options)
     pipe.activate()
     out["load_seconds"] = time.perf_counter() - t0
     specs = model.graph_specs()
     runners = dict(pipe.runners)
-    # graphs the pipeline does not call in its current mode (the flow estimator in solver mode) are
+    # graphs the pipeline does not call with its options (the flow estimator in solver mode) are
     # timed too: the per-step layout and the estimator are what users compare against upstream
-    from runtime.backends import create_backend, split_choice
-
     for graph, spec in specs.items():
-        if graph not in runners and "=" not in choice:
-            kind, prec = split_choice(choice)
+        if graph not in runners:
             try:
-                runners[graph] = create_backend(kind, model, spec, device, engines_dir=engines_dir, precision=prec)
+                runners[graph] = create_backend(pipe.choice.first(spec.stage), model, spec, device, engines_dir)
             except UserError as e:  # an optional extra graph without an artifact is skipped alone
                 out.setdefault("skipped_graphs", {})[graph] = str(e)
+    lm = model.lm
     for n in lengths:
         for graph, runner in runners.items():
-            if graph == "llm":
+            if graph == lm.graph:
                 continue
             spec = specs[graph]
             feed = {k: v.to(device) for k, v in spec.sample_feed(graph_sizes(model, graph, n), seed=n).items()}
@@ -145,26 +139,20 @@ def bench_backend(model, choice: str, device: torch.device, lengths: list[int], 
         # token2wav: flow + vocoder for n tokens, through the family's own wiring
         speaker = model.make_speaker(None, None)
         utt = model.make_utterance("Benchmark sentence.", speaker)
-        tokens = [int(x) for x in torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))]
-        if model.family == "orpheus":
-            from models.snac import codes_to_tokens
-            f = max(n // 7, 1)
-            g = torch.Generator().manual_seed(n)
-            tokens = codes_to_tokens(torch.randint(0, 4096, (f,), generator=g), torch.randint(0, 4096, (2 * f,), generator=g),
-                                     torch.randint(0, 4096, (4 * f,), generator=g))
+        tokens = model.synthetic_tokens(n, torch.Generator().manual_seed(n))
         gen = torch.Generator().manual_seed(0)
+        calls = pipe.run
 
         def t2w():
-            model.token2wav(tokens, utt, pipe.run, gen, device)
+            model.token2wav(tokens, utt, calls, gen, device)
 
         out["token2wav"][n] = time_call(t2w, device, warmup, max(reps // 2, 5))
         # LLM: prefill + n decode steps, ms per token
-        layers, kvh, hd = model.llm_cache_shape()
         prompt = torch.tensor([utt.prompt_ids], dtype=torch.int64, device=device)
-        step_ids = torch.tensor([[model.next_input_id(tokens[0])]], dtype=torch.int64, device=device)
+        step_ids = torch.tensor([[lm.next_input_id(tokens[0])]], dtype=torch.int64, device=device)
 
         def generate():
-            dec = pipe.runners["llm"].decoder(layers, kvh, hd, batch=1, max_len=prompt.shape[1] + n + 1)
+            dec = pipe.runners[lm.graph].decoder(*lm.cache_shape, batch=1, max_len=prompt.shape[1] + n + 1)
             dec.prefill(prompt)
             for _ in range(n):
                 dec.step(step_ids)
@@ -242,13 +230,12 @@ def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_
         raise UserError(f"--backends {backends!r} names no backend.", "pass e.g. --backends torch,ort")
     device = torch.device(check_device(device))
     model = load_model(model_name, device=str(device))
-    if flow_mode and hasattr(model, "set_flow_mode"):
-        model.set_flow_mode(flow_mode)
+    options = model.resolve_options({"flow_mode": flow_mode})  # a model without that option: one-line error
     results = []
     for choice in choices:
         click.echo(f"{choice}:")
         try:
-            results.append(bench_backend(model, choice, device, ns, engines_dir, reps, warmup, click.echo))
+            results.append(bench_backend(model, choice, device, ns, engines_dir, reps, warmup, click.echo, options))
         except UserError as e:
             click.echo(f"  skipped: {e}")
             results.append({"backend": choice, "skipped": str(e)})

@@ -1,20 +1,25 @@
-"""Text -> speech with one backend per stage.
+"""Text -> speech with one backend per graph.
 
-The pipeline owns the generic parts: one backend per graph, the autoregressive loop over the `llm`
-graph with its explicit KV cache, per-stage timing, and the real-time factor. Everything
+The pipeline owns the generic parts: one backend per graph (runtime.backends), the autoregressive
+loop over the family's LM graph, per-stage timing, and the real-time factor. Everything
 family-specific (prompt format, sampling rule, tokens -> audio) is asked of the model object.
+
+A Pipeline holds no per-request state: each request gets a `RequestRun` (stage timings, first-audio
+time, tokens, warnings) and a `GraphCalls` bound to it, so several threads may run requests through
+one pipeline when its backends allow concurrent calls (`BackendKind.concurrent`). What a caller
+wants to see of a run (calibration recording graph inputs, progress per sentence) comes through an
+explicit `PipelineObserver`.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from models.family import TTSModel, Utterance
-from runtime.backends import create_backend, parse_backends, split_choice
+from runtime.backends import KINDS, BackendChoice, Loaded, load_backend
 
 
 @dataclass
@@ -65,102 +70,171 @@ class BatchResult:
         return self.wall_seconds / max(self.audio_seconds, 1e-9)
 
 
+class PipelineObserver:
+    """What a caller may watch of a pipeline's runs; every method is a no-op here."""
+
+    def graph_call(self, graph: str, feed: dict) -> None:
+        """Before every graph call (the LM's explicit-cache calls included), with its feed."""
+
+    def sentence(self, index: int, total: int) -> None:
+        """When the request starts sentence `index` (0-based) of `total`."""
+
+
+class RequestRun:
+    """The state of one request: stage timings, start time, first audio, tokens, warnings."""
+
+    def __init__(self, stages: tuple[str, ...]):
+        self.stage_seconds = {s: 0.0 for s in stages}
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.tokens: list[list[int]] = []
+        self.warnings: list[str] = []
+
+    def audio_arrived(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.t0
+
+
+class GraphCalls:
+    """The `GraphRunner` a family calls graphs through during one request: runs the graph's backend,
+    notifies the observer, and adds the (device-synchronised) time to the request's stage."""
+
+    def __init__(self, pipe: "Pipeline", run: RequestRun):
+        self.pipe, self.run = pipe, run
+        self.options = pipe.options
+
+    def __call__(self, graph: str, feed: dict) -> dict:
+        with self.pipe.timed(self.run, self.pipe.stage_of[graph]):
+            return self.pipe.call(graph, feed)
+
+
 class Pipeline:
-    def __init__(self, model: TTSModel, backends: str | dict[str, str] = "torch", device: str = "cpu",
-                 engines_dir: str | None = None, precision: str = "fp32"):
+    def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
+                 engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
+                 observer: PipelineObserver | None = None):
         self.model = model
         self.device = torch.device(device)
-        self.choice = parse_backends(backends, model.stages)
+        self.options = model.resolve_options(options)
+        self.choice = BackendChoice.parse(backends, model.stages)
+        self.observer = observer or PipelineObserver()
         specs = model.graph_specs()
-        self.runners = {}
-        for stage, graphs in model.stage_graphs().items():
+        self.loaded: dict[str, Loaded] = {}
+        for stage, graphs in model.stage_graphs(self.options).items():
             for g in graphs:
-                kind, prec = split_choice(self.choice[stage], precision)
-                self.runners[g] = create_backend(kind, model, specs[g], self.device, engines_dir=engines_dir,
-                                                 precision=prec)
-        self._stage_of = {g: specs[g].stage for g in self.runners}
-        self.stage_seconds: dict[str, float] = {s: 0.0 for s in model.stages}
+                self.loaded[g] = load_backend(self.choice.stages[stage], model, specs[g], self.device, engines_dir,
+                                              precision)
+        self.runners = {g: x.backend for g, x in self.loaded.items()}
+        self.stage_of = {g: specs[g].stage for g in self.runners}
+        self.lm = model.lm
 
+    # -- backends ---------------------------------------------------------------------------------
     def activate(self) -> "Pipeline":
         for r in self.runners.values():
             r.activate()
         return self
 
+    def deactivate(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether requests may run through this pipeline from several threads at once."""
+        return all(KINDS[r.kind].concurrent for r in self.runners.values())
+
+    def serial_reasons(self) -> list[str]:
+        return sorted({KINDS[r.kind].serial_reason for r in self.runners.values() if not KINDS[r.kind].concurrent})
+
+    def describe_backends(self) -> str:
+        """`stage=kind:precision` per stage, plus what a fallback chain passed over and why."""
+        parts, notes = {}, []
+        for g, x in self.loaded.items():
+            parts.setdefault(self.stage_of[g], set()).add(str(x.option))
+            notes += [f"{g}: {o} passed over ({reason})" for o, reason in x.passed_over]
+        line = ", ".join(f"{s}={'+'.join(sorted(k))}" for s, k in parts.items())
+        return line + "".join(f"\n  {n}" for n in notes)
+
+    # -- graph calls --------------------------------------------------------------------------------
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @contextmanager
-    def _timed(self, stage: str, sync: bool = True):
-        """Add the wall time of the block to `stage`. sync=False for blocks that end in a host read
-        anyway (a decode step ends when the host reads the sampled token): two extra device
-        synchronisations per token would cost more than they measure."""
-        if sync:
-            self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if sync:
-                self._sync()
-            self.stage_seconds[stage] += time.perf_counter() - t0
+    def timed(self, run: RequestRun, stage: str, sync: bool = True):
+        """Context manager adding the wall time of the block to `run`'s `stage`. sync=False for blocks
+        that end in a host read anyway (a decode step ends when the host reads the sampled token):
+        two extra device synchronisations per token would cost more than they measure."""
+        return _Timed(self, run, stage, sync)
 
-    def run(self, graph: str, feed: dict) -> dict:
-        with self._timed(self._stage_of[graph]):
-            return self.runners[graph].infer(feed)
+    def call(self, graph: str, feed: dict) -> dict:
+        """One graph call, observed, untimed."""
+        self.observer.graph_call(graph, feed)
+        return self.runners[graph].infer(feed)
+
+    @property
+    def run(self) -> GraphCalls:
+        """Graph calls outside any request (tests, benchmarks): timed into a throwaway run."""
+        return GraphCalls(self, RequestRun(self.model.stages))
+
+    def calls(self, run: RequestRun) -> GraphCalls:
+        return GraphCalls(self, run)
 
     # -- LLM --------------------------------------------------------------------------------------
-    def generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None) -> list[int]:
-        """All speech tokens of one utterance."""
-        return list(self.tokens(utt, generator, fixed_tokens))
+    def _decoder(self, batch: int, max_len: int):
+        graph = self.lm.graph
+        return self.runners[graph].decoder(*self.lm.cache_shape, batch=batch, max_len=max_len,
+                                           call=lambda feed: self.call(graph, feed))
 
-    def tokens(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None):
-        """Speech tokens one at a time, as the LLM produces them. The llm stage time covers the decode
+    def generate(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None,
+                 run: RequestRun | None = None) -> list[int]:
+        """All speech tokens of one utterance."""
+        return list(self.tokens(utt, generator, fixed_tokens, run))
+
+    def tokens(self, utt: Utterance, generator: torch.Generator, fixed_tokens: int | None = None,
+               run: RequestRun | None = None):
+        """Speech tokens one at a time, as the LLM produces them. The LM stage time covers the decode
         steps and the sampling, measured per step so a streaming caller's flow and vocoder calls in
         between are not counted twice."""
-        model, dev = self.model, self.device
+        lm, dev = self.lm, self.device
+        run = run or RequestRun(self.model.stages)
+        stage = self.stage_of[lm.graph]
         steps = fixed_tokens if fixed_tokens is not None else utt.max_tokens
-        with self._timed("llm"):
-            decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=1,
-                                                  max_len=len(utt.prompt_ids) + steps)
-            sampler = model.make_sampler(utt, generator, fixed_tokens)
+        with self.timed(run, stage):
+            decoder = self._decoder(1, len(utt.prompt_ids) + steps)
+            sampler = self.model.make_sampler(utt, generator, fixed_tokens)
             logits = decoder.prefill(torch.tensor([utt.prompt_ids], dtype=torch.int64, device=dev))
             pick = None
             if dev.type == "cuda":
                 # sample on the device: the logits never leave the GPU; reading the chosen id for the
-                # stop check is the one host sync per token
-                from runtime.llm_decode import device_sampler_for
-
-                vocab = self.runners["llm"].spec.outputs[0].shape[1]
-                # eager on the device: capturing the sampler in a CUDA graph failed inside full requests on
-                # the H200 (capture invalidated); its ~15 small kernels cost far less than a decode step
-                pick = device_sampler_for(sampler, vocab, dev, generator, compile=False, cuda_graph=False)
-                offset = model.next_input_id(0)  # every family feeds a token back as token + offset
+                # stop check is the one host sync per token. Eager, not captured: capturing the sampler
+                # failed inside full requests on the H200; its ~15 small kernels cost far less than a step
+                vocab = self.runners[lm.graph].spec.outputs[0].shape[1]
+                pick = sampler.to_device(vocab, dev, generator=generator)
         history: list[int] = []
         for step in range(steps):
-            with self._timed("llm", sync=False):
+            with self.timed(run, stage, sync=False):
                 if pick is not None:
                     tok = pick(logits)
                     token = int(tok)
                 else:
                     token = sampler(logits[0], history, step)  # the host sync per token: the stop check needs it
-                stop = fixed_tokens is None and model.is_stop(token)
+                stop = fixed_tokens is None and lm.is_stop(token)
                 if not stop:
                     history.append(token)
                     if step + 1 < steps:
-                        next_ids = (tok + offset).view(1, 1) if pick is not None else \
-                            torch.tensor([[model.next_input_id(token)]], dtype=torch.int64, device=dev)
+                        next_ids = (tok + lm.token_offset).view(1, 1) if pick is not None else \
+                            torch.tensor([[lm.next_input_id(token)]], dtype=torch.int64, device=dev)
                         logits = decoder.step(next_ids)
             if stop:
                 return
             yield token
 
     def generate_batch(self, utts: list[Utterance], generator: torch.Generator,
-                       fixed_tokens: int | None = None) -> list[list[int]]:
+                       fixed_tokens: int | None = None, run: RequestRun | None = None) -> list[list[int]]:
         """Several utterances through one LLM batch: prompts left-padded (the attention mask hides the
         padding), one decode step for all rows per token, each row sampled by its own sampler and
         stopped by its own stop token or length limit (a finished row idles until all are done)."""
-        model, dev = self.model, self.device
+        lm, dev = self.lm, self.device
+        run = run or RequestRun(self.model.stages)
         B = len(utts)
         steps = fixed_tokens if fixed_tokens is not None else max(u.max_tokens for u in utts)
         width = max(len(u.prompt_ids) for u in utts)
@@ -170,12 +244,12 @@ class Pipeline:
             ids[i, width - len(u.prompt_ids):] = torch.tensor(u.prompt_ids)
             mask[i, width - len(u.prompt_ids):] = 1
         out: list[list[int]] = [[] for _ in utts]
-        with self._timed("llm"):
-            decoder = self.runners["llm"].decoder(*model.llm_cache_shape(), batch=B, max_len=width + steps)
-            samplers = [model.make_sampler(u, generator, fixed_tokens) for u in utts]
+        with self.timed(run, self.stage_of[lm.graph]):
+            decoder = self._decoder(B, width + steps)
+            samplers = [self.model.make_sampler(u, generator, fixed_tokens) for u in utts]
             logits = decoder.prefill(ids.to(dev), mask.to(dev))
             done = [False] * B
-            idle = model.next_input_id(0)
+            idle = lm.next_input_id(0)
             for step in range(steps):
                 host = logits.float().cpu()  # one sync per step for the whole batch
                 feed = []
@@ -186,34 +260,33 @@ class Pipeline:
                         feed.append(idle)
                         continue
                     token = samplers[i](host[i], out[i], step)
-                    if fixed_tokens is None and model.is_stop(token):
+                    if fixed_tokens is None and lm.is_stop(token):
                         done[i] = True
                         feed.append(idle)
                         continue
                     out[i].append(token)
-                    feed.append(model.next_input_id(token))
+                    feed.append(lm.next_input_id(token))
                 if all(done) or step + 1 == steps:
                     break
                 logits = decoder.step(torch.tensor(feed, dtype=torch.int64, device=dev).view(B, 1))
         return out
 
     def synthesize_batch(self, texts: list[str], seed: int = 0, fixed_tokens: int | None = None,
-                         voice: str | None = None) -> "BatchResult":
+                         voice: str | None = None) -> BatchResult:
         """Several requests sharing every stage's calls (up to the spec's batch limit per call)."""
-        self.stage_seconds = {s: 0.0 for s in self.model.stages}
+        run = RequestRun(self.model.stages)
         generator = torch.Generator().manual_seed(seed)
-        t0 = time.perf_counter()
         speaker = self.model.make_speaker(None, None, voice)
         rows = [(k, self.model.make_utterance(s, speaker)) for k, text in enumerate(texts) for s in self.model.split_text(text)]
-        limit = min(spec.dim("B").max for name, spec in self.model.graph_specs().items()
-                    if name in self.runners and name != "flow_estimator")
+        limit = self.model.batch_limit(self.options)
         pieces: list[list[torch.Tensor]] = [[] for _ in texts]
         tokens: list[list[list[int]]] = [[] for _ in texts]
+        calls = self.calls(run)
         for start in range(0, len(rows), limit):
             group = rows[start:start + limit]
-            toks = self.generate_batch([u for _, u in group], generator, fixed_tokens)
+            toks = self.generate_batch([u for _, u in group], generator, fixed_tokens, run)
             keep = [(k, u, t) for (k, u), t in zip(group, toks) if t]
-            audio = self.model.token2wav_batch([t for _, _, t in keep], [u for _, u, _ in keep], self.run, generator,
+            audio = self.model.token2wav_batch([t for _, _, t in keep], [u for _, u, _ in keep], calls, generator,
                                                self.device) if keep else []
             for (k, _, t), a in zip(keep, audio):
                 pieces[k].append(a.float().cpu())
@@ -221,64 +294,86 @@ class Pipeline:
                 tokens[k].append(t)
         self._sync()
         audios = [torch.cat(p) if p else torch.zeros(0) for p in pieces]
-        return BatchResult(audios, self.model.sample_rate, dict(self.stage_seconds), time.perf_counter() - t0, tokens)
+        return BatchResult(audios, self.model.sample_rate, dict(run.stage_seconds), time.perf_counter() - run.t0, tokens)
 
     # -- whole request ----------------------------------------------------------------------------
     def synthesize(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
-                   voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None) -> SynthesisResult:
-        pieces = []
-        result = None
-        for chunk in self._run(text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream=False):
-            if isinstance(chunk, SynthesisResult):
-                result = chunk
-            else:
-                pieces.append(chunk)
-        result.audio = torch.cat(pieces) if pieces else torch.zeros(0)
-        return result
+                   voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None,
+                   speaker: dict | None = None) -> SynthesisResult:
+        """The whole audio of a request. `speaker`: conditioning made beforehand (the family's
+        `make_speaker` output), instead of prompt_wav / prompt_text / voice."""
+        stream = self.stream(text, prompt_wav, prompt_text, voice, seed, fixed_tokens, speaker, _streaming=False)
+        for _ in stream:
+            pass
+        return stream.result
 
     def stream(self, text: str, prompt_wav: str | None = None, prompt_text: str | None = None,
-               voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None):
-        """Audio chunks (CPU float32 [n]) as soon as they exist; `last_result` then holds the timings
-        (with `first_chunk_seconds`) and the tokens."""
-        self.last_result = None
-        pieces = []
-        for chunk in self._run(text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream=True):
-            if isinstance(chunk, SynthesisResult):
-                chunk.audio = torch.cat(pieces) if pieces else torch.zeros(0)
-                self.last_result = chunk
-            else:
-                pieces.append(chunk)
-                yield chunk
+               voice: str | None = None, seed: int = 0, fixed_tokens: int | None = None,
+               speaker: dict | None = None, _streaming: bool = True) -> "Stream":
+        """Audio chunks (CPU float32 [n]) as soon as they exist: iterate the returned `Stream`; its
+        `result` then holds the timings (with `first_chunk_seconds`), the tokens and the audio."""
+        return Stream(self, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, speaker, _streaming)
 
-    def _run(self, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, stream: bool):
-        self.stage_seconds = {s: 0.0 for s in self.model.stages}
+
+class Stream:
+    """One request's audio chunks; `result` (a SynthesisResult) once they are all out."""
+
+    def __init__(self, pipe: Pipeline, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, speaker, streaming):
+        self.result: SynthesisResult | None = None
+        self._chunks = self._produce(pipe, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, speaker, streaming)
+
+    def __iter__(self):
+        return self._chunks
+
+    def _produce(self, pipe: Pipeline, text, prompt_wav, prompt_text, voice, seed, fixed_tokens, speaker, streaming):
+        model, dev = pipe.model, pipe.device
+        run = RequestRun(model.stages)
+        calls = pipe.calls(run)
         generator = torch.Generator().manual_seed(seed)
-        t0 = time.perf_counter()
-        first = None
-        sentences = self.model.split_text(text)
-        speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
-        all_tokens, warnings = [], []
-        for sentence in sentences:
-            utt = self.model.make_utterance(sentence, speaker)
+        sentences = model.split_text(text)
+        if speaker is None:
+            speaker = model.make_speaker(prompt_wav, prompt_text, voice)
+        pieces = []
+        for index, sentence in enumerate(sentences):
+            pipe.observer.sentence(index, len(sentences))
+            utt = model.make_utterance(sentence, speaker)
             tokens: list[int] = []
-            if stream:
-                decoder = self.model.stream_decoder(utt, self.run, generator, self.device)
-                for token in self.tokens(utt, generator, fixed_tokens):
+            if streaming:
+                decoder = model.stream_decoder(utt, calls, generator, dev)
+                for token in pipe.tokens(utt, generator, fixed_tokens, run):
                     tokens.append(token)
                     for chunk in decoder.push(tokens):
-                        first = first if first is not None else time.perf_counter() - t0
-                        yield chunk.float().cpu()
+                        run.audio_arrived()
+                        pieces.append(chunk.float().cpu())
+                        yield pieces[-1]
                 chunks = decoder.finish(tokens) if tokens else []
             else:
-                tokens = self.generate(utt, generator, fixed_tokens)
-                chunks = [self.model.token2wav(tokens, utt, self.run, generator, self.device)] if tokens else []
+                tokens = pipe.generate(utt, generator, fixed_tokens, run)
+                chunks = [model.token2wav(tokens, utt, calls, generator, dev)] if tokens else []
             for chunk in chunks:
                 if chunk.numel():
-                    first = first if first is not None else time.perf_counter() - t0
-                    yield chunk.float().cpu()
-            all_tokens.append(tokens)
-            warnings += [f"sentence {len(all_tokens)}: {w}" for w in utt.warnings]
-        self._sync()
-        wall = time.perf_counter() - t0
-        yield SynthesisResult(torch.zeros(0), self.model.sample_rate, dict(self.stage_seconds), wall, all_tokens,
-                              sentences, warnings, first)
+                    run.audio_arrived()
+                    pieces.append(chunk.float().cpu())
+                    yield pieces[-1]
+            run.tokens.append(tokens)
+            run.warnings += [f"sentence {len(run.tokens)}: {w}" for w in utt.warnings]
+        pipe._sync()
+        audio = torch.cat(pieces) if pieces else torch.zeros(0)
+        self.result = SynthesisResult(audio, model.sample_rate, dict(run.stage_seconds),
+                                      time.perf_counter() - run.t0, run.tokens, sentences, run.warnings, run.first)
+
+
+class _Timed:
+    def __init__(self, pipe: Pipeline, run: RequestRun, stage: str, sync: bool):
+        self.pipe, self.run, self.stage, self.sync = pipe, run, stage, sync
+
+    def __enter__(self):
+        if self.sync:
+            self.pipe._sync()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            self.pipe._sync()
+        self.run.stage_seconds[self.stage] += time.perf_counter() - self.t0
+        return False

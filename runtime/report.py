@@ -37,7 +37,6 @@ reason.
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import math
@@ -69,14 +68,6 @@ LENGTHS = {
                    "out on the water, stories the children loved and the grown ups pretended not to believe, "
                    "until one evening the lights followed him all the way into the harbour"),
 }
-# backends whose calls share per-shape static buffers (captured CUDA graphs, a static KV cache, one
-# TensorRT execution context): concurrent requests in threads would overwrite each other's data
-NOT_THREAD_SAFE = {
-    "compile": "the compile backend keeps one static KV cache and captured buffers per shape, so concurrent "
-               "requests would overwrite each other (run one process per stream instead)",
-    "trt": "a TensorRT backend shares one execution context between calls, so concurrent requests would race",
-}
-ARTIFACT_KIND = {"ort": "onnx", "trt": "plan", "aoti": "pt2"}
 PLOTS = ("stage_times.png", "rtf_vs_length.png", "first_chunk_vs_concurrency.png")
 # metrics where a larger value is better (everything else: smaller is better)
 HIGHER_IS_BETTER = {"requests_per_s", "audio_s_per_s"}
@@ -167,13 +158,6 @@ def measure_length(pipe, req: Request, device: torch.device, warmup: int, reps: 
             "first_chunk_p95_ms": firsts["p95_ms"]}
 
 
-def batch_limit(pipe) -> int:
-    """Largest batch one call of every graph takes, as Pipeline.synthesize_batch computes it (the
-    flow estimator's batch dim covers the CFG pair, so it is left out)."""
-    specs = pipe.model.graph_specs()
-    return min(specs[g].dim("B").max for g in pipe.runners if g != "flow_estimator")
-
-
 def measure_batch(pipe, req: Request, batch: int, device: torch.device, warmup: int, reps: int, seed: int) -> dict:
     results = []
     timing = time_call(lambda: pipe.synthesize_batch([req.text] * batch, seed=seed, fixed_tokens=req.tokens), device,
@@ -190,10 +174,9 @@ def concurrent_round(pool: ThreadPoolExecutor, pipe, req: Request, level: int, s
     barrier = threading.Barrier(level)
 
     def worker(i: int):
-        mine = copy.copy(pipe)  # shares the backends; the per-request stage timers and results stay per thread
-        barrier.wait()
+        barrier.wait()  # the pipeline keeps no per-request state: every thread streams through it
         start = time.perf_counter()
-        return start, stream_once(mine, req, seed + i)
+        return start, stream_once(pipe, req, seed + i)
 
     # the calling thread serves one request, so concurrency 1 is exactly a single stream (with torch's
     # OpenMP on the CPU, a request on another thread runs slower than on the thread that owns the pool)
@@ -224,16 +207,17 @@ def measure_concurrency(pipe, req: Request, level: int, warmup: int, reps: int, 
 def artifacts_used(pipe, model, engines_dir: str | None) -> list[dict]:
     """The manifest entries (path, sha256 prefix) behind every artifact-backed graph of `pipe`."""
     from runtime.artifacts import Manifest, default_dir
-    from runtime.backends import split_choice
+    from runtime.backends import KINDS
 
     root = engines_dir or default_dir(model.name)
     manifest = Manifest.load(root, required=False)
     rows = []
-    for graph, runner in pipe.runners.items():
-        if runner.kind not in ARTIFACT_KIND:
+    for graph, loaded in pipe.loaded.items():
+        artifact_kind = KINDS[loaded.option.kind].artifact
+        if artifact_kind is None:
             continue
-        precision = split_choice(pipe.choice[runner.spec.stage])[1]
-        art = manifest.get(graph, precision, ARTIFACT_KIND[runner.kind])
+        precision = loaded.option.precision
+        art = manifest.get(graph, precision, artifact_kind)
         rows.append({"graph": graph, "precision": precision, "kind": art.kind, "path": manifest.abspath(art),
                      "sha256": art.sha256[:12], "bytes": art.bytes})
     return rows
@@ -260,22 +244,22 @@ def guarded(fn, *args) -> dict:
 
 
 def measure_backend(model, choice: str, device: torch.device, requests: list[Request], throughput: Request,
-                    batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log) -> dict:
-    from runtime.backends import split_choice
+                    batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log,
+                    options: dict | None = None) -> dict:
     from runtime.pipeline import Pipeline
 
     entry: dict = {"backend": choice}
     memory = MemoryPeak(device)
     t0 = time.perf_counter()
     try:
-        pipe = Pipeline(model, choice, device=str(device), engines_dir=engines_dir)
+        pipe = Pipeline(model, choice, device=str(device), engines_dir=engines_dir, options=options)
         pipe.activate()
     except SKIPPABLE as e:
         reason = skip_reason(e)
         log(f"  skipped: {reason}")
         return {**entry, "skipped": reason}
     entry["load_s"] = time.perf_counter() - t0
-    entry["stages"] = {s: ":".join(split_choice(c)) for s, c in pipe.choice.items()}
+    entry["stages"] = {pipe.stage_of[g]: str(x.option) for g, x in pipe.loaded.items()}
     entry["artifacts"] = artifacts_used(pipe, model, engines_dir)
     memory.sample()
     entry["lengths"] = {}
@@ -285,7 +269,7 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
         log(f"  {req.name:<10} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                                    f"{r['latency_median_ms']:9.1f} ms  RTF {r['rtf']:.4f}  first chunk "
                                    f"{r['first_chunk_median_ms']:.1f} ms"))
-    limit = batch_limit(pipe)
+    limit = model.batch_limit(pipe.options)
     entry["batch"] = {}
     for b in batches:
         if b > limit:
@@ -296,7 +280,7 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
         memory.sample()
         log(f"  batch {b:<4} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                                   f"{r['requests_per_s']:8.2f} req/s  {r['audio_s_per_s']:8.2f} audio-s/s"))
-    unsafe = sorted({NOT_THREAD_SAFE[r.kind] for r in pipe.runners.values() if r.kind in NOT_THREAD_SAFE})
+    unsafe = pipe.serial_reasons()
     entry["concurrency"] = {}
     for c in batches:
         r = {"skipped": "; ".join(unsafe)} if unsafe and c > 1 else \
@@ -311,12 +295,13 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
 
 
 def run_report(model, choices: list[str], device: torch.device, requests: list[Request], throughput: Request,
-               batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log) -> list[dict]:
+               batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log,
+               options: dict | None = None) -> list[dict]:
     results = []
     for choice in choices:
         log(f"{choice}:")
         results.append(measure_backend(model, choice, device, requests, throughput, batches, engines_dir, warmup,
-                                       reps, seed, log))
+                                       reps, seed, log, options))
         gc.collect()  # drop the pipeline's sessions and modules before the next backend's memory baseline
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -707,10 +692,7 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
     command = exact_command(ctx)
     dev = torch.device(check_device(device))
     tts = load_model(model, device=str(dev), seed=seed)
-    if flow_mode is not None:
-        if not hasattr(tts, "set_flow_mode"):
-            raise UserError(f"{tts.family} has no flow stage.", "leave out --flow-mode")
-        tts.set_flow_mode(flow_mode)
+    options = tts.resolve_options({"flow_mode": flow_mode})
     requests = resolve_lengths(lengths, tts.token_rate())
     by_name = {r.name: r for r in requests}
     throughput_length = throughput_length or requests[0].name
@@ -721,13 +703,13 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
     choices = backend_choices(backends)
     env = environment(dev)
     results = run_report(tts, choices, dev, requests, by_name[throughput_length], levels, engines_dir, warmup, reps,
-                         seed, click.echo)
+                         seed, click.echo, options)
     report = {"meta": {
         "model": tts.name, "model_source": tts.source, "family": tts.family, "random_weights": tts.random_weights,
         "stages": list(tts.stages), "device": str(dev), "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
         "environment": env, "token_rate": tts.token_rate(),
         "settings": {"reps": reps, "warmup": warmup, "batches": levels, "throughput_length": throughput_length,
-                     "seed": seed, "flow_mode": getattr(tts, "flow_mode", None), "engines_dir": engines_dir},
+                     "seed": seed, "options": options, "engines_dir": engines_dir},
         "lengths": {r.name: {"tokens": r.tokens, "nominal_audio_s": r.tokens / tts.token_rate(), "text": r.text}
                     for r in requests}},
         "backends": results}

@@ -15,6 +15,7 @@ import click
 import torch
 
 from models.errors import UserError, exit_on_user_error
+from runtime.pipeline import PipelineObserver
 
 # presets draw their random weights from seed * 1000 + stage, which torch.manual_seed takes up to 2**64 - 1
 SEED_MAX = 2**32 - 1
@@ -62,7 +63,8 @@ def check_utf8(value: str | None, option: str) -> None:
 @click.option("--tokens", "fixed_tokens", type=int, default=None,
               help="Generate exactly this many speech tokens per sentence (benchmarks; ignores stop tokens).")
 @click.option("--backend", "backends", default="torch", show_default=True,
-              help="One backend for all stages, or per stage: llm=torch,flow=ort,vocoder=ort.")
+              help="One backend for all stages (compile:bf16), or per stage: llm=compile:bf16,flow=ort:fp16,vocoder=ort; "
+                   "kind/kind tries several in order (flow=trt:fp16/compile:bf16/torch) and says which one runs.")
 @click.option("--engines-dir", default=None, help="Folder with exported artifacts (default engines/<model>).")
 @click.option("--precision", default="fp32", show_default=True, help="Artifact precision for ort/trt backends.")
 @click.option("--prompt-wav", default=None, help="Prompt recording for zero-shot voice cloning.")
@@ -112,27 +114,27 @@ def _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_token
     from runtime.pipeline import Pipeline
 
     model = load_model(model_name, device=device, seed=seed)
-    if flow_mode is not None:
-        if not hasattr(model, "set_flow_mode"):
-            raise UserError(f"{model.family} has no flow stage.", "leave out --flow-mode")
-        model.set_flow_mode(flow_mode)
+    options = model.resolve_options({"flow_mode": flow_mode})  # an option the family lacks fails here
     sentences = model.split_text(text)  # the tokenizer only: text with nothing to speak fails before the weights load
     if model.random_weights:
         click.echo(f"NOTE: {model.name} has RANDOM weights: its audio is noise; use it for speed, not for listening.", err=True)
-    pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision)
+    progress = SentenceProgress(len(sentences))
+    pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision, options=options,
+                    observer=progress)
     t0 = time.perf_counter()
     pipe.activate()  # load / build every backend first: the RTF below is the steady-state cost
-    click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", err=True)
-    for _ in range(warmup):
-        pipe.synthesize(text, prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
+    click.echo(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s ({pipe.describe_backends()})", err=True)
     request = dict(prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
-    with sentence_progress(model, len(sentences)):
+    for _ in range(warmup):
+        pipe.synthesize(text, **request)
+    with progress:
         if stream:
             # the writer takes each chunk as it arrives; the target appears only once the last is in
             with AudioWriter(out_path, pipe.model.sample_rate, stdout=audio_out) as writer:
-                for chunk in pipe.stream(text, **request):
+                chunks = pipe.stream(text, **request)
+                for chunk in chunks:
                     writer.write(chunk)
-                result = pipe.last_result
+                result = chunks.result
                 _check_audio(result)
         else:
             result = pipe.synthesize(text, **request)
@@ -141,9 +143,8 @@ def _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_token
     if not stream:
         _check_audio(result)
         save_wav(out_path, result.audio, result.sample_rate, stdout=audio_out)
-    backend_line = ", ".join(f"{s}={k}" for s, k in pipe.choice.items())
     target = "stdout" if audio_out is not None else out_path
-    click.echo(f"{model.name} on {device} ({backend_line}): {len(result.utterances)} sentence(s) -> {target}")
+    click.echo(f"{model.name} on {device} ({pipe.describe_backends()}): {len(result.utterances)} sentence(s) -> {target}")
     click.echo(result.summary())
 
 
@@ -153,26 +154,27 @@ def _check_audio(result) -> None:
                         "check the text, or pass --tokens N to force a length")
 
 
-@contextlib.contextmanager
-def sentence_progress(model, count: int):
-    """Progress per sentence on stderr (runtime/progress.py) when the text has several: the pipeline
-    asks the model for one utterance per sentence as it starts it, so that call is counted."""
-    if count < 2:
-        yield
-        return
-    from runtime.progress import Progress
+class SentenceProgress(PipelineObserver):
+    """Progress per sentence on stderr (runtime/progress.py) while the timed request runs, when the
+    text has several sentences; warm-up runs outside the `with` block are not shown."""
 
-    inner = model.make_utterance
-    with Progress("synthesize", count) as progress:
-        def counted(sentence, speaker):
-            progress.step("sentences")
-            return inner(sentence, speaker)
+    def __init__(self, count: int):
+        self.count, self.bar = count, None
 
-        model.make_utterance = counted
-        try:
-            yield
-        finally:
-            del model.make_utterance  # back to the class's method
+    def __enter__(self):
+        if self.count > 1:
+            from runtime.progress import Progress
+
+            self.bar = Progress("synthesize", self.count).__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        bar, self.bar = self.bar, None
+        return bar.__exit__(*exc) if bar is not None else False
+
+    def sentence(self, index: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.step("sentences")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ TINY_PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """Each tiny preset exported once (fp32 ONNX), through the CLI a user runs."""
+    """Each tiny preset exported once (fp32 ONNX), through the CLI a user runs. Without the exporter's
+    ONNX optimizer: its rewriter spends minutes on the unrolled flow solvers (test_export checks the
+    optimizer path on its own)."""
     from click.testing import CliRunner
 
     from export.cli import main as export_main
@@ -188,7 +190,8 @@ def exported(tmp_path_factory):
     dirs = {}
     for name in TINY_PRESETS:
         out = str(root / name)
-        res = CliRunner().invoke(export_main, ["onnx", "--model", name, "--out-dir", out], catch_exceptions=False)
+        res = CliRunner().invoke(export_main, ["onnx", "--model", name, "--out-dir", out, "--no-optimize"],
+                                catch_exceptions=False)
         assert res.exit_code == 0, res.output
         dirs[name] = out
     return dirs

@@ -25,15 +25,15 @@ def test_aoti_package_builds_loads_and_matches_eager(tmp_path):
     spec = model.graph_specs()["flow_encoder"]
     # the pipeline picks it per stage; other stages stay on torch
     pipe = Pipeline(model, "llm=torch,flow=torch,vocoder=torch", engines_dir=root)
-    from runtime.backends import create_backend
+    from runtime.backends import Option, create_backend
 
-    backend = create_backend("aoti", model, spec, torch.device("cpu"), engines_dir=root)
+    backend = create_backend(Option("aoti"), model, spec, torch.device("cpu"), engines_dir=root)
     for n in (4, 131):  # dynamic token count
         feed = spec.sample_feed({"N": n}, seed=n)
         got = backend.infer(feed)
         want = model.graph_module("flow_encoder")(feed["tokens"], feed["embedding"])
         assert torch.allclose(got["mu"], want[0], atol=1e-5) and torch.allclose(got["spks"], want[1], atol=1e-5)
-    assert pipe.choice["flow"] == "torch"
+    assert str(pipe.choice.first("flow")) == "torch"
     # a fresh interpreter without this repository on its path runs the package (weights inside)
     feed = spec.sample_feed({"N": 9}, seed=1)
     torch.save(feed, tmp_path / "feed.pt")

@@ -232,8 +232,14 @@ def test_no_audio_leaves_no_file(tmp_path, monkeypatch):
     """A stream that ends without audio used to leave a 44-byte WAV."""
     def empty(self, text, **kwargs):
         from runtime.pipeline import SynthesisResult
-        self.last_result = SynthesisResult(torch.zeros(0), 24000, {}, 0.0)
-        return iter(())
+
+        class NoAudio:
+            result = SynthesisResult(torch.zeros(0), 24000, {}, 0.0)
+
+            def __iter__(self):
+                return iter(())
+
+        return NoAudio()
 
     monkeypatch.setattr(Pipeline, "stream", empty)
     res = _run("synthesize", ["--text", "hi", "--stream", "--out", str(tmp_path / "out.wav"), *QUICK])

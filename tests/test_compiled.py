@@ -15,10 +15,11 @@ from models.errors import UserError
 from models.registry import load_model
 from models.sampling import apply_repetition_penalty, nucleus_keep, top_p_top_k_mask
 from runtime.backends.base import LLMDecoder
-from runtime.backends.compiled import PAD_RULES, CompiledBackend, bucket_size
+from models.orpheus import GRAMMAR as ORPHEUS_GRAMMAR
+from models.sampling import DeviceOrpheusSampler, DeviceRASSampler, orpheus_select, ras_select
+from runtime.backends.compiled import CompiledBackend, bucket_size
+from runtime.backends.static_cache import StaticCacheDecoder
 from runtime.backends.torch_eager import TorchBackend
-from runtime.llm_decode import (DeviceOrpheusSampler, DeviceRASSampler, StaticCacheDecoder, orpheus_select,
-                                ras_select)
 
 PRESETS = ("cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny")
 FP32_TOL = 1e-4
@@ -104,7 +105,7 @@ def test_padding_leaves_valid_region_unchanged(name, graph):
     offline and (estimator / solver) with static-chunk attention."""
     spec = model(name, "ref").graph_specs()[graph]
     mod = model(name, "ref").graph_module(graph)
-    rule = PAD_RULES[graph]
+    rule = spec.pad
     feed = spec.sample_feed(point(spec, graph), seed=5)
     n = spec.check_feed(feed)[rule.dim]
     chunks = [0, 4] if "chunk_frames" in feed else [None]
@@ -156,7 +157,7 @@ def test_graph_matches_eager(name, graph):
         assert rel_err(out[k], ref[k]) < FP32_TOL, k
     meta = cb.metadata()
     assert meta["kind"] == "compile" and meta["compile_seconds"] > 0
-    assert meta["shapes"] == ("exact" if graph == "vocoder" else f"bucketed {PAD_RULES[graph].dim}")
+    assert meta["shapes"] == ("exact" if graph == "vocoder" else f"bucketed {spec.pad.dim}")
     if graph != "vocoder":
         assert cb.padded_sizes(spec.check_feed(feed)) != spec.check_feed(feed)  # padding really happened
 
@@ -240,7 +241,8 @@ def _run_decoders(name, fast, steps=20, batch=1, mask=None, seed=0):
     """Prefill + `steps` steps through `fast` and through the explicit-cache decoder; max rel error."""
     m = model(name, "ref")
     spec = m.graph_specs()["llm"]
-    ref = LLMDecoder(TorchBackend(spec, "cpu", lambda: m.graph_module("llm")).activate(), *m.llm_cache_shape(), batch)
+    ref = LLMDecoder(TorchBackend(spec, "cpu", lambda: m.graph_module("llm")).activate().infer, torch.device("cpu"),
+                     *m.lm.cache_shape, batch)
     g = torch.Generator().manual_seed(seed)
     vocab = int(spec.inputs[0].fill.b)
     ids = torch.randint(0, vocab, (batch, 9), generator=g)
@@ -259,10 +261,10 @@ def test_inductor_decoder_matches_explicit():
     name = "cosyvoice3-tiny"
     m = model(name)
     cb = CompiledBackend(m.graph_specs()["llm"], "cpu", lambda: m.graph_module("llm"), compile_backend="inductor")
-    dec = cb.decoder(*m.llm_cache_shape(), batch=1, max_len=40)
+    dec = cb.decoder(*m.lm.cache_shape, batch=1, max_len=40)
     assert isinstance(dec, StaticCacheDecoder) and dec.max_len == 1024 and dec.compiled
     assert _run_decoders(name, dec) < FP32_TOL
-    assert cb.decoder(*m.llm_cache_shape(), batch=1, max_len=1000) is dec  # same bucket: reused, reset
+    assert cb.decoder(*m.lm.cache_shape, batch=1, max_len=1000) is dec  # same bucket: reused, reset
     assert dec.length == 0
     assert cb.metadata()["compile_seconds"] > 0
 
@@ -294,7 +296,7 @@ def test_static_decoder_emulated_graph(copy_logits):
 
 def test_fused_projections_share_memory():
     """fuse_projections re-points q/k/v and gate/up at one tensor each: same values, no extra copy."""
-    from runtime.llm_decode import fuse_projections
+    from runtime.backends.static_cache import fuse_projections
 
     fresh = load_model("orpheus-tiny")
     lm = fresh.graph_module("llm")
@@ -382,13 +384,11 @@ def test_orpheus_select_follows_vllm_rules():
     assert int(greedy) == int(apply_repetition_penalty(logits[None], history.tolist(), 1.3).argmax())
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
-def test_device_ras_sampler_state(compiled):
+def test_device_ras_sampler_state():
     v = 300
     logits = torch.randn(v, generator=torch.Generator().manual_seed(2))
     logits[250:] += 5.0  # stop tokens likely, once allowed
-    s = DeviceRASSampler(stop_from=250, vocab=v, min_len=6, device="cpu", seed=0, compile=compiled,
-                         compile_backend="aot_eager")
+    s = DeviceRASSampler(stop_from=250, vocab=v, min_len=6, device="cpu", seed=0)
     toks = [int(s(logits)) for _ in range(12)]
     assert all(t < 250 for t in toks[:6])
     assert any(t >= 250 for t in toks[6:])
@@ -399,32 +399,14 @@ def test_device_ras_sampler_state(compiled):
     assert [int(again(logits)) for _ in range(12)] == toks  # the seed fixes the stream
 
 
-def test_device_sampler_emulated_graph_same_stream():
-    """Graph path of the samplers (static logits / uniforms, state restored after warm-up): the same
-    tokens as the plain path for the same seed; a decoder's static logits can be bound directly."""
-    v = 300
-    logits = torch.randn(v, generator=torch.Generator().manual_seed(4))
-    plain = DeviceRASSampler(stop_from=250, vocab=v, min_len=3, device="cpu", seed=7)
-    buf = torch.zeros(1, v)
-    graphed = DeviceRASSampler(stop_from=250, vocab=v, min_len=3, device="cpu", seed=7, cuda_graph="emulate",
-                               logits_buffer=buf)
-    want = [int(plain(logits)) for _ in range(15)]
-    got = []
-    for _ in range(15):
-        buf.copy_(logits[None])
-        got.append(int(graphed(buf)))
-    assert got == want and graphed.graph is not None and int(graphed.count) == 15
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
-def test_device_orpheus_sampler_grammar_and_penalty(compiled):
+def test_device_orpheus_sampler_grammar_and_penalty():
     from models.snac import AUDIO_TOKEN_BASE, FRAME_TOKENS, ORPHEUS_CODEBOOK
     from models.speech_lm import ORPHEUS_STOP_TOKEN_ID
 
     vocab = model("orpheus-tiny").llm_cfg.vocab_size
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
-    s = DeviceOrpheusSampler(vocab, [5, 6, 7], ORPHEUS_STOP_TOKEN_ID, grammar=True, fixed=True, device="cpu", seed=0,
-                             compile=compiled, compile_backend="aot_eager")
+    s = DeviceOrpheusSampler(vocab, [5, 6, 7], ORPHEUS_STOP_TOKEN_ID, grammar=ORPHEUS_GRAMMAR, fixed=True,
+                             device="cpu", seed=0)
     assert s.seen[0, [5, 6, 7]].all() and int(s.seen.sum()) == 3
     toks = [int(s(logits)) for _ in range(2 * FRAME_TOKENS)]
     for i, t in enumerate(toks):
@@ -441,27 +423,27 @@ def test_device_orpheus_sampler_grammar_and_penalty(compiled):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_device_sampler_for_family_samplers(name):
-    """device_sampler_for builds the device twin of make_sampler's host sampler; a generation loop
+    """sampler.to_device builds the device twin of make_sampler's host sampler; a generation loop
     with it (static decoder, ids fed back on the device, one int() per token) produces valid tokens."""
-    from runtime.llm_decode import TokenReader, device_sampler_for
+    from tests.token_reader import TokenReader
 
     m = model(name)
     utt = m.make_utterance("hello world.", m.make_speaker(None, None))
     host = m.make_sampler(utt, torch.Generator().manual_seed(0), fixed_tokens=None)
     vocab = m.graph_specs()["llm"].outputs[0].shape[1]
-    ds = device_sampler_for(host, vocab, "cpu")
+    ds = host.to_device(vocab, "cpu")
     assert ds is not None and ds.generator.device.type == "cpu"
     dec = StaticCacheDecoder(m.graph_module("llm"), 1, len(utt.prompt_ids) + 16, "cpu", compile=False)
     logits = dec.prefill(torch.tensor([utt.prompt_ids]))
-    offset = m.next_input_id(0)
-    assert m.next_input_id(5) == offset + 5  # feeding back is affine in every family
+    offset = m.lm.next_input_id(0)
+    assert m.lm.next_input_id(5) == offset + 5  # feeding back is affine in every family
     reader = TokenReader(1, "cpu")
     tokens = []
     for step in range(12):
         tok = ds(logits)
         reader.start(tok)
         t = reader.wait()[0]
-        if m.is_stop(t):
+        if m.lm.is_stop(t):
             break
         tokens.append(t)
         logits = dec.step((tok + offset).view(1, 1))
@@ -470,36 +452,6 @@ def test_device_sampler_for_family_samplers(name):
         from models.snac import tokens_to_codes
 
         assert tokens_to_codes(tokens)[3].n_audio == len(tokens)
-
-
-def test_graph_path_generation_matches_plain_path():
-    """The intended GPU loop, emulated on the CPU: decoder graph with copy_logits=False, the sampler's
-    graph reading the decoder's static logits buffer directly, ids fed back on the device. Same seed
-    -> same tokens as the plain (no graph) path."""
-    from runtime.llm_decode import device_sampler_for
-
-    name = "cosyvoice3-tiny"
-    m = model(name)
-    utt = m.make_utterance("hello world.", m.make_speaker(None, None))
-    vocab = m.graph_specs()["llm"].outputs[0].shape[1]
-    offset = m.next_input_id(0)
-    runs = []
-    for graphs in ("off", "emulate"):
-        host = m.make_sampler(utt, torch.Generator().manual_seed(0), fixed_tokens=None)
-        dec = StaticCacheDecoder(m.graph_module("llm"), 1, 64, "cpu", compile=False, cuda_graphs=graphs,
-                                 copy_logits=graphs == "off")
-        opts = {"cuda_graph": graphs}
-        if graphs == "emulate":
-            opts["logits_buffer"] = dec.logits_out
-        ds = device_sampler_for(host, vocab, "cpu", **opts)
-        logits = dec.prefill(torch.tensor([utt.prompt_ids]))
-        tokens = []
-        for _ in range(15):
-            tok = ds(logits)
-            tokens.append(int(tok))
-            logits = dec.step((tok + offset).view(1, 1))
-        runs.append(tokens)
-    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("name,flow_mode", [("cosyvoice3-tiny", "solver"), ("cosyvoice2-tiny", "steps"),
@@ -511,11 +463,9 @@ def test_pipeline_with_compile_backends_matches_torch(name, flow_mode):
     from runtime.pipeline import Pipeline
 
     ref_model, run_model = load_model(name), load_model(name)
-    if flow_mode:
-        ref_model.set_flow_mode(flow_mode)
-        run_model.set_flow_mode(flow_mode)
-    ref = Pipeline(ref_model, "torch").synthesize("Hello there.", seed=1, fixed_tokens=21)
-    pipe = Pipeline(run_model, "torch")
+    options = {"flow_mode": flow_mode} if flow_mode else None
+    ref = Pipeline(ref_model, "torch", options=options).synthesize("Hello there.", seed=1, fixed_tokens=21)
+    pipe = Pipeline(run_model, "torch", options=options)
     specs = run_model.graph_specs()
     pipe.runners = {g: CompiledBackend(specs[g], "cpu", lambda g=g: run_model.graph_module(g), compile_backend=None,
                                        cuda_graphs="emulate") for g in pipe.runners}
@@ -548,7 +498,7 @@ def _gpu_capture_check(name, graph, compile_backend):
     for k in ref:
         assert rel_err(out2[k], out[k]) < 1e-6
     if graph != "vocoder":  # a shorter request in the same bucket: the padded tail must be refilled
-        dim = PAD_RULES[graph].dim
+        dim = spec.pad.dim
         feed3 = spec.sample_feed({**p, dim: p[dim] - 1}, seed=4, device="cuda")
         out3, ref3 = cb.infer(feed3), eager(name, graph, feed3, device="cuda")
         for k in ref3:
@@ -599,11 +549,11 @@ def test_gpu_decoder_cuda_graph_matches_explicit_without_syncs(name, compile_bac
     fresh = load_model(name)
     cb = CompiledBackend(fresh.graph_specs()["llm"], "cuda", lambda: fresh.graph_module("llm"),
                          compile_backend=compile_backend)
-    dec = cb.decoder(*fresh.llm_cache_shape(), batch=1, max_len=64)
+    dec = cb.decoder(*fresh.lm.cache_shape, batch=1, max_len=64)
     assert dec.graph is not None and dec.graph_mode == "cuda"
     spec = fresh.graph_specs()["llm"]
-    ref = LLMDecoder(TorchBackend(spec, "cuda", lambda: load_model(name).graph_module("llm")).activate(),
-                     *fresh.llm_cache_shape(), 1)
+    ref = LLMDecoder(TorchBackend(spec, "cuda", lambda: load_model(name).graph_module("llm")).activate().infer,
+                     torch.device("cuda"), *fresh.lm.cache_shape, 1)
     vocab = int(spec.inputs[0].fill.b)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, 9), generator=g).cuda()
@@ -622,17 +572,17 @@ def test_gpu_decoder_cuda_graph_matches_explicit_without_syncs(name, compile_bac
 
 @gpu
 @needs_cuda
-def test_gpu_device_samplers_capture_without_syncs():
+def test_gpu_device_samplers_run_without_syncs():
     from models.speech_lm import ORPHEUS_STOP_TOKEN_ID
 
     v = 6761
     logits = torch.randn(v, device="cuda")
     ras = DeviceRASSampler(stop_from=6561, vocab=v, min_len=2, device="cuda", seed=0)
     vocab = 156940
-    orp = DeviceOrpheusSampler(vocab, [1, 2, 3], ORPHEUS_STOP_TOKEN_ID, grammar=True, fixed=True, device="cuda",
-                               seed=0)
+    orp = DeviceOrpheusSampler(vocab, [1, 2, 3], ORPHEUS_STOP_TOKEN_ID, grammar=ORPHEUS_GRAMMAR, fixed=True,
+                               device="cuda", seed=0)
     big = torch.randn(vocab, device="cuda")
-    first = [int(ras(logits)), int(orp(big))]  # captures
+    first = [int(ras(logits)), int(orp(big))]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -640,7 +590,6 @@ def test_gpu_device_samplers_capture_without_syncs():
         b = [orp(big) for _ in range(10)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert ras.graph is not None and orp.graph is not None
     assert first[0] < 6561 and int(a[0]) < 6561  # min_len 2: no stop token yet
     assert len({int(t) for t in b}) > 1 and int(ras.count) == 11 and int(orp.audio_count) == 11
 

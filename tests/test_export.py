@@ -13,7 +13,7 @@ from export.cli import main as export_main
 from models.errors import UserError
 from models.registry import load_model
 from runtime.artifacts import Manifest, read_metadata, spec_from_onnx
-from runtime.backends import create_backend
+from runtime.backends import Option, create_backend
 from runtime.pipeline import Pipeline
 
 from tests.conftest import TINY_PRESETS as PRESETS
@@ -38,6 +38,30 @@ def test_every_graph_exported_with_metadata_and_hash(exported, name):
         assert not any("parametrizations" in i.name or "weight_g" in i.name for i in proto.graph.initializer)
         assert [i.name for i in proto.graph.input] == [t.name for t in spec.inputs]
         assert art.profiles[spec.inputs[0].name][2] == list(spec.profile()[spec.inputs[0].name][2])
+
+
+def test_optimized_export_equals_unoptimized(exported, tmp_path):
+    """The exporter's ONNX optimizer (the default for users; the shared fixture skips it for time)
+    changes the graph, not its outputs: on a small graph both files agree with torch and each other."""
+    import onnxruntime as ort
+
+    out = str(tmp_path / "opt")
+    res = CliRunner().invoke(export_main, ["onnx", "--model", "cosyvoice3-tiny", "--graphs", "flow_encoder",
+                                           "--out-dir", out], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    art = Manifest.load(out).get("flow_encoder", "fp32", "onnx")
+    assert art.built["optimized"] is True
+    plain = Manifest.load(exported["cosyvoice3-tiny"]).get("flow_encoder", "fp32", "onnx")
+    assert plain.built["optimized"] is False
+    spec = load_model("cosyvoice3-tiny").graph_specs()["flow_encoder"]
+    feed = {k: v.numpy() for k, v in spec.sample_feed({"N": 37}, seed=2).items()}
+    a = ort.InferenceSession(os.path.join(out, art.path)).run(None, feed)
+    b = ort.InferenceSession(os.path.join(exported["cosyvoice3-tiny"], plain.path)).run(None, feed)
+    for x, y in zip(a, b):
+        assert abs(x - y).max() <= 1e-5 * abs(y).max()
+    n_opt = len(onnx.load(os.path.join(out, art.path)).graph.node)
+    n_plain = len(onnx.load(os.path.join(exported["cosyvoice3-tiny"], plain.path)).graph.node)
+    assert n_opt < n_plain  # the optimizer really ran
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -67,8 +91,9 @@ def test_mixed_backends_and_flow_modes_agree(exported):
     mixed = Pipeline(model, "llm=torch,flow=ort,vocoder=ort", engines_dir=root).synthesize("Hello there.", seed=1, fixed_tokens=20)
     assert ref.tokens == mixed.tokens
     assert (ref.audio - mixed.audio).abs().max() < 1e-4
-    model.set_flow_mode("steps")  # host Euler loop over the exported estimator graph
-    steps = Pipeline(model, "ort", engines_dir=root).synthesize("Hello there.", seed=1, fixed_tokens=20)
+    # host Euler loop over the exported estimator graph
+    steps = Pipeline(model, "ort", engines_dir=root, options={"flow_mode": "steps"}).synthesize(
+        "Hello there.", seed=1, fixed_tokens=20)
     assert (ref.audio - steps.audio).abs().max() < 1e-4
 
 
@@ -97,7 +122,7 @@ def test_missing_and_tampered_artifacts(exported, tmp_path):
 def test_shape_beyond_profile_is_refused(exported):
     model = load_model("cosyvoice3-tiny")
     spec = model.graph_specs()["vocoder"]
-    backend = create_backend("ort", model, spec, torch.device("cpu"), engines_dir=exported["cosyvoice3-tiny"])
+    backend = create_backend(Option("ort"), model, spec, torch.device("cpu"), engines_dir=exported["cosyvoice3-tiny"])
     too_long = spec.sample_feed({"T": spec.dim("T").max + 1})
     with pytest.raises(UserError, match=r"graph vocoder: mel frames = 401 is outside the supported range \[4, 400\]"):
         backend.infer(too_long)

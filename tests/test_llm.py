@@ -13,10 +13,11 @@ from torch.export import Dim, export
 from models.checkpoint import read_state_dict
 from models.errors import UserError
 from models.sampling import (
+    _as_2d,
+    _nucleus,
+    _out,
     apply_repetition_penalty,
-    cosyvoice_sampling_ids,
     history_tensor,
-    nucleus_sampling,
     orpheus_sampling,
     ras_sampling,
     top_p_top_k_mask,
@@ -35,6 +36,24 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden", "llm")
 ATOL = 1e-4
 CV = ("cosyvoice2", "cosyvoice3")
 ALL = CV + ("orpheus",)
+
+
+def nucleus_sampling(logits, generator, top_p=0.8, top_k=25):
+    """Upstream `nucleus_sampling` (top-p and top-k together) for [V] or [B,V] logits: the rule
+    inside `ras_sampling`, exposed for the statistical test below."""
+    x, squeeze = _as_2d(logits, generator)
+    return _out(_nucleus(x, generator, top_p, top_k), squeeze, logits.device)
+
+
+def cosyvoice_sampling_ids(logits, history, generator, speech_token_size, ignore_eos, top_p=0.8, top_k=25,
+                           win_size=10, tau_r=0.1):
+    """Upstream `TransformerLM.sampling_ids` + `ras_sampling`, kept as the reference of upstream's
+    quirk: with `ignore_eos` (step < min_len) only logit index `speech_token_size` is masked, which
+    for CosyVoice3 is sos, not eos. Production (`models.sampling.RASSampler`) masks every stop index."""
+    if ignore_eos:
+        logits = logits.clone()
+        logits[..., speech_token_size] = float("-inf")
+    return ras_sampling(logits, history, generator, top_p, top_k, win_size, tau_r)
 
 
 def _io(name):

@@ -84,7 +84,7 @@ def test_per_stage_precisions(built):
     mixed = Pipeline(model, "llm=ort:int8,flow=ort:fp16,vocoder=ort:fp16", engines_dir=built["cosyvoice3-tiny"])
     res = mixed.synthesize("Hello there.", seed=2, fixed_tokens=16)
     assert res.audio.shape == ref.audio.shape and torch.isfinite(res.audio).all()
-    assert mixed.choice == {"llm": "ort:int8", "flow": "ort:fp16", "vocoder": "ort:fp16"}
+    assert mixed.choice.as_dict() == {"llm": "ort:int8", "flow": "ort:fp16", "vocoder": "ort:fp16"}
     with pytest.raises(UserError, match="backend torch has no precision 'int8'"):
         Pipeline(model, "llm=torch:int8")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.errors import UserError
-from models.spec import Dim, GraphSpec, TensorSpec, choice, const, integers, normal
+from models.spec import Dim, GraphSpec, TensorSpec, choice, integers, normal
 
 SPEC = GraphSpec(
     name="vocoder", stage="vocoder",

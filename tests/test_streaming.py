@@ -57,8 +57,9 @@ def test_cosyvoice3_stream_equals_offline_streaming_mode(tmp_path):
 def test_cosyvoice2_stream_crossfades_chunks():
     model = load_model("cosyvoice2-tiny")
     pipe = Pipeline(model, "torch")
-    chunks = list(pipe.stream("Hello there.", seed=3, fixed_tokens=140))
-    res = pipe.last_result
+    stream = pipe.stream("Hello there.", seed=3, fixed_tokens=140)
+    chunks = list(stream)
+    res = stream.result
     total = sum(c.numel() for c in chunks)
     assert total == 2 * 140 * 480 == res.audio.numel()
     # first chunk after 25 + 3 tokens; the held-back 3840 samples come with the next chunk

@@ -1,97 +1,172 @@
-"""Backend selection: `--backend torch`, or per stage `--backend llm=torch,flow=ort:fp16,vocoder=ort:int8`.
+"""The backend registry, backend choices and loading.
 
-A stage's choice is `kind[:precision]`; the precision defaults to the pipeline's `--precision`.
-Artifact precisions (ort, trt) are fp32 / fp16 / int8; torch runs its modules in fp32 / fp16 / bf16."""
+Every backend declares a `BackendKind` in its own file (`KIND`); adding a backend is one file and one
+line in `_MODULES`. A choice (`--backend`) is per stage a list of options tried in order:
+
+    torch                                  every stage on torch, fp32
+    compile:bf16                           every stage compiled in bf16
+    llm=compile:bf16,flow=ort:fp16         per stage (unnamed stages: torch)
+    flow=trt:fp16/compile:bf16/torch       a fallback chain: the first option that loads is used
+
+A stage's option is `kind[:precision]` (the precision defaults to the pipeline's). A fallback is used
+only when the choice names one: options are tried in order at load time (a plan for another GPU, a
+missing provider, a failed compile: anything raising UserError while loading and checking), and the
+one that runs is recorded with the reason each earlier option was passed over. Without `/`, a
+backend that cannot load is an error with its fix, never a silent substitute.
+"""
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
 
 import torch
 
 from models.errors import UserError
+from models.spec import GraphSpec
+from runtime.backends.base import Backend, BackendKind
 
-KINDS = ("torch", "compile", "aoti", "ort", "trt")
-PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "compile": ("fp32", "fp16", "bf16"), "aoti": ("fp32", "fp16"), "ort": ("fp32", "fp16", "int8"), "trt": ("fp32", "fp16", "int8")}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def split_choice(choice: str, default_precision: str = "fp32") -> tuple[str, str]:
-    kind, _, precision = choice.partition(":")
-    return kind, precision or default_precision
-
-
-def parse_backends(choice: str | dict, stages: tuple[str, ...]) -> dict[str, str]:
-    """Per-stage backend kinds from a string ("torch" or "llm=torch,flow=ort") or a dict."""
-    if isinstance(choice, dict):
-        table = dict(choice)
-    elif "=" not in choice:
-        table = {s: choice.strip() for s in stages}
-    else:
-        table = {}
-        for part in choice.split(","):
-            stage, sep, kind = part.partition("=")
-            if not sep or not stage.strip() or not kind.strip():
-                raise UserError(f"backend choice {part!r} is not of the form stage=kind.",
-                                f"write e.g. {','.join(f'{s}=torch' for s in stages)}")
-            table[stage.strip()] = kind.strip()
-    unknown_stages = sorted(set(table) - set(stages))
-    if unknown_stages:
-        raise UserError(f"this model has no stage named {', '.join(unknown_stages)}.",
-                        f"choose among the stages {', '.join(stages)}")
-    for stage in stages:
-        table.setdefault(stage, "torch")
-    for stage, value in table.items():
-        kind, precision = split_choice(value)
-        if kind not in KINDS:
-            raise UserError(f"unknown backend {kind!r} for stage {stage}.", f"choose one of {', '.join(KINDS)}")
-        if ":" in value and precision not in PRECISIONS[kind]:
-            raise UserError(f"backend {kind} has no precision {precision!r} (stage {stage}).",
-                            f"choose one of {', '.join(PRECISIONS[kind])}")
-    return table
+# one line per backend: its module under runtime/backends defines KIND
+_MODULES = ("torch_eager", "compiled", "aoti", "onnxrt", "tensorrt")
+KINDS: dict[str, BackendKind] = {}
+for _name in _MODULES:
+    _kind = importlib.import_module(f"runtime.backends.{_name}").KIND
+    KINDS[_kind.name] = _kind
 
 
-def create_backend(kind: str, model, spec, device: torch.device, engines_dir: str | None = None,
-                   precision: str = "fp32"):
-    if precision not in PRECISIONS.get(kind, (precision,)):
-        raise UserError(f"backend {kind} has no precision {precision!r}.", f"choose one of {', '.join(PRECISIONS[kind])}")
-    if kind == "torch":
-        from runtime.backends.torch_eager import TorchBackend
+@dataclass(frozen=True)
+class Option:
+    """One backend option of a stage: `kind[:precision]` (precision None: the pipeline's)."""
 
-        return TorchBackend(spec, device, lambda: model.graph_module(spec.name), TORCH_DTYPES[precision])
-    if kind == "compile":
-        from runtime.backends.compiled import CompiledBackend
+    kind: str
+    precision: str | None = None
 
-        # a private copy of the weights when casting, so a model shared with other backends keeps fp32
-        return CompiledBackend(spec, device, lambda: model.graph_module(spec.name), TORCH_DTYPES[precision],
-                               copy_module=precision != "fp32")
-    from runtime.artifacts import Manifest, default_dir
+    def resolved(self, default_precision: str) -> "Option":
+        return Option(self.kind, self.precision or default_precision)
 
+    def __str__(self) -> str:
+        return self.kind + (f":{self.precision}" if self.precision else "")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Per stage, the ordered options to try (one option: no fallback)."""
+
+    stages: dict = field(default_factory=dict)  # stage -> tuple[Option, ...]
+
+    @classmethod
+    def parse(cls, choice: "str | dict | BackendChoice", stages: tuple[str, ...]) -> "BackendChoice":
+        if isinstance(choice, BackendChoice):
+            return choice
+        if isinstance(choice, dict):
+            parts = [(s, v) for s, v in choice.items()]
+        elif "=" not in choice:
+            parts = [(s, choice) for s in stages]
+        else:
+            parts = []
+            for part in choice.split(","):
+                stage, sep, value = part.partition("=")
+                if not sep or not stage.strip() or not value.strip():
+                    raise UserError(f"backend choice {part!r} is not of the form stage=kind.",
+                                    f"write e.g. {','.join(f'{s}=torch' for s in stages)}")
+                parts.append((stage.strip(), value))
+        table: dict[str, tuple[Option, ...]] = {}
+        for stage, value in parts:
+            if stage not in stages:
+                raise UserError(f"this model has no stage named {stage}.", f"choose among the stages {', '.join(stages)}")
+            if stage in table:
+                raise UserError(f"the backend choice names stage {stage} twice.",
+                                f"give each stage one choice; try several in order with /, e.g. {stage}=compile:bf16/torch")
+            table[stage] = tuple(_option(stage, v) for v in value.split("/"))
+        return cls({s: table.get(s, (Option("torch"),)) for s in stages})
+
+    def first(self, stage: str) -> Option:
+        return self.stages[stage][0]
+
+    def as_dict(self) -> dict[str, str]:
+        return {s: "/".join(map(str, opts)) for s, opts in self.stages.items()}
+
+    def __str__(self) -> str:
+        return ",".join(f"{s}={v}" for s, v in self.as_dict().items())
+
+
+def _option(stage: str, text: str) -> Option:
+    kind, _, precision = text.strip().partition(":")
+    if kind not in KINDS:
+        raise UserError(f"unknown backend {kind!r} for stage {stage}.", f"choose one of {', '.join(KINDS)}")
+    if precision and precision not in KINDS[kind].precisions:
+        raise UserError(f"backend {kind} has no precision {precision!r} (stage {stage}).",
+                        f"choose one of {', '.join(KINDS[kind].precisions)}")
+    return Option(kind, precision or None)
+
+
+def model_ref(model) -> str:
+    """How a command line names this model (its preset name or its folder)."""
+    return model.name if model.source.startswith("preset:") else model.source
+
+
+def create_backend(option: Option, model, spec: GraphSpec, device: torch.device,
+                   engines_dir: str | None = None) -> Backend:
+    """The backend of one option for one graph (cheap: nothing is loaded until activate). Artifact
+    backends find their file in the manifest, check its sha256, and adopt the spec it was made for."""
+    from runtime.artifacts import Manifest, default_dir, spec_from_onnx
+
+    kind = KINDS[option.kind]
+    precision = option.precision or "fp32"
+    if precision not in kind.precisions:
+        raise UserError(f"backend {kind.name} has no precision {precision!r}.", f"choose one of {', '.join(kind.precisions)}")
+    device = torch.device(device)
+    if kind.artifact is None:
+        return kind.make(model, spec, device, precision)
     root = engines_dir or default_dir(model.name)
-    name = model.name if model.source.startswith("preset:") else model.source
-    out = f" --out-dir {engines_dir}" if engines_dir else ""
-    # the command that makes the missing or stale artifact, for every error below
-    make = {"ort": f"python -m export onnx --model {name}{out}" if precision == "fp32" else
-                   f"python -m export build --model {name}{out} --precision {precision}",
-            "aoti": f"python -m export build --model {name} --precision {precision} --aoti --device {device.type}{out}",
-            "trt": f"python -m export build --model {name} --precision {precision} --trt{out}"}.get(kind)
-    if make is None:
-        raise UserError(f"unknown backend {kind!r}.", f"choose one of {', '.join(KINDS)}")
+    fix = f"run {kind.rebuild_command(model_ref(model), precision, device, engines_dir)}"
     manifest = Manifest.load(root, required=False)
     if not manifest.artifacts:
-        raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", f"run {make}")
-    artifact = manifest.require(spec.name, precision, {"ort": "onnx", "aoti": "pt2", "trt": "plan"}[kind], fix=f"run {make}")
-    if kind == "trt":
-        onnx_art = manifest.get(spec.name, precision, "onnx")
-        if onnx_art is not None and artifact.source_sha256 and artifact.source_sha256 != onnx_art.sha256:
-            raise UserError(f"the {precision} plan of {spec.name} was built from an older ONNX file.", f"run {make}")
-    path = manifest.verify(artifact, fix=f"run {make}")
-    if kind == "ort":
-        from runtime.backends.onnxrt import OrtBackend
+        raise UserError(f"no exported artifacts in {root} for stage {spec.stage} ({spec.name}).", fix)
+    artifact = manifest.require(spec.name, precision, kind.artifact, fix=fix)
+    source = manifest.get(spec.name, precision, "onnx")
+    if kind.artifact != "onnx" and source is not None and artifact.source_sha256 and artifact.source_sha256 != source.sha256:
+        raise UserError(f"the {precision} {kind.artifact} of {spec.name} was built from an older ONNX file.", fix)
+    path = manifest.verify(artifact, fix=fix)
+    if kind.artifact == "onnx":
+        file_spec = spec_from_onnx(path)
+    elif artifact.spec:
+        file_spec = GraphSpec.from_dict(artifact.spec)
+    else:
+        raise UserError(f"the manifest entry of {path} does not say which graph spec it was built for.", fix)
+    return kind.make(file_spec, device, path, artifact.built, fix.removeprefix("run "), spec)
 
-        return OrtBackend(spec, device, path)
-    if kind == "aoti":
-        from runtime.backends.aoti import AotiBackend
 
-        return AotiBackend(spec, device, path, artifact.built, make)
-    from runtime.backends.tensorrt import TrtBackend
+@dataclass
+class Loaded:
+    """The backend that runs a graph, and why earlier options of its stage were passed over."""
 
-    return TrtBackend(spec, device, path, artifact.built, make)
+    backend: Backend
+    option: Option
+    passed_over: list = field(default_factory=list)  # [(option text, reason)]
+
+
+def load_backend(options: tuple[Option, ...], model, spec: GraphSpec, device: torch.device,
+                 engines_dir: str | None, default_precision: str) -> Loaded:
+    """The first option that loads for this graph. With one option, its error is raised as it is;
+    with a chain, each option is created and checked (`Backend.check`: load, and for compiling
+    backends a first compile), and the last error is raised only when none works."""
+    if len(options) == 1:
+        return Loaded(create_backend(options[0].resolved(default_precision), model, spec, device, engines_dir),
+                      options[0].resolved(default_precision))
+    tried = []
+    for opt in (o.resolved(default_precision) for o in options):
+        try:
+            backend = create_backend(opt, model, spec, device, engines_dir)
+            backend.check()
+            return Loaded(backend, opt, tried)
+        except Exception as e:  # noqa: BLE001 - a chain passes over whatever stops an option (compile errors too)
+            reason = e.problem if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}"
+            tried.append((str(opt), reason))
+    raise UserError(f"no backend in the chain {'/'.join(map(str, options))} loads for {spec.name}: "
+                    + "; ".join(f"{o}: {r}" for o, r in tried), "fix the last option or add one that loads (e.g. /torch)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""

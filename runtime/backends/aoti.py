@@ -5,19 +5,12 @@ from __future__ import annotations
 import torch
 
 from models.errors import UserError
-from models.spec import DTYPES, GraphSpec
-from runtime.backends.base import Backend
+from models.spec import DTYPES
+from runtime.backends.base import ArtifactBackend, BackendKind, cast_input
 
 
-class AotiBackend(Backend):
+class AotiBackend(ArtifactBackend):
     kind = "aoti"
-
-    def __init__(self, spec: GraphSpec, device, path: str, built: dict, rebuild: str):
-        super().__init__(spec, device)
-        self.path = path
-        self.built = built
-        self.rebuild = rebuild
-        self.runner = None
 
     def _activate(self) -> None:
         built_on = torch.device(self.built.get("device", "cpu")).type
@@ -34,15 +27,19 @@ class AotiBackend(Backend):
             raise UserError(f"cannot load {self.path}: {first[:200]}", f"rebuild it: {self.rebuild}") from None
         self.dtype = DTYPES.get(self.built.get("dtype", "float32"), torch.float32)
 
+    def _release(self) -> None:
+        self.runner = None
+
     def _infer(self, feed):
-        args = []
-        for t in self.spec.inputs:
-            x = feed[t.name].to(self.device)
-            args.append(x.to(self.dtype) if x.is_floating_point() else x)
+        args = [cast_input(self.spec, t.name, feed[t.name], self.device, self.dtype) for t in self.spec.inputs]
         with torch.inference_mode():
             out = self.runner(*args)
         out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         return {t.name: (o.float() if o.is_floating_point() else o) for t, o in zip(self.spec.outputs, out)}
 
     def metadata(self):
-        return {**super().metadata(), "file": self.path, **self.built}
+        return {**super().metadata(), **self.built}
+
+
+KIND = BackendKind("aoti", ("fp32", "fp16"), make=AotiBackend, artifact="pt2", build_flags=" --aoti --device {device}",
+                   doc="AOTInductor .pt2 packages, no model source needed")

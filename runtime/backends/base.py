@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import gc
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -116,20 +117,37 @@ class LLMDecoder:
 
 # -- module backends: one precision rule --------------------------------------------------------------
 def cast_module(module: torch.nn.Module, spec: GraphSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move `module` to `device` (in place) and cast its floating weights and buffers to `dtype`,
-    except those inside the spec's fp32 islands (`spec.fp32_scopes`), which stay float32: the
-    module's forward casts at their boundaries."""
+    """Move `module` to `device` (in place) and cast it to `dtype`, except the spec's fp32 islands
+    (`spec.fp32_scopes`: child modules or tensors), which stay float32: the module's forward casts at
+    their edges. Subtrees without an island are cast with `Module.to`, so modules that keep their
+    own float32 tables through a cast (RoPE frequencies) still do; islands never round-trip through
+    the low dtype."""
     module.to(device)
-    if dtype == torch.float32:
-        return module
-    for prefix, mod in module.named_modules():
-        for name, p in mod._parameters.items():
-            if p is not None and p.is_floating_point() and not spec.in_fp32_scope(f"{prefix}.{name}"):
-                p.data = p.data.to(dtype)
-        for name, b in mod._buffers.items():
-            if b is not None and b.is_floating_point() and not spec.in_fp32_scope(f"{prefix}.{name}"):
-                mod._buffers[name] = b.to(dtype)
+    if dtype != torch.float32:
+        _cast_outside_islands(module, spec, dtype)
     return module
+
+
+def _cast_outside_islands(module: torch.nn.Module, spec: GraphSpec, dtype: torch.dtype) -> None:
+    if not _holds_island(module, spec):
+        module.to(dtype)
+        return
+    for name, child in module.named_children():
+        if not spec.in_fp32_scope(name):
+            _cast_outside_islands(child, spec, dtype)
+    for table in (module._parameters, module._buffers):
+        for name, t in table.items():
+            if t is not None and t.is_floating_point() and not spec.in_fp32_scope(name):
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    table[name] = t.to(dtype)
+
+
+def _holds_island(module: torch.nn.Module, spec: GraphSpec) -> bool:
+    names = [n for n, _ in module.named_modules()] + [n for n, _ in module.named_parameters()] + \
+        [n for n, _ in module.named_buffers()]
+    return any(spec.in_fp32_scope(n) for n in names if n)
 
 
 def cast_input(spec: GraphSpec, name: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -162,3 +180,32 @@ class ArtifactBackend(Backend):
 
     def metadata(self) -> dict:
         return {**super().metadata(), "file": self.path}
+
+
+# -- the registry's entry per backend ---------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendKind:
+    """What the runtime needs to know about one backend, declared in the backend's own file.
+
+    make: module backends (artifact None): make(model, spec, device, precision) -> Backend;
+        artifact backends: the class, called as make(file_spec, device, path, built, rebuild, graph_spec).
+    artifact: the manifest artifact kind it runs ("onnx", "pt2", "plan") or None.
+    build_flags: what `python -m export build` needs to make that artifact ({device} is filled in).
+    concurrent: whether several requests may call `infer` at the same time (else `serial_reason`)."""
+
+    name: str
+    precisions: tuple[str, ...]
+    make: Callable
+    doc: str
+    artifact: str | None = None
+    build_flags: str = ""
+    concurrent: bool = True
+    serial_reason: str = ""
+
+    def rebuild_command(self, model_ref: str, precision: str, device: torch.device, engines_dir: str | None) -> str:
+        """The command that (re)makes this backend's artifact for `model_ref` at `precision`."""
+        out = f" --out-dir {engines_dir}" if engines_dir else ""
+        if self.artifact == "onnx" and precision == "fp32":
+            return f"python -m export onnx --model {model_ref}{out}"
+        flags = self.build_flags.format(device=torch.device(device).type)
+        return f"python -m export build --model {model_ref} --precision {precision}{flags}{out}"

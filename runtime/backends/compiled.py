@@ -61,8 +61,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.spec import DTYPES, GraphSpec, dtype_name
-from runtime.backends.base import Backend, cast_input, cast_module
+from models.spec import DTYPES, PRECISION_DTYPES, GraphSpec, dtype_name
+from runtime.backends.base import Backend, BackendKind, cast_input, cast_module
 from runtime.backends.cuda_graphs import capture, graph_mode
 
 def bucket_size(n: int, minimum: int = 16) -> int:
@@ -348,3 +348,14 @@ class CompiledBackend(Backend):
         if self._decoders:
             d["decoders"] = [x.metadata() for x in self._decoders.values()]
         return d
+
+
+KIND = BackendKind(
+    "compile", ("fp32", "fp16", "bf16"),
+    # a private copy of the weights when casting, so a model shared with other backends keeps fp32
+    make=lambda model, spec, device, precision: CompiledBackend(
+        spec, device, lambda: model.graph_module(spec.name), PRECISION_DTYPES[precision], copy_module=precision != "fp32"),
+    doc="torch.compile + CUDA graphs per shape bucket, static-cache LLM decode step",
+    concurrent=False,
+    serial_reason="the compile backend keeps one static KV cache and captured buffers per shape, so concurrent "
+                  "requests would overwrite each other")

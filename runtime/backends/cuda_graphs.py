@@ -76,7 +76,9 @@ def capture(fn, args, device: torch.device, mode: str, pool=None, warmup: int = 
     if after_warmup is not None:
         after_warmup()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: other threads of the process (a serving engine runs the LM and token2wav on
+    # separate threads and streams) may keep launching work while this thread captures
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outs = fn(*args)
     torch.cuda.synchronize(device)
     return graph, outs, t1 - t0, time.perf_counter() - t1

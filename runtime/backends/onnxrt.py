@@ -11,14 +11,13 @@ import numpy as np
 import torch
 
 from models.errors import UserError
-from models.spec import GraphSpec
-from runtime.artifacts import read_metadata, spec_from_onnx
-from runtime.backends.base import Backend
+from models.spec import DTYPES, GraphSpec
+from runtime.artifacts import read_metadata
+from runtime.backends.base import ArtifactBackend, BackendKind
 
+# ORT's IOBinding names element types by numpy dtype
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
        torch.bool: np.bool_}
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
-          "bool": torch.bool}
 GPU_FIX = ("install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime; "
            "pip install onnxruntime-gpu), or run this stage with another backend, e.g. --backend {stage}=torch")
 
@@ -29,12 +28,12 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-class OrtBackend(Backend):
+class OrtBackend(ArtifactBackend):
     kind = "ort"
 
-    def __init__(self, spec: GraphSpec, device, path: str, threads: int = 0):
-        super().__init__(spec, device)
-        self.path = path
+    def __init__(self, spec: GraphSpec, device, path: str, built: dict | None = None, rebuild: str = "",
+                 graph_spec: GraphSpec | None = None, threads: int = 0):
+        super().__init__(spec, device, path, built or {}, rebuild or "python -m export onnx", graph_spec)
         self.threads = threads
         self.session = None
         self.meta: dict = {}
@@ -65,12 +64,6 @@ class OrtBackend(Backend):
 
         providers = self.providers()
         self.meta = read_metadata(self.path)
-        file_spec = spec_from_onnx(self.path)
-        if [t.name for t in file_spec.inputs] != [t.name for t in self.spec.inputs] or \
-                [t.name for t in file_spec.outputs] != [t.name for t in self.spec.outputs]:
-            raise UserError(f"{self.path} was exported for other inputs/outputs than graph {self.spec.name} has now.",
-                            "export it again with python -m export onnx")
-        self.spec = file_spec  # the file's own dims (its export limits) are what it accepts
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -80,45 +73,43 @@ class OrtBackend(Backend):
             self.session = ort.InferenceSession(self.path, opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; the message is what helps
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"ONNX Runtime cannot load {self.path}: {first[:200]}",
-                            "export it again with python -m export onnx") from None
+            raise UserError(f"ONNX Runtime cannot load {self.path}: {first[:200]}", f"build it again: {self.rebuild}") from None
         if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise UserError(f"ONNX Runtime did not put {self.spec.name} on CUDA.", GPU_FIX.format(stage=self.spec.stage))
+
+    def _release(self) -> None:
+        self.session = None
 
     def _infer(self, feed):
         if self.device.type != "cuda":
             outs = self.session.run(None, {t.name: _host(feed[t.name], t.dtype) for t in self.spec.inputs})
             return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
-        sizes = self._sizes(feed)
+        sizes = self.spec.sizes_of(feed)
         io = self.session.io_binding()
         idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
         keep = []
         for t in self.spec.inputs:
-            x = feed[t.name].to(self.device, _TORCH[t.dtype]).contiguous()
+            x = feed[t.name].to(self.device, DTYPES[t.dtype]).contiguous()
             keep.append(x)
             io.bind_input(t.name, "cuda", idx, _NP[x.dtype], tuple(x.shape), x.data_ptr())
         outs = {}
         for t, shape in zip(self.spec.outputs, self.spec.output_shapes(sizes).values()):
-            y = torch.empty(shape, dtype=_TORCH[t.dtype], device=self.device)
+            y = torch.empty(shape, dtype=DTYPES[t.dtype], device=self.device)
             outs[t.name] = y
             io.bind_output(t.name, "cuda", idx, _NP[y.dtype], tuple(y.shape), y.data_ptr())
         self.session.run_with_iobinding(io)
         return outs
 
-    def _sizes(self, feed) -> dict[str, int]:
-        sizes = {}
-        for t in self.spec.inputs:
-            for s, n in zip(t.shape, feed[t.name].shape):
-                if isinstance(s, str) and s.isidentifier():
-                    sizes[s] = int(n)
-        return sizes
-
     def metadata(self):
-        m = {**super().metadata(), "file": self.path, "precision": self.meta.get("tts.precision", "?")}
+        m = {**super().metadata(), "precision": self.meta.get("tts.precision", "?")}
         if self.session is not None:
             m["providers"] = self.session.get_providers()
         return m
 
 
 def _host(x: torch.Tensor, dtype: str) -> np.ndarray:
-    return x.detach().to("cpu", _TORCH[dtype]).contiguous().numpy()
+    return x.detach().to("cpu", DTYPES[dtype]).contiguous().numpy()
+
+
+KIND = BackendKind("ort", ("fp32", "fp16", "int8"), make=OrtBackend, artifact="onnx",
+                   doc="ONNX Runtime, CPU or CUDA with IOBinding")

@@ -15,7 +15,7 @@ import torch
 
 from models.errors import UserError
 from models.spec import DTYPES, GraphSpec
-from runtime.backends.base import Backend
+from runtime.backends.base import ArtifactBackend, BackendKind
 
 INSTALL_FIX = "run ./setup_tensorrt.sh, or choose --backend ort for this stage"
 # The TensorRT support matrix allows exactly these pairs across major versions, and only for plans
@@ -91,17 +91,15 @@ def check_plan_matches(built: dict, rebuild: str, *, here: dict | None = None) -
                             f"{fix} (or build with --hardware-compat for any Ampere or newer GPU)")
 
 
-class TrtBackend(Backend):
+class TrtBackend(ArtifactBackend):
     kind = "trt"
     # TensorRT requires tensor addresses aligned to 256 bytes (IExecutionContext::setTensorAddress);
     # torch's CUDA allocator returns 512-byte aligned blocks, but a view into one may start anywhere.
     ALIGN = 256
 
-    def __init__(self, spec: GraphSpec, device, path: str, built: dict, rebuild: str):
-        super().__init__(spec, device)
-        self.path = path
-        self.built = built
-        self.rebuild = rebuild
+    def __init__(self, spec: GraphSpec, device, path: str, built: dict, rebuild: str,
+                 graph_spec: GraphSpec | None = None):
+        super().__init__(spec, device, path, built, rebuild, graph_spec)
         self.runtime = None
         self.engine = None
         self.context = None
@@ -159,13 +157,12 @@ class TrtBackend(Backend):
                 raise UserError(f"{self.path} has {t.name} as {dtype.name}, but graph {self.spec.name} has {t.dtype}.", fix)
         self.runtime, self.engine, self.context = runtime, engine, context
 
-    def deactivate(self) -> None:
+    def _release(self) -> None:
         """Free the plan's GPU memory: context, then engine, then runtime (reverse of creation)."""
         self.context = None
         self.engine = None
         self.runtime = None
         self._empty.clear()
-        super().deactivate()
 
     # -- running -----------------------------------------------------------------------------------
     def _bind(self, name: str, x: torch.Tensor) -> None:
@@ -225,3 +222,9 @@ class TrtBackend(Backend):
 
     def metadata(self):
         return {**super().metadata(), "file": self.path, **{k: v for k, v in self.built.items() if k != "flags"}}
+
+
+KIND = BackendKind("trt", ("fp32", "fp16", "int8"), make=TrtBackend, artifact="plan", build_flags=" --trt",
+                   doc="TensorRT plans from the same ONNX (strongly typed)", concurrent=False,
+                   serial_reason="a TensorRT backend shares one execution context between calls, so concurrent "
+                                 "requests would race")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from models.spec import dtype_name
-from runtime.backends.base import Backend, cast_input, cast_module
+from models.spec import PRECISION_DTYPES, dtype_name
+from runtime.backends.base import Backend, BackendKind, cast_input, cast_module
 
 
 class TorchBackend(Backend):
@@ -34,3 +34,10 @@ class TorchBackend(Backend):
 
     def metadata(self):
         return {**super().metadata(), "dtype": dtype_name(self.dtype)}
+
+
+KIND = BackendKind(
+    "torch", ("fp32", "fp16", "bf16"),
+    make=lambda model, spec, device, precision: TorchBackend(spec, device, lambda: model.graph_module(spec.name),
+                                                             PRECISION_DTYPES[precision]),
+    doc="our eager PyTorch modules")

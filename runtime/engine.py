@@ -1,0 +1,662 @@
+"""The serving engine: many requests at once, each streaming its audio back.
+
+    engine = Engine(load_model("cosyvoice3-tiny"), backends="compile:bf16", device="cuda").start()
+    handle = engine.submit("Hello there.", seed=1)
+    for chunk in handle:            # CPU float32 audio chunks as they are produced
+        ...
+    engine.stop()
+
+Three kinds of threads share the work (one process, one GPU):
+
+- the LM thread owns a `SlotDecoder` (runtime/backends/slot_decoder.py): requests' utterances join
+  the running decode batch at any step (one batched prefill for the arrivals of a step), every step
+  is one captured graph for all rows with sampling inside, the host reads the sampled ids once, and
+  a finished or cancelled utterance frees its row at once (rows are compacted);
+- one worker thread per active request runs the family's own stream decoder (models/streaming.py)
+  or offline token2wav, exactly as a single-request pipeline does, except that its graph calls go
+  to the batcher; it waits for its utterance's tokens without polling (the LM thread wakes it when
+  the next chunk can be made) and puts the audio chunks on the request's handle;
+- the batcher thread runs those graph calls batched: when every worker is waiting (or a few ms
+  have passed), it groups the pending calls by graph and by the shapes that may not differ, pads
+  the spec's bucketable dim where the family declared padding exact (`GraphSpec.pad`), runs each
+  group in as few calls as the spec's batch limit allows, earliest playback deadline first, and
+  hands every caller its own rows back.
+
+A request's audio does not depend on its neighbours: its tokens come from its own counter-based
+random stream (models/sampling.py `counter_uniforms`), its noise from its own generator, and
+batched rows are computed by the same graphs as single ones (within the float tolerance of the
+backend's kernels at another batch size).
+
+Admission: at most `max_streams` requests are active (one LM row each; the default follows from
+the KV cache memory); up to `max_queue` more wait, and beyond that `submit` raises `EngineFull`
+(with a retry hint) instead of growing without bound. A request that waits longer than
+`queue_timeout` fails with `EngineFull` too; `handle.cancel()` (or a client that goes away) frees its
+row at the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from models.errors import UserError
+from models.family import TTSModel
+from runtime.backends import BackendChoice
+from runtime.backends.slot_decoder import SlotDecoder
+from runtime.pipeline import Pipeline
+
+
+class EngineFull(UserError):
+    """The engine cannot take the request now; `retry_after` seconds is a fair guess for later."""
+
+    def __init__(self, problem: str, retry_after: float):
+        super().__init__(problem, f"retry in about {retry_after:.0f} s, or start the engine with more --max-streams")
+        self.retry_after = retry_after
+
+
+@dataclass
+class RequestStats:
+    """What one request did: times are seconds since it was submitted."""
+
+    submitted: float
+    admitted: float | None = None
+    first_audio: float | None = None
+    finished: float | None = None
+    audio_seconds: float = 0.0
+    tokens: list[list[int]] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk
+    chunk_seconds: list[float] = field(default_factory=list)  # audio in each chunk
+    warnings: list[str] = field(default_factory=list)
+
+    def underruns(self) -> int:
+        """Chunks that arrived after the audio before them had finished playing, playback starting
+        with the first chunk."""
+        if not self.chunk_times:
+            return 0
+        start, played, late = self.chunk_times[0], 0.0, 0
+        for t, s in zip(self.chunk_times, self.chunk_seconds):
+            if t > start + played + 1e-3:
+                late += 1
+            played += s
+        return late
+
+
+_END = object()
+
+
+class Handle:
+    """One submitted request: iterate it for audio chunks (CPU float32 [n]); `stats` afterwards.
+    Iteration raises the request's error (a UserError) if it failed."""
+
+    def __init__(self, request_id: int, sample_rate: int):
+        self.id = request_id
+        self.sample_rate = sample_rate
+        self.stats = RequestStats(time.perf_counter())
+        self._chunks: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+        self.error: Exception | None = None
+
+    def __iter__(self):
+        while True:
+            item = self._chunks.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def get(self, timeout: float | None = None):
+        """The next chunk, or None at the end (raises the request's error)."""
+        item = self._chunks.get(timeout=timeout)
+        if item is _END:
+            self._chunks.put(_END)  # later calls see the end too
+            if self.error is not None:
+                raise self.error
+            return None
+        return item
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def audio(self) -> torch.Tensor:
+        """Every chunk, concatenated (blocks until the request ends)."""
+        chunks = list(self)
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+
+    # -- engine side -------------------------------------------------------------------------------------
+    def _put(self, chunk: torch.Tensor) -> None:
+        now = time.perf_counter() - self.stats.submitted
+        if self.stats.first_audio is None:
+            self.stats.first_audio = now
+        seconds = chunk.numel() / self.sample_rate
+        self.stats.chunk_times.append(now)
+        self.stats.chunk_seconds.append(seconds)
+        self.stats.audio_seconds += seconds
+        self._chunks.put(chunk)
+
+    def _end(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.stats.finished = time.perf_counter() - self.stats.submitted
+        self._chunks.put(_END)
+
+
+@dataclass
+class _Utterance:
+    """One utterance's LM work, shared by its worker and the LM thread."""
+
+    prompt: list[int]
+    sampler: object
+    seed: int
+    max_new: int
+    fixed: bool
+    handle: Handle
+    tokens: list[int] = field(default_factory=list)
+    wake_at: int = 1  # the worker wants to run again once this many tokens exist
+    done: bool = False
+    error: UserError | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+# -- the batcher ---------------------------------------------------------------------------------------
+@dataclass
+class _Call:
+    graph: str
+    feed: dict
+    deadline: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: BaseException | None = None
+
+
+class GraphBatcher:
+    """Runs the workers' graph calls batched (see the module docstring)."""
+
+    def __init__(self, pipe: Pipeline, max_wait: float = 0.004):
+        self.pipe = pipe
+        self.max_wait = max_wait
+        self.cond = threading.Condition()
+        self.pending: list[_Call] = []
+        self.busy = 0  # workers running host code (not waiting on a call or on tokens)
+        self.running = False
+        self.stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
+        self.stage_seconds: dict[str, float] = {s: 0.0 for s in pipe.model.stages}
+        self.batch_sizes: deque = deque(maxlen=1000)  # rows per executed call
+
+    # worker side
+    def call(self, graph: str, feed: dict, deadline: float) -> dict:
+        c = _Call(graph, feed, deadline)
+        with self.cond:
+            self.pending.append(c)
+            self.busy -= 1
+            self.cond.notify_all()
+        c.done.wait()
+        with self.cond:
+            self.busy += 1
+        if c.error is not None:
+            raise c.error
+        return c.result
+
+    def worker_started(self) -> None:
+        with self.cond:
+            self.busy += 1
+
+    def worker_waiting(self, delta: int) -> None:
+        """A worker stops (-1) or resumes (+1) running host code while it waits for tokens."""
+        with self.cond:
+            self.busy -= delta
+            self.cond.notify_all()
+
+    # batcher side
+    def run(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_stream(self.stream)
+        while True:
+            with self.cond:
+                while self.running and not self.pending:
+                    self.cond.wait(0.1)
+                if not self.running and not self.pending:
+                    return
+                deadline = time.perf_counter() + self.max_wait
+                while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
+                    self.cond.wait(max(deadline - time.perf_counter(), 0))
+                calls, self.pending = self.pending, []
+            self._execute(calls)
+
+    def _execute(self, calls: list[_Call]) -> None:
+        groups: dict = {}
+        for c in calls:
+            try:
+                groups.setdefault(self._key(c), []).append(c)
+            except Exception as e:  # noqa: BLE001 - a malformed feed fails its own call only
+                c.error = e
+                c.done.set()
+        for key in sorted(groups, key=lambda k: min(c.deadline for c in groups[k])):
+            group = sorted(groups[key], key=lambda c: c.deadline)
+            spec = self.pipe.runners[group[0].graph].spec
+            limit = spec.dim("B").max if "B" in {d.name for d in spec.dims} else 1
+            batch: list[_Call] = []
+            rows = 0
+            for c in group:
+                n = self._rows(spec, c.feed)
+                if batch and rows + n > limit:
+                    self._run_batch(spec, batch)
+                    batch, rows = [], 0
+                batch.append(c)
+                rows += n
+            if batch:
+                self._run_batch(spec, batch)
+
+    @staticmethod
+    def _rows(spec, feed) -> int:
+        t = next((t for t in spec.inputs if t.shape and t.shape[0] == "B"), None)
+        return int(feed[t.name].shape[0]) if t is not None else 1
+
+    def _key(self, c: _Call) -> tuple:
+        """Calls with equal keys may share one graph call: same graph, same sizes of every dim but
+        the batch and the bucketable one, same values of the inputs without a batch dim."""
+        spec = self.pipe.runners[c.graph].spec
+        sizes = spec.check_feed(c.feed)
+        pad = spec.pad.dim if spec.pad is not None else None
+        fixed = tuple((d, n) for d, n in sorted(sizes.items()) if d not in ("B", pad))
+        scalars = tuple((t.name, tuple(c.feed[t.name].reshape(-1).tolist())) for t in spec.inputs
+                        if not (t.shape and t.shape[0] == "B"))
+        return c.graph, fixed, scalars
+
+    def _run_batch(self, spec, batch: list[_Call]) -> None:
+        graph = batch[0].graph
+        try:
+            if len(batch) == 1:
+                outs = [self.pipe.call(graph, batch[0].feed)]
+            else:
+                outs = self._batched(spec, graph, batch)
+            if self.stream is not None:
+                self.stream.synchronize()  # results complete before a worker reads them on the host
+            for c, o in zip(batch, outs):
+                c.result = o
+        except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error
+            for c in batch:
+                c.error = e
+        finally:
+            for c in batch:
+                c.done.set()
+
+    def _batched(self, spec, graph: str, batch: list[_Call]) -> list[dict]:
+        sizes = [spec.sizes_of(c.feed) for c in batch]
+        rows = [self._rows(spec, c.feed) for c in batch]
+        pad = spec.pad
+        target = dict(sizes[0])
+        if pad is not None:
+            target[pad.dim] = max(s[pad.dim] for s in sizes)
+        feed = {}
+        for t in spec.inputs:
+            if not (t.shape and t.shape[0] == "B"):
+                feed[t.name] = batch[0].feed[t.name]
+                continue
+            parts = []
+            for c, s in zip(batch, sizes):
+                x = c.feed[t.name]
+                want = spec.shape_of(t, {**s, **({pad.dim: target[pad.dim]} if pad else {}), "B": x.shape[0]})
+                if tuple(x.shape) != want:
+                    y = torch.full(want, pad.fill.get(t.name, 0), dtype=x.dtype, device=x.device)
+                    y[tuple(slice(0, n) for n in x.shape)] = x
+                    x = y
+                parts.append(x)
+            feed[t.name] = torch.cat(parts)
+        t0 = time.perf_counter()
+        out = self.pipe.call(graph, feed)
+        self.batch_sizes.append(sum(rows))
+        results, start = [], 0
+        for c, s, n in zip(batch, sizes, rows):
+            mine = {}
+            for t in spec.outputs:
+                want = spec.shape_of(t, {**s, "B": n})
+                o = out[t.name][start:start + n]
+                mine[t.name] = o[tuple(slice(0, k) for k in want)]
+            results.append(mine)
+            start += n
+        self.stage_seconds[spec.stage] = self.stage_seconds.get(spec.stage, 0.0) + time.perf_counter() - t0
+        return results
+
+
+class _Runner:
+    """The GraphRunner one request's token2wav calls graphs through."""
+
+    def __init__(self, batcher: GraphBatcher, options: dict, deadline):
+        self.batcher, self.options, self.deadline = batcher, options, deadline
+
+    def __call__(self, graph: str, feed: dict) -> dict:
+        return self.batcher.call(graph, feed, self.deadline())
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+class Engine:
+    """See the module docstring. `backends` as for the Pipeline; the LM stage runs with `torch` or
+    `compile` (continuous batching needs the static slot cache); flow and vocoder take any backend."""
+
+    def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
+                 engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
+                 max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
+                 queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
+                 prefill_limit: int = 16):
+        self.model = model
+        self.device = torch.device(device)
+        choice = BackendChoice.parse(backends, model.stages)
+        lm_stage = model.graph_specs()[model.lm.graph].stage
+        lm_option = choice.first(lm_stage).resolved(precision)
+        self._lm_stage = lm_stage
+        if lm_option.kind not in ("torch", "compile") or len(choice.stages[lm_stage]) > 1:
+            raise UserError(f"the engine runs the {lm_stage} stage with torch or compile (its continuous batching "
+                            f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
+                            f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
+        # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends
+        self.pipe = Pipeline(model, BackendChoice({**choice.stages, lm_stage: (choice.first(lm_stage),)}), device=device,
+                             engines_dir=engines_dir, precision=precision, options=options)
+        self.options = self.pipe.options
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[lm_option.precision]
+        lm_spec = model.graph_specs()[model.lm.graph]
+        self.max_len = max_len or min(lm_spec.dim("P").max, 2048)
+        if attention is None and lm_option.kind == "compile" and self.device.type == "cuda":
+            attention = "flex_grouped"
+        if attention is not None and attention.startswith("flex"):
+            self.max_len = -(-self.max_len // 128) * 128
+        self.max_streams = max_streams or self._default_streams(dtype)
+        self.max_queue = self.max_streams * 4 if max_queue is None else max_queue
+        self.queue_timeout = queue_timeout
+        self.first_audio_target = first_audio_target
+        self.prefill_limit = prefill_limit
+        self._lm_spec = (lm_option, dtype, attention)
+        self.decoder: SlotDecoder | None = None
+        self.batcher = GraphBatcher(self.pipe)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: deque = deque()  # handles not yet running (admission queue)
+        self._active: dict[int, threading.Thread] = {}
+        self._lm_queue: deque[_Utterance] = deque()
+        self._lm_cond = threading.Condition()
+        self._rows: list[_Utterance] = []
+        self._threads: list[threading.Thread] = []
+        self.running = False
+        self.lm_steps = 0
+        self.lm_batch_sizes: deque = deque(maxlen=1000)
+        self.lm_seconds = 0.0
+
+    def _default_streams(self, dtype: torch.dtype) -> int:
+        """As many rows as a fifth of the free device memory holds in KV cache (at most 256); 8 on the CPU."""
+        if self.device.type != "cuda":
+            return 8
+        layers, kvh, hd = self.model.lm.cache_shape
+        per_row = layers * kvh * hd * 2 * self.max_len * torch.finfo(dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        rows = max(1, min(256, int(free * 0.2 // per_row)))
+        return 1 << (rows.bit_length() - 1)
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+    def start(self, warm: bool = True) -> "Engine":
+        option, dtype, attention = self._lm_spec
+        lm = self.model.graph_module(self.model.lm.graph)
+        vocab = self.model.graph_specs()[self.model.lm.graph].outputs[0].shape[1]
+        spk = self.model.make_speaker(None, None)
+        probe = self.model.make_sampler(self.model.make_utterance("a", spk), torch.Generator(), None)
+        compile_step = option.kind == "compile"
+        self.pipe.activate()
+        self.decoder = SlotDecoder(lm, probe.slots(self.max_streams, vocab, self.device), self.model.lm.token_offset,
+                                   self.max_streams, self.max_len, self.device, dtype, compile=compile_step,
+                                   attention=attention)
+        self.running = True
+        self.batcher.running = True
+        lm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._threads = [threading.Thread(target=self._lm_loop, args=(lm_stream, warm), name="engine-lm", daemon=True),
+                         threading.Thread(target=self.batcher.run, name="engine-batcher", daemon=True)]
+        self._ready = threading.Event()
+        for t in self._threads:
+            t.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
+        return self
+
+    _start_error: BaseException | None = None
+
+    def stop(self) -> None:
+        """Finish: waiting requests fail, running ones are cancelled, threads end."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for h, _ in waiting:
+            h._end(EngineFull("the engine is shutting down.", 5.0))
+        with self._lock:
+            active = list(self._active.values())
+        for _, h in active:
+            h.cancel()
+        for t, _ in active:
+            t.join(timeout=30)
+        self.running = False
+        with self._lm_cond:
+            self._lm_cond.notify_all()
+        with self.batcher.cond:
+            self.batcher.running = False
+            self.batcher.cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def submit(self, text: str, voice: str | None = None, speaker: dict | None = None, seed: int = 0,
+               fixed_tokens: int | None = None, stream: bool = True, prompt_wav: str | None = None,
+               prompt_text: str | None = None) -> Handle:
+        """Queue a request; its audio arrives on the returned handle. Bad input raises UserError now
+        (nothing is queued); a full engine raises EngineFull."""
+        if not self.running:
+            raise UserError("the engine is not running.", "call Engine.start() first")
+        sentences = self.model.split_text(text)
+        if speaker is None:
+            speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
+        utts = [self.model.make_utterance(s, speaker) for s in sentences]
+        for u in utts:
+            self.decoder.room(len(u.prompt_ids), fixed_tokens or min(u.max_tokens, self.max_len - len(u.prompt_ids)))
+        handle = Handle(next(self._ids), self.model.sample_rate)
+        job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
+        with self._lock:
+            if len(self._active) < self.max_streams:
+                self._launch(job)
+            elif len(self._waiting) < self.max_queue:
+                self._waiting.append(job)
+            else:
+                raise EngineFull(f"the engine is full ({len(self._active)} streams running, {len(self._waiting)} "
+                                 f"waiting).", self._retry_after())
+        return handle
+
+    def synthesize(self, text: str, **kwargs) -> tuple[torch.Tensor, RequestStats]:
+        """One request, blocking: its whole audio and stats."""
+        handle = self.submit(text, **kwargs)
+        audio = handle.audio()
+        return audio, handle.stats
+
+    def _retry_after(self) -> float:
+        return max(1.0, 5.0 * (len(self._waiting) + 1) / max(self.max_streams, 1))
+
+    def _launch(self, job) -> None:
+        handle, spec = job
+        handle.stats.admitted = time.perf_counter() - handle.stats.submitted
+        t = threading.Thread(target=self._serve, args=(handle, spec), name=f"engine-req-{handle.id}", daemon=True)
+        self._active[handle.id] = (t, handle)
+        self.batcher.worker_started()
+        t.start()
+
+    def _finished(self, handle: Handle) -> None:
+        with self._lock:
+            self._active.pop(handle.id, None)
+            now = time.perf_counter()
+            while self._waiting and len(self._active) < self.max_streams:
+                job = self._waiting.popleft()
+                if now - job[0].stats.submitted > self.queue_timeout:
+                    job[0]._end(EngineFull(f"the request waited {self.queue_timeout:.0f} s for a free stream.",
+                                           self._retry_after()))
+                    continue
+                self._launch(job)
+
+    def stats(self) -> dict:
+        return {"active_streams": len(self._active), "queued": len(self._waiting), "max_streams": self.max_streams,
+                "lm_rows": len(self._rows), "lm_steps": self.lm_steps,
+                "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
+                "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
+                "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds}}
+
+    # -- a request's worker ----------------------------------------------------------------------------------
+    def _serve(self, handle: Handle, spec: dict) -> None:
+        stream = self.batcher.stream
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+        try:
+            generator = torch.Generator().manual_seed(spec["seed"])
+            runner = _Runner(self.batcher, self.options, lambda: self._deadline(handle))
+            for k, utt in enumerate(spec["utts"]):
+                if handle.cancelled:
+                    break
+                fixed = spec["fixed_tokens"]
+                max_new = fixed if fixed is not None else min(utt.max_tokens, self.max_len - len(utt.prompt_ids))
+                sampler = self.model.make_sampler(utt, torch.Generator(), fixed)
+                job = _Utterance(utt.prompt_ids, sampler, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF, max_new,
+                                 fixed is not None, handle)
+                decoder = self.model.stream_decoder(utt, runner, generator, self.device) if spec["stream"] else None
+                job.wake_at = decoder.tokens_for_next_chunk() if decoder is not None else max_new
+                with self._lm_cond:
+                    self._lm_queue.append(job)
+                    self._lm_cond.notify_all()
+                tokens = self._consume(job, decoder, handle)
+                handle.stats.tokens.append(tokens)
+                if handle.cancelled:
+                    break
+                if decoder is not None:
+                    chunks = decoder.finish(tokens) if tokens else []
+                else:
+                    chunks = [self.model.token2wav(tokens, utt, runner, generator, self.device)] if tokens else []
+                for c in chunks:
+                    if c.numel():
+                        handle._put(c.float().cpu())
+                handle.stats.warnings += [f"sentence {k + 1}: {w}" for w in utt.warnings]
+            handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
+        except UserError as e:
+            handle._end(e)
+        except Exception as e:  # noqa: BLE001 - the request fails with one line, the engine goes on
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            handle._end(UserError(f"the request failed inside the engine ({type(e).__name__}: {first}).",
+                                  "report it with the request; other requests are not affected"))
+        finally:
+            with self.batcher.cond:
+                self.batcher.busy -= 1
+                self.batcher.cond.notify_all()
+            self._finished(handle)
+
+    def _consume(self, job: _Utterance, decoder, handle: Handle) -> list[int]:
+        """Wait for the utterance's tokens, feeding the stream decoder whenever a chunk is due."""
+        while True:
+            with job.cond:
+                self.batcher.worker_waiting(1)
+                while not job.done and len(job.tokens) < job.wake_at and not handle.cancelled:
+                    job.cond.wait(0.5)
+                self.batcher.worker_waiting(-1)
+                tokens, done = list(job.tokens), job.done
+            if handle.cancelled:
+                return tokens
+            if job.error is not None:
+                raise job.error
+            if decoder is not None and tokens:
+                for c in decoder.push(tokens):
+                    if c.numel():
+                        handle._put(c.float().cpu())
+                job.wake_at = max(decoder.tokens_for_next_chunk(), len(tokens) + 1)
+            if done:
+                return tokens
+
+    def _deadline(self, handle: Handle) -> float:
+        """When the listener needs the next audio (perf_counter seconds): the first-audio target
+        until the first chunk, then the end of the audio sent so far."""
+        s = handle.stats
+        if s.first_audio is None:
+            return s.submitted + self.first_audio_target
+        return s.submitted + s.chunk_times[0] + s.audio_seconds
+
+    # -- the LM thread --------------------------------------------------------------------------------------
+    def _lm_loop(self, stream, warm: bool) -> None:
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+        try:
+            if warm:
+                self.decoder.capture_all()
+        except BaseException as e:  # noqa: BLE001 - start() raises it in the caller's thread
+            self._start_error = e
+            self.running = False
+        self._ready.set()
+        dec = self.decoder
+        while self.running:
+            with self._lm_cond:
+                while self.running and not self._rows and not self._lm_queue:
+                    self._lm_cond.wait(0.1)
+                arrivals = []
+                while self._lm_queue and len(self._rows) + len(arrivals) < dec.rows and len(arrivals) < self.prefill_limit:
+                    arrivals.append(self._lm_queue.popleft())
+            if not self.running:
+                break
+            t0 = time.perf_counter()
+            if arrivals:
+                start = len(self._rows)
+                try:
+                    first = dec.read(dec.prefill(start, [a.prompt for a in arrivals], [a.sampler for a in arrivals],
+                                                 [a.seed for a in arrivals]))
+                except UserError as e:
+                    for a in arrivals:
+                        self._finish_utterance(a, error=e)
+                    continue
+                self._rows += arrivals
+                self._deliver(first, range(start, start + len(arrivals)))
+            n = len(self._rows)
+            if n:
+                ids = dec.read(dec.step(n))
+                self.lm_steps += 1
+                self.lm_batch_sizes.append(n)
+                self._deliver(ids, range(n))
+            self.lm_seconds += time.perf_counter() - t0
+
+    def _deliver(self, ids: list[int], rows) -> None:
+        lm = self.model.lm
+        finished = []
+        for i, row in enumerate(rows):
+            job = self._rows[row]
+            t = ids[i]
+            stop = (not job.fixed and lm.is_stop(t)) or job.handle.cancelled
+            with job.cond:
+                if not stop:
+                    job.tokens.append(t)
+                if stop or len(job.tokens) >= job.max_new:
+                    job.done = True
+                    finished.append(row)
+                if job.done or len(job.tokens) >= job.wake_at:
+                    job.cond.notify_all()
+        for row in sorted(finished, reverse=True):  # compact: the last row moves into the hole
+            last = len(self._rows) - 1
+            if row != last:
+                self.decoder.move(row, last)
+                self._rows[row] = self._rows[last]
+            self._rows.pop()
+            self.decoder.free(last)
+
+    def _finish_utterance(self, job: _Utterance, error: UserError | None = None) -> None:
+        with job.cond:
+            job.done, job.error = True, error
+            job.cond.notify_all()

@@ -1,0 +1,295 @@
+"""python -m runtime.loadtest: how many listeners one engine serves, at a first-audio target.
+
+    python -m runtime.loadtest --model cosyvoice3-random --device cuda --backend compile:bf16 \\
+        --concurrency 1,8,32,64,128 --requests 64 --tokens 125 --json loadtest.json
+
+Closed loop (`--concurrency`): at each level C, C clients each send a request, read its audio as it
+streams, and send the next when it ends, until `--requests` requests are done. Open loop
+(`--rate R`): requests arrive as a Poisson process of R per second. Requests have a fixed number of
+speech tokens (`--tokens`; random weights rarely stop on their own), one sentence each, a seed each.
+
+Per level: audio seconds per wall second, first-audio latency p50/p95/p99 (submit to first chunk),
+underruns (a chunk that arrives after the audio before it has finished playing, playback starting at
+the first chunk; counted per stream), requests completed and failed. Capacity at the SLO: the largest
+level with p99 first audio <= --slo-ms and no underrun. The baseline, measured in the same run: the
+single-request Pipeline with the same backends, one request at a time (its streaming first audio and
+audio seconds per second). `--runs N` repeats every level N times and reports the median run.
+`--json` writes every number, `--plot` a PNG of throughput and latency against the level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+import torch
+
+from models.errors import UserError, exit_on_user_error
+
+TEXT = "The quick brown fox jumps over the lazy dog while the farmer watches from the porch"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def summarize_level(records: list[dict], wall: float, level: dict) -> dict:
+    ok = [r for r in records if r["error"] is None]
+    ttfa = [r["ttfa_s"] * 1e3 for r in ok if r["ttfa_s"] is not None]
+    audio = sum(r["audio_s"] for r in ok)
+    return {**level, "requests": len(ok), "failed": len(records) - len(ok), "wall_s": wall,
+            "audio_s_per_s": audio / wall if wall > 0 else 0.0,
+            "ttfa_ms": {"p50": percentile(ttfa, 50), "p95": percentile(ttfa, 95), "p99": percentile(ttfa, 99)},
+            "underruns": sum(r["underruns"] for r in ok),
+            "streams_with_underrun": sum(1 for r in ok if r["underruns"]),
+            "errors": sorted({r["error"] for r in records if r["error"]})[:5]}
+
+
+class EngineTarget:
+    """Requests through an in-process engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def request(self, text: str, seed: int, tokens: int) -> dict:
+        t0 = time.perf_counter()
+        try:
+            handle = self.engine.submit(text, seed=seed, fixed_tokens=tokens)
+            for _ in handle:
+                pass
+        except UserError as e:
+            return {"error": e.problem, "ttfa_s": None, "audio_s": 0.0, "underruns": 0,
+                    "latency_s": time.perf_counter() - t0}
+        s = handle.stats
+        return {"error": None, "ttfa_s": s.first_audio, "audio_s": s.audio_seconds, "underruns": s.underruns(),
+                "latency_s": s.finished}
+
+
+def closed_loop(target, concurrency: int, requests: int, tokens: int, text: str, seed0: int) -> dict:
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    records = []
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            rec = target.request(text, seed0 + i, tokens)
+            with lock:
+                records.append(rec)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize_level(records, time.perf_counter() - t0, {"concurrency": concurrency})
+
+
+def open_loop(target, rate: float, requests: int, tokens: int, text: str, seed0: int) -> dict:
+    rng = random.Random(seed0)
+    records, lock = [], threading.Lock()
+
+    def one(i):
+        rec = target.request(text, seed0 + i, tokens)
+        with lock:
+            records.append(rec)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(requests, 1024)) as pool:
+        at = 0.0
+        for i in range(requests):
+            at += rng.expovariate(rate)
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i)
+    return summarize_level(records, time.perf_counter() - t0, {"rate": rate})
+
+
+def baseline(pipe, requests: int, tokens: int, text: str, seed0: int) -> dict:
+    """The single-request pipeline, one streamed request at a time."""
+    records = []
+    t0 = time.perf_counter()
+    for i in range(requests):
+        start = time.perf_counter()
+        first, times, secs = None, [], []
+        stream = pipe.stream(text, seed=seed0 + i, fixed_tokens=tokens)
+        for chunk in stream:
+            now = time.perf_counter() - start
+            first = now if first is None else first
+            times.append(now)
+            secs.append(chunk.numel() / pipe.model.sample_rate)
+        played, late = 0.0, 0
+        for t, s in zip(times, secs):
+            late += t > times[0] + played + 1e-3
+            played += s
+        records.append({"error": None, "ttfa_s": first, "audio_s": sum(secs), "underruns": late,
+                        "latency_s": time.perf_counter() - start})
+    return summarize_level(records, time.perf_counter() - t0, {"concurrency": 1, "what": "sequential Pipeline"})
+
+
+def capacity(levels: list[dict], slo_ms: float) -> dict:
+    good = [lv for lv in levels if lv["failed"] == 0 and lv["requests"] and lv["underruns"] == 0
+            and lv["ttfa_ms"]["p99"] is not None and lv["ttfa_ms"]["p99"] <= slo_ms]
+    if not good:
+        return {"concurrency": None, "audio_s_per_s": None, "slo_ms": slo_ms,
+                "note": "no level met the SLO (p99 first audio and no underrun)"}
+    best = max(good, key=lambda lv: lv["audio_s_per_s"])
+    return {"concurrency": best.get("concurrency"), "rate": best.get("rate"), "audio_s_per_s": best["audio_s_per_s"],
+            "ttfa_p99_ms": best["ttfa_ms"]["p99"], "slo_ms": slo_ms}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median audio seconds per second (all of them kept in `runs`)."""
+    ordered = sorted(runs, key=lambda r: r["audio_s_per_s"])
+    return {**ordered[len(ordered) // 2], "runs": [{"audio_s_per_s": r["audio_s_per_s"], "ttfa_ms": r["ttfa_ms"],
+                                                    "underruns": r["underruns"]} for r in runs]}
+
+
+def write_plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in result["levels"] if lv.get("concurrency")]
+    if not levels:
+        return
+    x = [lv["concurrency"] for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(x, [lv["audio_s_per_s"] for lv in levels], "o-", label="engine")
+    a.axhline(result["baseline"]["audio_s_per_s"], color="gray", ls="--", label="sequential pipeline")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("concurrent streams")
+    a.set_ylabel("audio seconds per second")
+    a.legend()
+    for q in ("p50", "p99"):
+        b.plot(x, [lv["ttfa_ms"][q] for lv in levels], "o-", label=f"first audio {q}")
+    b.axhline(result["slo_ms"], color="red", ls=":", label="SLO")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrent streams")
+    b.set_ylabel("ms")
+    b.legend()
+    fig.suptitle(f"{result['meta']['model']} ({result['meta']['backend']}, {result['meta']['device_name']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _counts(value: str, what: str) -> list[int]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items or not all(v.isdigit() and int(v) > 0 for v in items):
+        raise UserError(f"{what} {value!r} is not a comma list of positive counts.", f"write e.g. {what} 1,8,32")
+    return [int(v) for v in items]
+
+
+@click.command()
+@click.option("--model", "model_name", default="cosyvoice3-tiny", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", "backends", default="torch", show_default=True, help="As for runtime.synthesize.")
+@click.option("--concurrency", default="1,2,4", show_default=True, help="Closed-loop levels.")
+@click.option("--rate", default=None, type=float, help="Open loop: Poisson arrivals per second (instead of levels).")
+@click.option("--requests", default=16, show_default=True, help="Requests per level.")
+@click.option("--tokens", default=50, show_default=True, help="Speech tokens per request.")
+@click.option("--runs", default=1, show_default=True, help="Repeat every level; the median run is reported.")
+@click.option("--slo-ms", default=300.0, show_default=True, help="First-audio target (p99) for the capacity.")
+@click.option("--max-streams", default=None, type=int, help="Engine rows (default: from memory).")
+@click.option("--baseline/--no-baseline", "with_baseline", default=True, show_default=True, help="Measure the sequential pipeline too.")
+@click.option("--json", "json_path", default=None)
+@click.option("--plot", "plot_path", default=None)
+@click.option("--seed", default=0, show_default=True)
+@exit_on_user_error
+def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, with_baseline,
+         json_path, plot_path, seed):
+    from models.files import write_text
+    from models.registry import load_model
+    from runtime.bench import environment
+    from runtime.engine import Engine
+    from runtime.pipeline import Pipeline
+    from runtime.synthesize import check_device
+
+    levels_in = _counts(concurrency, "--concurrency")
+    if requests < 1 or tokens < 1 or runs < 1:
+        raise UserError("--requests, --tokens and --runs must be at least 1.", "pass positive counts")
+    if rate is not None and rate <= 0:
+        raise UserError(f"--rate {rate} is not a positive rate.", "pass requests per second, e.g. --rate 10")
+    dev = torch.device(check_device(device))
+    model = load_model(model_name, device=str(dev), seed=seed)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731 - the table goes to stdout
+    t0 = time.perf_counter()
+    engine = Engine(model, backends, device=str(dev), max_streams=max_streams).start()
+    log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
+        f"{engine.decoder.metadata()}")
+    target = EngineTarget(engine)
+    warm = max(levels_in) if rate is None else min(requests, 32)
+    closed_loop(target, min(warm, engine.max_streams), min(warm, engine.max_streams) * 2, tokens, TEXT, 10**6)
+    log(f"warmed up ({time.perf_counter() - t0:.1f} s since start)")
+    levels = []
+    plan = [("rate", rate)] if rate is not None else [("concurrency", c) for c in levels_in]
+    for kind, value in plan:
+        results = []
+        for r in range(runs):
+            if kind == "rate":
+                results.append(open_loop(target, value, requests, tokens, TEXT, seed + 1000 * r))
+            else:
+                results.append(closed_loop(target, value, max(requests, value), tokens, TEXT, seed + 1000 * r))
+        lv = median_run(results)
+        lv["engine"] = engine.stats()
+        levels.append(lv)
+        log(f"{kind} {value}: {lv['audio_s_per_s']:.1f} audio-s/s, first audio p50 {lv['ttfa_ms']['p50']:.1f} / "
+            f"p99 {lv['ttfa_ms']['p99']:.1f} ms, underruns {lv['underruns']}, failed {lv['failed']}")
+    engine.stop()
+    base = None
+    if with_baseline:
+        pipe = Pipeline(model, backends, device=str(dev)).activate()
+        baseline(pipe, 1, tokens, TEXT, 10**6)  # warm-up
+        base = baseline(pipe, min(requests, 8), tokens, TEXT, seed)
+        log(f"baseline (sequential pipeline): {base['audio_s_per_s']:.1f} audio-s/s, first audio p50 "
+            f"{base['ttfa_ms']['p50']:.1f} ms")
+    env = environment(dev)
+    result = {"meta": {"model": model.name, "random_weights": model.random_weights, "backend": backends,
+                       "device": str(dev), "device_name": env["gpu"] or env["cpu"], "tokens": tokens,
+                       "requests_per_level": requests, "runs": runs, "max_streams": engine.max_streams,
+                       "when": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+                       "command": "python -m runtime.loadtest " + " ".join(sys.argv[1:])},
+              "slo_ms": slo_ms, "levels": levels, "capacity": capacity(levels, slo_ms), "baseline": base}
+    click.echo(f"{'level':>10} {'audio-s/s':>10} {'ttfa p50':>9} {'p95':>8} {'p99':>8} {'underruns':>9} {'done':>5}")
+    for lv in levels:
+        name = lv.get("concurrency") or f"{lv.get('rate')}/s"
+        t = lv["ttfa_ms"]
+        click.echo(f"{name!s:>10} {lv['audio_s_per_s']:10.1f} {t['p50'] or 0:9.1f} {t['p95'] or 0:8.1f} "
+                   f"{t['p99'] or 0:8.1f} {lv['underruns']:9d} {lv['requests']:5d}")
+    if base:
+        click.echo(f"{'baseline':>10} {base['audio_s_per_s']:10.1f} {base['ttfa_ms']['p50']:9.1f}")
+    cap = result["capacity"]
+    click.echo(f"capacity at p99 first audio <= {slo_ms:.0f} ms and no underrun: "
+               + (f"{cap['audio_s_per_s']:.1f} audio-s/s at concurrency {cap['concurrency']}" if cap["audio_s_per_s"]
+                  else cap["note"]))
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)) or ".", exist_ok=True)
+        write_text(json_path, json.dumps(result, indent=1, default=str))
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        write_plot(result, plot_path)
+    failed = sum(lv["failed"] for lv in levels)
+    if levels and all(lv["requests"] == 0 for lv in levels):
+        raise UserError(f"every request failed ({failed}); first: {levels[0]['errors'][:1]}", "see the errors above")
+
+
+if __name__ == "__main__":
+    main()

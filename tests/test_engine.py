@@ -1,0 +1,224 @@
+"""The serving engine on the tiny presets (CPU): continuous batching, batched token2wav, admission.
+
+The claims checked here: a request's tokens and audio are the same alone or among many others
+(arriving before, after, in between); a cancelled request frees its slot at once; requests join a
+running batch; a full engine refuses with EngineFull instead of queueing without bound; the slot
+decoder computes what the explicit-cache graph computes; the load test writes its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from models.errors import UserError
+from models.registry import load_model
+from models.sampling import counter_uniforms
+from runtime.backends.base import LLMDecoder
+from runtime.backends.slot_decoder import SlotDecoder
+from runtime.backends.torch_eager import TorchBackend
+from runtime.engine import Engine, EngineFull
+
+PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
+TEXT = "Hello there."
+TWO = "This is the first sentence of the request, long enough on its own. And this is the second one, also long!"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny graphs in several threads: one intra-op thread each keeps results independent of the batch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_counter_uniforms_are_per_row_and_uniform():
+    seeds = torch.tensor([1, 2, 3, 1])
+    steps = torch.tensor([0, 0, 0, 0])
+    u = counter_uniforms(seeds, steps)
+    assert torch.equal(u[0], u[3]) and not torch.equal(u[0], u[1])  # same (seed, step): same draws
+    # a row's draws do not depend on the other rows of the call
+    assert torch.equal(counter_uniforms(seeds[1:2], steps[1:2])[0], u[1])
+    big = counter_uniforms(torch.zeros(200_000, dtype=torch.int64), torch.arange(200_000))
+    assert big.min() >= 0 and big.max() < 1
+    assert abs(big.mean().item() - 0.5) < 3e-3 and abs(big.std().item() - (1 / 12) ** 0.5) < 3e-3
+    hist = torch.histc(big[:, 0], bins=10, min=0, max=1) / big.shape[0]
+    assert (hist - 0.1).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("name", ["cosyvoice3-tiny", "orpheus-tiny"])
+def test_slot_decoder_matches_explicit_cache(name):
+    """Logits of every row equal the explicit-cache graph's for the same prompts and tokens, with
+    rows of different prompt lengths prefilled together (right-padded) and compacted mid-way."""
+    m, ref_m = load_model(name), load_model(name)
+    spec = ref_m.graph_specs()["llm"]
+    vocab = spec.outputs[0].shape[1]
+    utt = m.make_utterance("x", m.make_speaker(None, None))
+    sampler = m.make_sampler(utt, torch.Generator(), 8)
+    logits_seen = {}
+    dec = SlotDecoder(m.graph_module("llm"), sampler.slots(4, vocab, "cpu"), m.lm.token_offset, 4, 64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    first = dec.read(dec.prefill(0, prompts, [sampler] * 3, [11, 12, 13]))
+    fed = [p + [m.lm.next_input_id(t)] for p, t in zip(prompts, first)]
+    # capture the step's logits by wrapping the head
+    head = dec.lm.head
+
+    def spy(h):
+        out = head(h)
+        logits_seen["last"] = out.float().clone()
+        return out
+
+    dec.lm.head = spy
+    for step in range(4):
+        if step == 2:  # row 0 leaves; row 2 moves into its place
+            dec.move(0, 2)
+            dec.free(2)
+            fed = [fed[2], fed[1]]
+        n = len(fed)
+        toks = dec.read(dec.step(n))
+        for i in range(n):
+            ref = LLMDecoder(TorchBackend(spec, "cpu", lambda: ref_m.graph_module("llm")).activate().infer,
+                             torch.device("cpu"), *ref_m.lm.cache_shape)
+            want = ref.prefill(torch.tensor([fed[i]]))[0]
+            assert rel(logits_seen["last"][i], want) < 1e-4, (step, i)
+        fed = [f + [m.lm.next_input_id(t)] for f, t in zip(fed, toks)]
+    dec.lm.head = head
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_request_alone_equals_request_among_others(name):
+    """Same seed, same request: same tokens and audio alone or among 31 others (arriving in any
+    order), streamed; and the offline (non-streamed) request gives the same tokens."""
+    model = load_model(name)
+    with Engine(model, "torch", max_streams=32) as engine:
+        alone = engine.submit(TEXT, seed=7, fixed_tokens=28)
+        audio_alone = alone.audio()
+        others = [engine.submit("A different sentence for a neighbour.", seed=s, fixed_tokens=20 + s % 9)
+                  for s in range(16)]
+        probe = engine.submit(TEXT, seed=7, fixed_tokens=28)
+        others += [engine.submit("Another one.", seed=100 + s, fixed_tokens=30) for s in range(15)]
+        audio_crowd = probe.audio()
+        for h in others:
+            h.audio()
+        offline = engine.submit(TEXT, seed=7, fixed_tokens=28, stream=False)
+        offline.audio()
+        stats = engine.stats()
+    assert probe.stats.tokens == alone.stats.tokens == offline.stats.tokens
+    assert audio_alone.numel() > 0 and audio_crowd.shape == audio_alone.shape
+    assert rel(audio_crowd, audio_alone) < 1e-5
+    assert stats["lm_batch_mean"] > 4  # the crowd really shared decode steps
+    assert stats["token2wav_batch_mean"] > 1  # and token2wav calls
+
+
+def test_stops_on_its_own_and_multiple_sentences():
+    """Without a fixed count a request ends at its stop token or its length limit; several sentences
+    come back in order, each with its own tokens."""
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=4) as engine:
+        h = engine.submit(TWO, seed=3)
+        audio = h.audio()
+    assert len(h.stats.tokens) == 2 and all(len(t) > 0 for t in h.stats.tokens)
+    utts = [model.make_utterance(s, model.make_speaker(None, None)) for s in model.split_text(TWO)]
+    assert all(len(t) <= u.max_tokens for t, u in zip(h.stats.tokens, utts))
+    assert audio.numel() == sum(len(t) for t in h.stats.tokens) * 2 * 480
+
+
+def test_cancel_frees_the_slot_and_joining_mid_run():
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=2, max_queue=4) as engine:
+        long = engine.submit(TEXT, seed=1, fixed_tokens=400)
+        first = long.get(timeout=30)  # it is running
+        assert first is not None
+        joiner = engine.submit(TEXT, seed=2, fixed_tokens=30)  # joins the running batch
+        long.cancel()
+        with pytest.raises(UserError, match="the request was cancelled"):
+            for _ in long:
+                pass
+        joined = joiner.audio()
+        assert joined.numel() == 30 * 2 * 480
+        deadline = time.time() + 10
+        while engine.stats()["lm_rows"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["lm_rows"] == 0 and engine.stats()["active_streams"] == 0
+        assert len(long.stats.tokens[0]) < 400  # stopped early
+        again = engine.submit(TEXT, seed=2, fixed_tokens=30)  # the freed slot serves again
+        assert rel(again.audio(), joined) < 1e-5 and again.stats.tokens == joiner.stats.tokens
+
+
+def test_full_engine_refuses_with_retry_hint():
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=1, max_queue=1) as engine:
+        running = engine.submit(TEXT, seed=1, fixed_tokens=200)
+        waiting = engine.submit(TEXT, seed=2, fixed_tokens=10)
+        with pytest.raises(EngineFull) as err:
+            engine.submit(TEXT, seed=3, fixed_tokens=10)
+        assert err.value.retry_after >= 1 and "the engine is full (1 streams running, 1 waiting)" in str(err.value)
+        running.cancel()
+        assert waiting.audio().numel() == 10 * 2 * 480  # admitted once the row was free
+        assert waiting.stats.admitted > 0
+
+
+def test_bad_requests_fail_before_queueing():
+    model = load_model("orpheus-tiny")
+    with Engine(model, "torch", max_streams=2) as engine:
+        with pytest.raises(UserError, match="unknown Orpheus voice 'nobody'"):
+            engine.submit(TEXT, voice="nobody")
+        with pytest.raises(UserError, match="the text to synthesize is empty"):
+            engine.submit("   ")
+        with pytest.raises(UserError, match=r"more than the \d+ cache columns of this engine"):
+            engine.submit(TEXT, fixed_tokens=100_000)
+        assert engine.stats()["active_streams"] == 0
+
+
+def test_engine_refuses_an_lm_backend_without_slots():
+    with pytest.raises(UserError, match="the engine runs the llm stage with torch or compile"):
+        Engine(load_model("cosyvoice3-tiny"), "llm=ort")
+
+
+def test_emulated_graphs_give_the_same_tokens():
+    """The CUDA-graph bookkeeping of the slot decoder (one graph per batch bucket) on the CPU."""
+    name = "cosyvoice3-tiny"
+    runs = []
+    for graphs in (None, "emulate"):
+        m = load_model(name)
+        utt = m.make_utterance(TEXT, m.make_speaker(None, None))
+        s = m.make_sampler(utt, torch.Generator(), 20)
+        vocab = m.graph_specs()["llm"].outputs[0].shape[1]
+        dec = SlotDecoder(m.graph_module("llm"), s.slots(4, vocab, "cpu"), m.lm.token_offset, 4, 64, "cpu",
+                          cuda_graphs=graphs)
+        dec.capture_all()
+        toks = [dec.read(dec.prefill(0, [utt.prompt_ids] * 3, [s] * 3, [1, 2, 3]))]
+        for _ in range(10):
+            toks.append(dec.read(dec.step(3)))
+        runs.append(toks)
+        if graphs:
+            assert dec.metadata()["graphs"] == len(dec.buckets) == 3
+    assert runs[0] == runs[1]
+
+
+def test_loadtest_json(tmp_path):
+    from runtime.loadtest import main
+
+    out = tmp_path / "lt.json"
+    res = CliRunner().invoke(main, ["--model", "cosyvoice3-tiny", "--concurrency", "1,3", "--requests", "3",
+                                    "--tokens", "28", "--json", str(out), "--plot", str(tmp_path / "lt.png")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 3]
+    for lv in data["levels"]:
+        assert lv["requests"] == 3 and lv["failed"] == 0 and lv["audio_s_per_s"] > 0
+        assert set(lv["ttfa_ms"]) == {"p50", "p95", "p99"} and lv["ttfa_ms"]["p50"] <= lv["ttfa_ms"]["p99"]
+        assert isinstance(lv["underruns"], int)
+    assert data["baseline"]["requests"] == 3 and data["baseline"]["audio_s_per_s"] > 0
+    assert set(data["capacity"]) >= {"concurrency", "audio_s_per_s", "slo_ms"}
+    assert (tmp_path / "lt.png").stat().st_size > 1000
