@@ -51,7 +51,9 @@ class Limits:
 
 
 TINY_LIMITS = Limits(max_batch=2, llm_new=256, llm_past=512, llm_past_opt=64, flow_tokens=200, flow_tokens_opt=20)
-REAL_LIMITS = Limits(max_batch=4, llm_new=512, llm_past=4096, llm_past_opt=256, flow_tokens=1500, flow_tokens_opt=100)
+# max_batch: rows per call of every graph: the serving engine packs up to this many streams' flow
+# chunks into one solver call (the estimator's CFG batch is twice that)
+REAL_LIMITS = Limits(max_batch=32, llm_new=512, llm_past=4096, llm_past_opt=256, flow_tokens=1500, flow_tokens_opt=100)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class Orpheus(TTSModel):
 
     def __init__(self, name: str, source: str, llm_cfg: DecoderConfig, snac_cfg: SNACConfig, tokenizer,
                  folders: dict | None, max_frames: tuple[int, int], seed: int = 0, device: str = "cpu",
-                 llm_limits: tuple[int, int, int, int] = (8, 1024, 4096, 256)):
+                 llm_limits: tuple[int, int, int, int] = (8, 1024, 4096, 256), vocoder_batch: int = 64):
         super().__init__(name, source, random_weights=folders is None)
         self.llm_cfg = llm_cfg
         self.snac_cfg = snac_cfg
@@ -49,6 +49,7 @@ class Orpheus(TTSModel):
         self.seed = seed
         self.build_device = torch.device(device)
         self.llm_limits = llm_limits  # (max batch, max new tokens per call, max cached, typical cached)
+        self.vocoder_batch = vocoder_batch  # SNAC windows per vocoder call (a serving engine packs streams)
         self.sample_rate = snac_cfg.sampling_rate
         if llm_cfg.vocab_size <= AUDIO_TOKEN_BASE + FRAME_TOKENS * ORPHEUS_CODEBOOK - 1:
             raise UserError(f"the LLM vocabulary ({llm_cfg.vocab_size}) does not hold Orpheus' audio tokens.",
@@ -60,7 +61,8 @@ class Orpheus(TTSModel):
         c = self.llm_cfg
         return {"llm": llm_graph_spec(c.num_layers, c.num_kv_heads, c.head_dim, c.vocab_size, c.vocab_size,
                                       *self.llm_limits),
-                "vocoder": graph_spec(self.snac_cfg, frames=(1, self.max_frames[0], self.max_frames[1]))}
+                "vocoder": graph_spec(self.snac_cfg, frames=(1, self.max_frames[0], self.max_frames[1]),
+                                      batch=(1, 1, self.vocoder_batch))}
 
     def graph_specs(self):
         return self._specs
@@ -173,7 +175,7 @@ def from_preset(name: str, family: str, size: str, device: str = "cpu", seed: in
                           decoder_rates=(8, 8, 4, 2), attn_window_size=None, codebook_size=4096, codebook_dim=8,
                           vq_strides=(4, 2, 1), noise=True, depthwise=True)
         return Orpheus(name, f"preset:{name}", _tiny_llm(), snac, tokenizer, None, (16, 120), seed, device,
-                       llm_limits=(2, 256, 1536, 64))
+                       llm_limits=(2, 256, 1536, 64), vocoder_batch=8)
     llm = DecoderConfig.from_hf_config(read_hf_config(os.path.join(CONFIG_DIR, "orpheus-3b.json")))
     return Orpheus(name, f"preset:{name}", llm, SNAC_24KHZ, tokenizer, None, (64, 600), seed, device)
 

@@ -76,6 +76,11 @@ class Backend(abc.ABC):
     def metadata(self) -> dict:
         return {"kind": self.kind, "graph": self.spec.name, "device": str(self.device)}
 
+    def preferred_rows(self, n: int) -> int:
+        """How many rows a caller batching n rows should send (padding with copies of a row); backends
+        with one graph per shape round up to few sizes."""
+        return n
+
     def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0,
                 call: Callable[[dict], dict] | None = None) -> "LLMDecoder":
         """Generation state for an autoregressive graph (see LLMDecoder). `call` runs one feed of

@@ -24,11 +24,13 @@ knows a graph or a family:
     (`bucket_size`): n <= 16 -> 16; otherwise round up to a multiple of 2**(floor(log2(n-1)) - 2),
     i.e. four buckets per octave and at most 25 % padding (100 -> 112, 1000 -> 1024), capped at the
     dim's max. Every other dim (the batch dim, the vocoders' frames) runs at exact shapes: one graph
-    per exact input shape, at most `max_graphs`, least recently used evicted. Exact-shape graphs
-    compile with torch.compile's automatic dynamic shapes (`dynamic=None`: the first shape static,
-    later ones through one dynamic recompile) so new lengths cost a capture, not a compile; bucketed
-    graphs compile statically (`dynamic=False`: one compile per bucket, best kernels; `warmup()`
-    compiles chosen buckets ahead of time).
+    per input shape, at most `max_graphs`, least recently used evicted. Every graph compiles with
+    torch.compile's automatic dynamic shapes (`dynamic=None`: the first shape static, the dims that
+    change later through one dynamic recompile), so a new bucket or batch costs a CUDA graph capture,
+    not a compile: a serving engine sees tens of (batch, length) keys per graph, and one static
+    compile each would take minutes to warm up. `dynamic=False` compiles every key statically (best
+    kernels, one compile per key). `preferred_rows` rounds a batch up to a power of two, so a batching
+    caller reuses a few graphs.
   * What is compiled: the whole module, or only `spec.compiled_part` (the flow solver's estimator:
     the 10-step Euler loop around it runs as plain torch ops, all captured into the same CUDA graph,
     and compile time is that of one estimator, not of ten inlined copies).
@@ -95,7 +97,7 @@ class CompiledBackend(Backend):
     kind = "compile"
 
     def __init__(self, spec: GraphSpec, device, module_factory, dtype=torch.float32, cuda_graphs: bool | None = None,
-                 buckets: bool = True, max_graphs: int = 16, compile_backend: str = "inductor",
+                 buckets: bool = True, max_graphs: int = 64, compile_backend: str = "inductor",
                  compile_mode: str | None = None, dynamic: bool | None | str = "auto", warmup: int = 3,
                  fullgraph: bool = False, compile_options: dict | None = None, decoder_options: dict | None = None,
                  copy_module: bool = False):
@@ -105,8 +107,7 @@ class CompiledBackend(Backend):
         on captured graphs. compile_backend / compile_mode: torch.compile's backend and mode
         (compile_backend=None: no torch.compile, CUDA graphs of the eager module only; with CUDA
         graphs use a mode without inductor cudagraphs: None, 'default', 'max-autotune-no-cudagraphs').
-        dynamic: 'auto' (bucketed graphs False, exact-shape graphs None = automatic) or torch.compile's
-        own value. compile_options: torch.compile `options` (inductor config; not with compile_mode).
+        dynamic: 'auto' (None: torch.compile's automatic dynamic shapes) or torch.compile's own value. compile_options: torch.compile `options` (inductor config; not with compile_mode).
         cuda_graphs="emulate": the CUDA-graph bookkeeping on the CPU (tests).
         decoder_options: extra StaticCacheDecoder kwargs for `decoder()`. copy_module: work on a deep
         copy of the factory's module (the model object keeps its device, dtype and weight layout;
@@ -127,7 +128,7 @@ class CompiledBackend(Backend):
         self.max_graphs = max_graphs
         self.compile_backend = compile_backend
         self.compile_mode = compile_mode
-        self.dynamic = (False if self.rule is not None else None) if dynamic == "auto" else dynamic
+        self.dynamic = None if dynamic == "auto" else dynamic
         self.warmup_calls = max(int(warmup), 1)
         self.fullgraph = fullgraph
         self.compile_options = dict(compile_options) if compile_options else None
@@ -188,6 +189,13 @@ class CompiledBackend(Backend):
             self.warmup()
 
     # -- shapes -----------------------------------------------------------------------------------
+    def preferred_rows(self, n: int) -> int:
+        """A batch of n rows runs as the next power of two (capped at the spec's max): one graph per
+        bucket instead of one per batch size."""
+        if "B" not in {d.name for d in self.spec.dims}:
+            return n
+        return max(min(1 << max(n - 1, 0).bit_length(), self.spec.dim("B").max), n)
+
     def padded_sizes(self, sizes: dict[str, int]) -> dict[str, int]:
         """The dim sizes a request with `sizes` runs at (bucketed dim rounded up, capped at its max)."""
         if self.rule is None:
