@@ -209,13 +209,14 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--runs", default=1, show_default=True, help="Repeat every level; the median run is reported.")
 @click.option("--slo-ms", default=300.0, show_default=True, help="First-audio target (p99) for the capacity.")
 @click.option("--max-streams", default=None, type=int, help="Engine rows (default: from memory).")
+@click.option("--max-len", default=None, type=int, help="Engine KV cache columns per row (prompt + tokens).")
 @click.option("--baseline/--no-baseline", "with_baseline", default=True, show_default=True, help="Measure the sequential pipeline too.")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None)
 @click.option("--seed", default=0, show_default=True)
 @exit_on_user_error
-def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, with_baseline,
-         json_path, plot_path, seed):
+def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
+         with_baseline, json_path, plot_path, seed):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -232,7 +233,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
     model = load_model(model_name, device=str(dev), seed=seed)
     log = lambda m: click.echo(m, err=True)  # noqa: E731 - the table goes to stdout
     t0 = time.perf_counter()
-    engine = Engine(model, backends, device=str(dev), max_streams=max_streams).start()
+    engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len).start()
     log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
         f"{engine.decoder.metadata()}")
     target = EngineTarget(engine)
