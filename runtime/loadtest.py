@@ -92,7 +92,8 @@ def closed_loop(target, concurrency: int, requests: int, tokens: int, text: str,
                 records.append(rec)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    # daemon: an interrupted test (Ctrl-C, a time limit) exits instead of waiting for its clients
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -211,12 +212,13 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--max-streams", default=None, type=int, help="Engine rows (default: from memory).")
 @click.option("--max-len", default=None, type=int, help="Engine KV cache columns per row (prompt + tokens).")
 @click.option("--baseline/--no-baseline", "with_baseline", default=True, show_default=True, help="Measure the sequential pipeline too.")
+@click.option("--baseline-requests", default=8, show_default=True, help="Requests of the sequential baseline.")
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None)
 @click.option("--seed", default=0, show_default=True)
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
-         with_baseline, json_path, plot_path, seed):
+         with_baseline, baseline_requests, json_path, plot_path, seed):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -238,7 +240,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         f"{engine.decoder.metadata()}")
     target = EngineTarget(engine)
     warm = max(levels_in) if rate is None else min(requests, 32)
-    closed_loop(target, min(warm, engine.max_streams), min(warm, engine.max_streams) * 2, tokens, TEXT, 10**6)
+    closed_loop(target, min(warm, engine.max_streams), min(warm, engine.max_streams), tokens, TEXT, 10**6)
     log(f"warmed up ({time.perf_counter() - t0:.1f} s since start)")
     levels = []
     plan = [("rate", rate)] if rate is not None else [("concurrency", c) for c in levels_in]
@@ -259,7 +261,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
     if with_baseline:
         pipe = Pipeline(model, backends, device=str(dev)).activate()
         baseline(pipe, 1, tokens, TEXT, 10**6)  # warm-up
-        base = baseline(pipe, min(requests, 8), tokens, TEXT, seed)
+        base = baseline(pipe, max(1, min(requests, baseline_requests)), tokens, TEXT, seed)
         log(f"baseline (sequential pipeline): {base['audio_s_per_s']:.1f} audio-s/s, first audio p50 "
             f"{base['ttfa_ms']['p50']:.1f} ms")
     env = environment(dev)

@@ -3,19 +3,19 @@
 #   OUT=results scripts/gpu_engine_session.sh
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT="${OUT:-results}"
 PY="${PY:-python3}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
-run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? ($SECONDS s)"; tail -n 12 "$OUT/$name.log"; }
-run 200 step-orpheus $PY scripts/bench_slot_step.py --model orpheus-random --batches 16,64,128,256 \
-    --compiled-batches 128 --baseline-batches 128 --max-len 512 --json "$OUT/step-orpheus.json"
-run 70 step-cv3 $PY scripts/bench_slot_step.py --model cosyvoice3-random --batches 1,32,128 --max-len 512 \
+run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? ($SECONDS s)"; tail -n 14 "$OUT/$name.log"; }
+run 150 step-orpheus $PY scripts/bench_slot_step.py --model orpheus-random --batches 16,64,128,256 \
+    --baseline-batches 128 --max-len 512 --json "$OUT/step-orpheus.json"
+run 60 step-cv3 $PY scripts/bench_slot_step.py --model cosyvoice3-random --batches 1,32,128 --max-len 512 \
     --json "$OUT/step-cv3.json"
+run 150 loadtest-orpheus $PY -m runtime.loadtest --model orpheus-random --device cuda \
+    --backend llm=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 64,128,256 --requests 256 --tokens 420 \
+    --baseline-requests 1 --json "$OUT/loadtest-orpheus.json" --plot "$OUT/loadtest-orpheus.png"
 run 170 loadtest-cv3 $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
-    --backend llm=torch:bf16,flow=compile:bf16,vocoder=compile:bf16 --max-len 512 --concurrency 1,16,64,128 \
-    --requests 128 --tokens 125 --json "$OUT/loadtest-cv3.json" --plot "$OUT/loadtest-cv3.png"
-run 140 loadtest-orpheus $PY -m runtime.loadtest --model orpheus-random --device cuda \
-    --backend llm=torch:bf16,vocoder=compile:bf16 --max-len 512 --concurrency 1,64,128,256 \
-    --requests 256 --tokens 420 --json "$OUT/loadtest-orpheus.json" --plot "$OUT/loadtest-orpheus.png"
+    --backend llm=torch:bf16,flow=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 1,32,128 \
+    --requests 128 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv3.json" --plot "$OUT/loadtest-cv3.png"
