@@ -35,7 +35,9 @@ def measure(model, batch: int, max_len: int, compile: bool, attention: str | Non
     dec.capture_all()
     setup = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 250, (int(n),), generator=g).tolist() for n in torch.randint(64, 600, (batch,), generator=g)]
+    longest = min(600, max_len - reps - 16)  # room for the steps measured
+    prompts = [torch.randint(0, 250, (int(n),), generator=g).tolist()
+               for n in torch.randint(min(64, longest - 1), longest, (batch,), generator=g)]
     for s in range(0, batch, 16):
         dec.prefill(s, prompts[s:s + 16], [sampler] * len(prompts[s:s + 16]), list(range(s, s + len(prompts[s:s + 16]))))
     for _ in range(5):

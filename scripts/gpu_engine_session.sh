@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session of engine measurements (H200), every step bounded so one failure leaves the rest:
-#   OUT=results scripts/gpu_engine_session.sh
+#   OUT=results scripts/gpu_engine_session.sh [cv3]
+# cv3: the CosyVoice3 load test (engine vs the sequential pipeline); default: the LM steps and the
+# Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -9,13 +11,16 @@ PY="${PY:-python3}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? ($SECONDS s)"; tail -n 14 "$OUT/$name.log"; }
-run 150 step-orpheus $PY scripts/bench_slot_step.py --model orpheus-random --batches 16,64,128,256 \
-    --baseline-batches 128 --max-len 512 --json "$OUT/step-orpheus.json"
-run 60 step-cv3 $PY scripts/bench_slot_step.py --model cosyvoice3-random --batches 1,32,128 --max-len 512 \
-    --json "$OUT/step-cv3.json"
+if [ "${1:-}" = cv3 ]; then
+  run 170 loadtest-cv3 $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+      --backend llm=torch:bf16,flow=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 1,32,128 \
+      --requests 128 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv3.json" --plot "$OUT/loadtest-cv3.png"
+  exit 0
+fi
+run 110 step-orpheus $PY scripts/bench_slot_step.py --model orpheus-random --batches 16,64,128,256 \
+    --baseline-batches 128 --max-len 640 --reps 30 --json "$OUT/step-orpheus.json"
+run 40 step-cv3 $PY scripts/bench_slot_step.py --model cosyvoice3-random --batches 1,32,128 --max-len 512 \
+    --reps 30 --json "$OUT/step-cv3.json"
 run 150 loadtest-orpheus $PY -m runtime.loadtest --model orpheus-random --device cuda \
-    --backend llm=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 64,128,256 --requests 256 --tokens 420 \
+    --backend llm=torch:bf16,vocoder=torch:bf16 --max-len 640 --concurrency 64,256 --requests 256 --tokens 420 \
     --baseline-requests 1 --json "$OUT/loadtest-orpheus.json" --plot "$OUT/loadtest-orpheus.png"
-run 170 loadtest-cv3 $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
-    --backend llm=torch:bf16,flow=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 1,32,128 \
-    --requests 128 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv3.json" --plot "$OUT/loadtest-cv3.png"
