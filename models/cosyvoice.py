@@ -295,6 +295,12 @@ class CosyVoice(TTSModel):
             raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
         return utts
 
+    @property
+    def zero_shot(self) -> bool:
+        version = "v3" if self.family == "cosyvoice3" else "v2"
+        return self.folder is not None and all(os.path.isfile(os.path.join(self.folder, f))
+                                               for f in ("campplus.onnx", f"speech_tokenizer_{version}.onnx"))
+
     def make_speaker(self, prompt_wav: str | None, prompt_text: str | None, voice: str | None = None) -> dict:
         if voice is not None:
             raise UserError(f"{self.family} has no named voices.", "clone a voice with --prompt-wav (and --prompt-text) instead")

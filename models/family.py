@@ -157,6 +157,15 @@ class TTSModel(abc.ABC):
     @abc.abstractmethod
     def make_utterance(self, text: str, speaker: dict) -> Utterance: ...
 
+    def named_voices(self) -> tuple[str, ...]:
+        """Voices `make_speaker(None, None, voice)` knows by name (besides the default speaker)."""
+        return ()
+
+    @property
+    def zero_shot(self) -> bool:
+        """Whether `make_speaker` can clone a voice from a prompt recording (and its transcript)."""
+        return False
+
     # -- LLM ----------------------------------------------------------------------------------------
     @property
     @abc.abstractmethod

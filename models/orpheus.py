@@ -96,6 +96,9 @@ class Orpheus(TTSModel):
             raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
         return utts
 
+    def named_voices(self) -> tuple[str, ...]:
+        return VOICES
+
     def make_speaker(self, prompt_wav, prompt_text, voice=None) -> dict:
         if prompt_wav is not None or prompt_text is not None:
             raise UserError("Orpheus has no zero-shot cloning from a prompt recording here.",
