@@ -210,7 +210,9 @@ class CosyVoice(TTSModel):
         voc_in = [TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
                   TensorSpec("noise", "float32", ("B", f"T*{hop}", 9), noise_fill)]
         voc_out = [TensorSpec("audio", "float32", ("B", f"T*{hop}"))]
-        voc_dims = [B, T]
+        # the vocoder runs any length (one frame too); the flow graphs' minimum comes from their
+        # export and is met by padding (their pad rules)
+        voc_dims = [B, Dim("T", 1, T.opt, T.max, T.doc)]
         if not c.hift.causal:  # CosyVoice2 streaming carries the NSF source across chunks
             voc_in.append(TensorSpec("source_prefix", "float32", ("B", 1, "C"), normal(0.1),
                                      doc="previous chunk's last source samples (0 offline)"))
@@ -357,8 +359,19 @@ class CosyVoice(TTSModel):
     def make_utterance(self, text: str, speaker: dict) -> Utterance:
         text_ids = self.tokenizer.encode(text)
         ids = self.cfg.lm.prompt_ids(text_ids, speaker["prompt_text_ids"], speaker["llm_prompt_tokens"])
+        lim = self.cfg.limits
+        if ids.numel() > lim.llm_new:
+            raise UserError(f"the LLM prompt of a sentence is {ids.numel()} tokens; this model takes {lim.llm_new} per "
+                            f"call.", "use a shorter prompt transcript or recording, or shorter sentences")
         lo, hi = self.cfg.lm.length_limits(len(text_ids))
-        return Utterance(text, ids.reshape(-1).tolist(), len(text_ids), lo, hi, speaker)
+        # what the graphs take: the speech tokens of one flow call (prompt speech included) and the
+        # LM's cache; the family's 20x-text rule is capped there (a cap reached is said as a warning)
+        limit = min(lim.flow_tokens - len(speaker["prompt_tokens"]), lim.llm_past - ids.numel())
+        if limit < 1:
+            raise UserError(f"the prompt speech ({len(speaker['prompt_tokens'])} tokens) leaves no room in one flow "
+                            f"call of {lim.flow_tokens} tokens.", "use a shorter prompt recording")
+        return Utterance(text, ids.reshape(-1).tolist(), len(text_ids), min(lo, limit), min(hi, limit), speaker,
+                         token_limit=limit)
 
     # -- LLM --------------------------------------------------------------------------------------
     @cached_property

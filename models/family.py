@@ -74,9 +74,17 @@ class Utterance:
     prompt_ids: list[int]  # LLM prompt in the model's input-id space
     text_tokens: int  # number of text tokens (drives upstream's min/max length rule)
     min_tokens: int
-    max_tokens: int
+    max_tokens: int  # the most speech tokens it may generate (the family's rule, within token_limit)
     speaker: dict = field(default_factory=dict)  # family-specific conditioning tensors
     warnings: list = field(default_factory=list)  # problems found on the way (e.g. undecodable tokens)
+    token_limit: int | None = None  # what the graphs can take at all (LM context, one flow call)
+
+    def check_fixed(self, fixed_tokens: int | None) -> None:
+        """A fixed token count (benchmarks) beyond what the graphs take is refused before any work."""
+        if fixed_tokens is not None and self.token_limit is not None and fixed_tokens > self.token_limit:
+            raise UserError(f"--tokens {fixed_tokens} is more than the {self.token_limit} speech tokens this model "
+                            f"takes for one sentence here (the limit of its graphs).",
+                            f"pass --tokens {self.token_limit} or fewer")
 
 
 class TTSModel(abc.ABC):

@@ -17,7 +17,7 @@ from models.errors import UserError
 from models.family import SpeechLM, TTSModel, Utterance, require_text
 from models.sampling import FrameGrammar, OrpheusSampler, OrpheusSampling, Sampler, device_generator
 from models.snac import (AUDIO_TOKEN_BASE, FRAME_TOKENS, ORPHEUS_CODEBOOK, SNAC_24KHZ, SNACConfig, SNACDecoder,
-                         codes_to_tokens, graph_spec, load_snac, make_noise, tokens_to_codes)
+                         FrameNoise, codes_to_tokens, graph_spec, load_snac, tokens_to_codes)
 from models.speech_lm import ORPHEUS_STOP_TOKEN_ID, OrpheusLM, llm_graph_spec, load_orpheus_lm, read_hf_config
 from models.text import ByteTokenizer, HFTokenizer, normalize_text, split_sentences
 from models.transformer_lm import DecoderConfig
@@ -30,6 +30,10 @@ BEGIN_OF_TEXT = 128000
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
 DEFAULT_VOICE = "tara"
 MAX_NEW_TOKENS = 1200  # Orpheus' default max_tokens (~7 s of audio)
+# frames of context on each side when a long decode is split at the vocoder graph's limit: at least
+# the SNAC decoder's receptive radius (measured: a frame's codes move the audio of the 2.3 frames
+# before it and 3.3 after; tests/test_snac.py checks that split == unsplit)
+SNAC_CONTEXT_FRAMES = 6
 GRAMMAR = FrameGrammar(AUDIO_TOKEN_BASE, FRAME_TOKENS, ORPHEUS_CODEBOOK)
 
 
@@ -111,7 +115,12 @@ class Orpheus(TTSModel):
     def make_utterance(self, text: str, speaker: dict) -> Utterance:
         text_ids = self.tokenizer.encode(f"{speaker['voice']}: {text}")
         ids = [START_OF_HUMAN, *text_ids, *PROMPT_TAIL]
-        return Utterance(text, ids, len(text_ids), 0, MAX_NEW_TOKENS, speaker)
+        max_batch, max_new, max_past, _ = self.llm_limits
+        if len(ids) > max_new:
+            raise UserError(f"the LLM prompt of a sentence is {len(ids)} tokens; this model takes {max_new} per call.",
+                            "use shorter sentences")
+        limit = max_past - len(ids)  # the LM's cache; long audio is decoded in windows (token2wav)
+        return Utterance(text, ids, len(text_ids), 0, min(MAX_NEW_TOKENS, limit), speaker, token_limit=limit)
 
     # -- LLM --------------------------------------------------------------------------------------
     @cached_property
@@ -154,9 +163,27 @@ class Orpheus(TTSModel):
         if frames == 0:
             utt.warnings.append("no complete SNAC frame was generated, so this sentence is silent")
             return torch.zeros(0, device=device)
-        noise = make_noise(self.snac_cfg, 1, frames, device_generator(generator, device), device=device)
-        feed = {"codes_0": c0.to(device), "codes_1": c1.to(device), "codes_2": c2.to(device)}
-        feed.update({f"noise_{i}": n for i, n in enumerate(noise)})
+        noise = FrameNoise(self.snac_cfg, device_generator(generator, device), device)
+        limit = self.graph_specs()["vocoder"].dim("F").max
+        if frames <= limit:
+            return self.decode_frames((c0, c1, c2), 0, frames, noise, run, device)
+        # longer than the graph takes: windows with SNAC_CONTEXT_FRAMES of context on each side,
+        # each keeping its middle (equal to one decode: the context covers the receptive field)
+        ctx, spf = SNAC_CONTEXT_FRAMES, self.snac_cfg.samples_per_frame
+        step = limit - 2 * ctx
+        out = []
+        for s in range(0, frames, step):
+            e = min(s + step, frames)
+            a, b = max(0, s - ctx), min(frames, e + ctx)
+            audio = self.decode_frames((c0, c1, c2), a, b, noise, run, device)
+            out.append(audio[(s - a) * spf:(e - a) * spf])
+        return torch.cat(out)
+
+    def decode_frames(self, codes, start: int, end: int, noise: FrameNoise, run, device) -> torch.Tensor:
+        """Audio of frames [start, end) decoded on their own (codes: the utterance's three code rows)."""
+        feed = {f"codes_{i}": c[:, k * start:k * end].to(device)
+                for i, (c, k) in enumerate(zip(codes, self.snac_cfg.code_factors()))}
+        feed.update({f"noise_{i}": n for i, n in enumerate(noise.window(start, end))})
         return run("vocoder", feed)["audio"][0]
 
 

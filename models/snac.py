@@ -393,6 +393,26 @@ def make_noise(cfg: SNACConfig, batch: int, frames: int, generator: torch.Genera
     return [torch.randn(s, generator=generator).to(dtype=dtype, device=device) for s in shapes]
 
 
+class FrameNoise:
+    """The NoiseBlock inputs as a function of the frame: blocks of BLOCK frames drawn in order from
+    one generator, so the frames [start, end) get the same noise however an utterance is cut into
+    calls (one offline call, streamed windows, a decode split at the graph's limit)."""
+
+    BLOCK = 64
+
+    def __init__(self, cfg: SNACConfig, generator: torch.Generator, device="cpu"):
+        self.cfg, self.generator, self.device = cfg, generator, device
+        self.parts: list[torch.Tensor] | None = None
+        self.frames = 0
+
+    def window(self, start: int, end: int) -> list[torch.Tensor]:
+        while self.frames < end:
+            block = make_noise(self.cfg, 1, self.BLOCK, self.generator, device=self.device)
+            self.parts = block if self.parts is None else [torch.cat([a, b], dim=2) for a, b in zip(self.parts, block)]
+            self.frames += self.BLOCK
+        return [p[:, :, start * k:end * k] for p, k in zip(self.parts, self.cfg.noise_factors())]
+
+
 # -- graph spec -------------------------------------------------------------------------------------
 
 

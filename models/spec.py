@@ -238,6 +238,33 @@ class GraphSpec:
                     sizes.setdefault(s, int(n))
         return sizes
 
+    def pad_to_min(self, feed: dict) -> tuple[dict, dict[str, int] | None]:
+        """A feed whose bucketable dim (`pad`) is below its minimum, padded up to it with the rule's
+        fills, and the original sizes to slice the outputs back with (`slice_outputs`); the feed
+        itself and None when nothing needs padding. Exact by the pad rule's contract: an ordinary
+        request is never refused because an engine profile starts above it (a 1-token request)."""
+        if self.pad is None:
+            return feed, None
+        sizes = self.sizes_of(feed)
+        d = self.dim(self.pad.dim)
+        if sizes[d.name] >= d.min:
+            return feed, None
+        target = {**sizes, d.name: d.min}
+        out = {}
+        for t in self.inputs:
+            x = feed[t.name]
+            want = self.shape_of(t, target)
+            if tuple(x.shape) != want:
+                y = torch.full(want, self.pad.fill.get(t.name, 0), dtype=x.dtype, device=x.device)
+                y[tuple(slice(0, n) for n in x.shape)] = x
+                x = y
+            out[t.name] = x
+        return out, sizes
+
+    def slice_outputs(self, outs: dict, sizes: dict[str, int]) -> dict:
+        """Outputs of a padded call cut back to the request's own sizes."""
+        return {t.name: outs[t.name][tuple(slice(0, n) for n in self.shape_of(t, sizes))] for t in self.outputs}
+
     def check_feed(self, feed: dict) -> dict[str, int]:
         """Validate names, ranks, dtypes and dim ranges of `feed`; return the dim sizes.
 

@@ -106,20 +106,17 @@ class OrpheusStream:
     window = 4  # frames per decoded window (28 tokens)
 
     def __init__(self, model, utt, run, generator, device):
-        self.model, self.utt, self.run, self.generator, self.device = model, utt, run, generator, torch.device(device)
+        from models.sampling import device_generator
+        from models.snac import FrameNoise
+
+        self.model, self.utt, self.run, self.device = model, utt, run, torch.device(device)
+        # the same noise per frame as an offline decode: only the window context differs
+        self.noise = FrameNoise(model.snac_cfg, device_generator(generator, device), device)
         self.decoded_until = 0  # end (exclusive) of the last decoded window, in frames
         self.last = None  # that window's audio
 
     def _decode(self, c0, c1, c2, start: int, end: int) -> torch.Tensor:
-        from models.sampling import device_generator
-        from models.snac import make_noise
-
-        feed = {"codes_0": c0[:, start:end].to(self.device), "codes_1": c1[:, 2 * start:2 * end].to(self.device),
-                "codes_2": c2[:, 4 * start:4 * end].to(self.device)}
-        noise = make_noise(self.model.snac_cfg, 1, end - start, device_generator(self.generator, self.device),
-                           device=self.device)
-        feed.update({f"noise_{i}": n for i, n in enumerate(noise)})
-        return self.run("vocoder", feed)["audio"][0]
+        return self.model.decode_frames((c0, c1, c2), start, end, self.noise, self.run, self.device)
 
     def tokens_for_next_chunk(self) -> int:
         """How many tokens `push` needs at least before it returns the next chunk (every token an

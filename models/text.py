@@ -142,11 +142,14 @@ def normalize_text(text: str) -> str:
     return text
 
 
-def split_sentences(text: str, count_tokens, max_tokens: int = 80, min_tokens: int = 60, merge_len: int = 20) -> list[str]:
+def split_sentences(text: str, count_tokens, max_tokens: int = 80, min_tokens: int = 60, merge_len: int = 20,
+                    hard_max: int = 160) -> list[str]:
     """Split long text into utterances like upstream: cut at sentence punctuation, then greedily join
     pieces until adding one would pass `max_tokens` while the current one already has `min_tokens`;
     a short tail (< merge_len) joins the previous utterance. Chinese counts characters, other text
-    counts tokens. Pieces that are only punctuation are dropped."""
+    counts tokens. Pieces that are only punctuation are dropped. Unlike upstream, a piece longer than
+    `hard_max` (a run-on sentence, text without punctuation) is cut at its last comma or space
+    before the limit, so no utterance outgrows the LLM's prompt."""
     text = text.strip()
     if not text:
         return []
@@ -166,6 +169,7 @@ def split_sentences(text: str, count_tokens, max_tokens: int = 80, min_tokens: i
             start, i = end, end
             continue
         i += 1
+    pieces = [q for p in pieces for q in _cut_long(p, length, hard_max)]
     utts, cur = [], ""
     for p in pieces:
         if length(cur + p) > max_tokens and length(cur) > min_tokens:
@@ -178,3 +182,25 @@ def split_sentences(text: str, count_tokens, max_tokens: int = 80, min_tokens: i
         else:
             utts.append(cur)
     return [u for u in utts if not _ONLY_PUNCT.match(u)]
+
+
+def _cut_long(piece: str, length, hard_max: int) -> list[str]:
+    """`piece` in parts of at most `hard_max` (by `length`), cut after a comma if one is in the
+    second half of a part, else after a space, else (one endless word) anywhere."""
+    out = []
+    while length(piece) > hard_max:
+        lo, hi = 1, len(piece)  # the longest prefix that fits, by bisection on characters
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if length(piece[:mid]) <= hard_max:
+                lo = mid
+            else:
+                hi = mid - 1
+        head = piece[:lo]
+        cut = max(head.rfind(","), head.rfind("，"), head.rfind("、"))
+        if cut < lo // 2:
+            cut = head.rfind(" ")
+        cut = cut + 1 if cut > 0 else lo
+        out.append(piece[:cut])
+        piece = piece[cut:]
+    return out + [piece] if piece else out

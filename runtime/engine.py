@@ -49,7 +49,7 @@ from models.errors import UserError
 from models.family import TTSModel
 from runtime.backends import BackendChoice
 from runtime.backends.slot_decoder import SlotDecoder
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, capped_warning
 
 
 class EngineFull(UserError):
@@ -473,6 +473,7 @@ class Engine:
             speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
         utts = [self.model.make_utterance(s, speaker) for s in sentences]
         for u in utts:
+            u.check_fixed(fixed_tokens)
             self.decoder.room(len(u.prompt_ids), fixed_tokens or min(u.max_tokens, self.max_len - len(u.prompt_ids)))
         handle = Handle(next(self._ids), self.model.sample_rate)
         job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
@@ -554,6 +555,7 @@ class Engine:
                 for c in chunks:
                     if c.numel():
                         handle._put(c.float().cpu())
+                capped_warning(utt, tokens, fixed)
                 handle.stats.warnings += [f"sentence {k + 1}: {w}" for w in utt.warnings]
             handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
         except UserError as e:

@@ -70,6 +70,20 @@ class BatchResult:
         return self.wall_seconds / max(self.audio_seconds, 1e-9)
 
 
+def capped_warning(utt: Utterance, tokens: list[int], fixed_tokens: int | None) -> None:
+    """Say so when generation stopped at the graphs' limit rather than at a stop token."""
+    if fixed_tokens is None and utt.token_limit is not None and len(tokens) >= utt.max_tokens == utt.token_limit:
+        utt.warnings.append(f"generation stopped at the {utt.token_limit}-token limit of this model's graphs, not at "
+                            f"a stop token; the speech may be cut short (split the sentence)")
+
+
+def request_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """(sampling, noise) generators of a request. Two streams, so that how often token2wav draws
+    noise (once offline, once per chunk when streaming) never changes the sampled tokens: the same
+    seed gives the same tokens streamed or not."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 0x5EED_0000_0000)
+
+
 class PipelineObserver:
     """What a caller may watch of a pipeline's runs; every method is a no-op here."""
 
@@ -166,9 +180,13 @@ class Pipeline:
         return _Timed(self, run, stage, sync)
 
     def call(self, graph: str, feed: dict) -> dict:
-        """One graph call, observed, untimed."""
+        """One graph call, observed, untimed. A request below the graph's smallest size on its
+        bucketable dim is padded up to it (exact: the spec's pad rule) and its outputs cut back."""
         self.observer.graph_call(graph, feed)
-        return self.runners[graph].infer(feed)
+        runner = self.runners[graph]
+        feed, sizes = runner.spec.pad_to_min(feed)
+        out = runner.infer(feed)
+        return out if sizes is None else runner.spec.slice_outputs(out, sizes)
 
     @property
     def run(self) -> GraphCalls:
@@ -275,7 +293,7 @@ class Pipeline:
                          voice: str | None = None) -> BatchResult:
         """Several requests sharing every stage's calls (up to the spec's batch limit per call)."""
         run = RequestRun(self.model.stages)
-        generator = torch.Generator().manual_seed(seed)
+        generator, noise = request_generators(seed)
         speaker = self.model.make_speaker(None, None, voice)
         rows = [(k, self.model.make_utterance(s, speaker)) for k, text in enumerate(texts) for s in self.model.split_text(text)]
         limit = self.model.batch_limit(self.options)
@@ -286,7 +304,7 @@ class Pipeline:
             group = rows[start:start + limit]
             toks = self.generate_batch([u for _, u in group], generator, fixed_tokens, run)
             keep = [(k, u, t) for (k, u), t in zip(group, toks) if t]
-            audio = self.model.token2wav_batch([t for _, _, t in keep], [u for _, u, _ in keep], calls, generator,
+            audio = self.model.token2wav_batch([t for _, _, t in keep], [u for _, u, _ in keep], calls, noise,
                                                self.device) if keep else []
             for (k, _, t), a in zip(keep, audio):
                 pieces[k].append(a.float().cpu())
@@ -329,17 +347,20 @@ class Stream:
         model, dev = pipe.model, pipe.device
         run = RequestRun(model.stages)
         calls = pipe.calls(run)
-        generator = torch.Generator().manual_seed(seed)
+        generator, noise = request_generators(seed)
         sentences = model.split_text(text)
         if speaker is None:
             speaker = model.make_speaker(prompt_wav, prompt_text, voice)
+        # every sentence checked before any work (limits of the graphs, a fixed token count)
+        utts = [model.make_utterance(s, speaker) for s in sentences]
+        for utt in utts:
+            utt.check_fixed(fixed_tokens)
         pieces = []
-        for index, sentence in enumerate(sentences):
+        for index, utt in enumerate(utts):
             pipe.observer.sentence(index, len(sentences))
-            utt = model.make_utterance(sentence, speaker)
             tokens: list[int] = []
             if streaming:
-                decoder = model.stream_decoder(utt, calls, generator, dev)
+                decoder = model.stream_decoder(utt, calls, noise, dev)
                 for token in pipe.tokens(utt, generator, fixed_tokens, run):
                     tokens.append(token)
                     for chunk in decoder.push(tokens):
@@ -349,13 +370,14 @@ class Stream:
                 chunks = decoder.finish(tokens) if tokens else []
             else:
                 tokens = pipe.generate(utt, generator, fixed_tokens, run)
-                chunks = [model.token2wav(tokens, utt, calls, generator, dev)] if tokens else []
+                chunks = [model.token2wav(tokens, utt, calls, noise, dev)] if tokens else []
             for chunk in chunks:
                 if chunk.numel():
                     run.audio_arrived()
                     pieces.append(chunk.float().cpu())
                     yield pieces[-1]
             run.tokens.append(tokens)
+            capped_warning(utt, tokens, fixed_tokens)
             run.warnings += [f"sentence {len(run.tokens)}: {w}" for w in utt.warnings]
         pipe._sync()
         audio = torch.cat(pieces) if pieces else torch.zeros(0)
