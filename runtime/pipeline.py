@@ -159,6 +159,14 @@ class Pipeline:
     def serial_reasons(self) -> list[str]:
         return sorted({KINDS[r.kind].serial_reason for r in self.runners.values() if not KINDS[r.kind].concurrent})
 
+    def compile_seconds(self) -> float:
+        """Seconds the backends spent compiling and capturing graphs so far (0 for those that do not)."""
+        total = 0.0
+        for r in self.runners.values():
+            m = r.metadata()
+            total += float(m.get("compile_seconds", 0.0)) + float(m.get("capture_seconds", 0.0))
+        return total
+
     def describe_backends(self) -> str:
         """`stage=kind:precision` per stage, plus what a fallback chain passed over and why."""
         parts, notes = {}, []

@@ -127,6 +127,7 @@ def _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_token
     request = dict(prompt_wav=prompt_wav, prompt_text=prompt_text, voice=voice, seed=seed, fixed_tokens=fixed_tokens)
     for _ in range(warmup):
         pipe.synthesize(text, **request)
+    compiled_before = pipe.compile_seconds()
     with progress:
         if stream:
             # the writer takes each chunk as it arrives; the target appears only once the last is in
@@ -146,6 +147,12 @@ def _synthesize(model_name, text, out_path, audio_out, device, seed, fixed_token
     target = "stdout" if audio_out is not None else out_path
     click.echo(f"{model.name} on {device} ({pipe.describe_backends()}): {len(result.utterances)} sentence(s) -> {target}")
     click.echo(result.summary())
+    compiling = pipe.compile_seconds() - compiled_before
+    if compiling > 0.05:  # torch.compile / CUDA-graph capture of new shapes happened inside the timed run
+        steady = max(result.wall_seconds - compiling, 1e-9)
+        click.echo(f"  of the wall time, {compiling * 1000:.1f} ms compiled and captured graphs for new shapes "
+                   f"(once per shape); without it RTF {steady / max(result.audio_seconds, 1e-9):.4f}. "
+                   f"Pass --warmup 1 to time a warm run.")
 
 
 def _check_audio(result) -> None:
