@@ -99,12 +99,12 @@ def capture(model: TTSModel, graphs: list[str], device: str = "cpu", max_tokens:
 
 
 def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: str = "cpu",
-                    max_tokens: int = 120, log=print) -> dict[str, list[dict]]:
+                    max_tokens: int = 120, log=print, count: int | None = None) -> dict[str, list[dict]]:
     """Cached captures: `<cache_dir>/<graph>.pt` (+ .json key); recapture what is missing, stale or
     unreadable (a cache heals itself: a damaged file costs a recapture and a one-line note, not the build)."""
     from models.files import AtomicFile
 
-    texts = calibration_texts()
+    texts = calibration_texts()[:count]  # count: the first texts only (quick builds; tests)
     os.makedirs(cache_dir, exist_ok=True)
     out, missing = {}, []
     for g in graphs:

@@ -189,9 +189,11 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
 @click.option("--version-compat/--no-version-compat", default=False, help="TensorRT plans usable by later TensorRT versions.")
 @click.option("--timing-cache", default=None, help="Persistent TensorRT timing cache (default <out-dir>/trt/timing.cache).")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
+@click.option("--calibration-texts", type=click.IntRange(min=1), default=None,
+              help="INT8 calibration on the first N shipped texts only (default: all of them).")
 @exit_on_user_error
 def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
-              version_compat, timing_cache, seed):
+              version_compat, timing_cache, seed, calibration_texts):
     """FP32 / FP16 / INT8 ONNX artifacts (validated while built) and TensorRT plans from them."""
     import torch
 
@@ -247,7 +249,8 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
 
     feeds = {}
     if "int8" in precs:
-        feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo)
+        feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo,
+                                count=calibration_texts)
     with progress:
         for g in names:
             progress.step(g)

@@ -50,7 +50,9 @@ class Limits:
     flow_tokens_opt: int
 
 
-TINY_LIMITS = Limits(max_batch=2, llm_new=256, llm_past=512, llm_past_opt=64, flow_tokens=200, flow_tokens_opt=20)
+# the tiny graphs take 32 s of speech per sentence (800 tokens): every length the report and the
+# load test ask for fits one call, as on the real sizes
+TINY_LIMITS = Limits(max_batch=2, llm_new=256, llm_past=1024, llm_past_opt=64, flow_tokens=800, flow_tokens_opt=20)
 # max_batch: rows per call of every graph: the serving engine packs up to this many streams' flow
 # chunks into one solver call (the estimator's CFG batch is twice that)
 REAL_LIMITS = Limits(max_batch=32, llm_new=512, llm_past=4096, llm_past_opt=256, flow_tokens=1500, flow_tokens_opt=100)
@@ -292,7 +294,8 @@ class CosyVoice(TTSModel):
     # -- front end --------------------------------------------------------------------------------
     def split_text(self, text: str) -> list[str]:
         text = normalize_text(require_text(text))
-        utts = split_sentences(text, self.tokenizer.encode)
+        # a sentence's text must leave room in one LM prompt for the specials and a prompt transcript
+        utts = split_sentences(text, self.tokenizer.encode, hard_max=max(self.cfg.limits.llm_new - 64, 16))
         if not utts:
             raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
         return utts

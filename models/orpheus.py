@@ -95,7 +95,9 @@ class Orpheus(TTSModel):
 
     # -- front end --------------------------------------------------------------------------------
     def split_text(self, text: str) -> list[str]:
-        utts = split_sentences(normalize_text(require_text(text)), self.tokenizer.encode)
+        # the voice name and the prompt's specials share one LM prompt with the text
+        utts = split_sentences(normalize_text(require_text(text)), self.tokenizer.encode,
+                               hard_max=max(self.llm_limits[1] - 32, 16))
         if not utts:
             raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
         return utts

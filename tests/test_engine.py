@@ -175,9 +175,12 @@ def test_bad_requests_fail_before_queueing():
             engine.submit(TEXT, voice="nobody")
         with pytest.raises(UserError, match="the text to synthesize is empty"):
             engine.submit("   ")
-        with pytest.raises(UserError, match=r"more than the \d+ cache columns of this engine"):
+        with pytest.raises(UserError, match=r"--tokens 100000 is more than the \d+ speech tokens this model takes"):
             engine.submit(TEXT, fixed_tokens=100_000)
         assert engine.stats()["active_streams"] == 0
+    with Engine(model, "torch", max_streams=2, max_len=64) as engine:  # the engine's own cache is smaller
+        with pytest.raises(UserError, match=r"more than the 64 cache columns of this engine.*--max-len"):
+            engine.submit(TEXT, fixed_tokens=100)
 
 
 def test_engine_refuses_an_lm_backend_without_slots():

@@ -50,9 +50,9 @@ def test_fixed_count_beyond_the_graphs_is_refused_before_work(monkeypatch):
     model = load_model("cosyvoice3-tiny")
     pipe = Pipeline(model, "torch")
     monkeypatch.setattr(Pipeline, "tokens", lambda *a, **k: pytest.fail("the LM ran"))
-    with pytest.raises(UserError, match=r"--tokens 300 is more than the 200 speech tokens this model takes for one "
-                                         r"sentence here .* Fix: pass --tokens 200 or fewer"):
-        pipe.synthesize("Hello there.", fixed_tokens=300)
+    with pytest.raises(UserError, match=r"--tokens 900 is more than the 800 speech tokens this model takes for one "
+                                         r"sentence here .* Fix: pass --tokens 800 or fewer"):
+        pipe.synthesize("Hello there.", fixed_tokens=900)
 
 
 def test_orpheus_long_decode_is_split_and_equals_one_decode():
