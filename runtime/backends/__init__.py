@@ -162,9 +162,10 @@ def load_backend(options: tuple[Option, ...], model, spec: GraphSpec, device: to
             return Loaded(backend, opt, tried)
         except Exception as e:  # noqa: BLE001 - a chain passes over whatever stops an option (compile errors too)
             reason = e.problem if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}"
-            tried.append((str(opt), reason))
+            tried.append((str(opt), reason.rstrip(".")))
+            fix = e.fix if isinstance(e, UserError) and e.fix else "end the chain with a backend that loads (e.g. /torch)"
     raise UserError(f"no backend in the chain {'/'.join(map(str, options))} loads for {spec.name}: "
-                    + "; ".join(f"{o}: {r}" for o, r in tried), "fix the last option or add one that loads (e.g. /torch)")
+                    + "; ".join(f"{o}: {r}" for o, r in tried) + ".", fix)
 
 
 def _first_line(e: Exception) -> str:
