@@ -493,6 +493,20 @@ class Engine:
         audio = handle.audio()
         return audio, handle.stats
 
+    def warm_up(self, tokens: int | None = None, levels: list[int] | None = None, text: str = "Warming up.") -> float:
+        """Run bursts of synthetic requests (1, 2, 4, ... at once, up to `levels`) so the graphs a
+        batch of that size calls exist before real traffic: compiled backends compile and capture
+        their shapes here, not in a listener's first request. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        tokens = tokens or max(8, int(round(2 * self.model.token_rate())))
+        if levels is None:
+            levels = [1 << i for i in range(max(min(self.max_streams, 64), 1).bit_length())]
+        for n in levels:
+            handles = [self.submit(text, seed=i, fixed_tokens=tokens) for i in range(min(n, self.max_streams))]
+            for h in handles:
+                h.audio()
+        return time.perf_counter() - t0
+
     def _retry_after(self) -> float:
         return max(1.0, 5.0 * (len(self._waiting) + 1) / max(self.max_streams, 1))
 
