@@ -225,3 +225,14 @@ def test_loadtest_json(tmp_path):
     assert data["baseline"]["requests"] == 3 and data["baseline"]["audio_s_per_s"] > 0
     assert set(data["capacity"]) >= {"concurrency", "audio_s_per_s", "slo_ms"}
     assert (tmp_path / "lt.png").stat().st_size > 1000
+
+
+def test_report_measures_concurrency_through_the_engine():
+    """runtime.report's concurrency for backends that take one request at a time goes through the
+    engine: every request of every round is served and timed."""
+    from runtime.report import Request, measure_engine_concurrency
+
+    with Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=3) as engine:
+        r = measure_engine_concurrency(engine, Request("t", 20, TEXT), 3, warmup=1, reps=3, seed=0)
+    assert r["via"] == "engine" and r["requests"] == 6
+    assert r["audio_s_per_s"] > 0 and 0 < r["first_chunk_median_ms"] <= r["latency_median_ms"]
