@@ -485,6 +485,7 @@ class Engine:
         handle = Handle(next(self._ids), self.model.sample_rate)
         job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
         with self._lock:
+            self._drop_cancelled()
             if len(self._active) < self.max_streams:
                 self._launch(job)
             elif len(self._waiting) < self.max_queue:
@@ -515,6 +516,7 @@ class Engine:
         with self._lock:
             self._active.pop(handle.id, None)
             now = time.perf_counter()
+            self._drop_cancelled()
             while self._waiting and len(self._active) < self.max_streams:
                 job = self._waiting.popleft()
                 if now - job[0].stats.submitted > self.queue_timeout:
@@ -523,8 +525,18 @@ class Engine:
                     continue
                 self._launch(job)
 
+    def _drop_cancelled(self) -> None:
+        """Waiting requests cancelled before they started (a client that went away) give their queue
+        place back now instead of when a stream frees (caller holds the lock)."""
+        if any(h.cancelled for h, _ in self._waiting):
+            for h, _ in self._waiting:
+                if h.cancelled:
+                    h._end(UserError("the request was cancelled."))
+            self._waiting = deque(j for j in self._waiting if not j[0].cancelled)
+
     def stats(self) -> dict:
-        return {"active_streams": len(self._active), "queued": len(self._waiting), "max_streams": self.max_streams,
+        return {"active_streams": len(self._active), "queued": sum(1 for h, _ in self._waiting if not h.cancelled),
+                "max_streams": self.max_streams,
                 "lm_rows": len(self._rows), "lm_steps": self.lm_steps,
                 "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
