@@ -422,9 +422,10 @@ class _Aborted(Exception):
 
 
 class AudioStream(StreamingResponse):
-    """A StreamingResponse that always watches for the client going away (whatever the ASGI version
-    of the server) and then cancels the request at once, instead of noticing only at the next send;
-    and that ends a failed stream without the final chunk."""
+    """A StreamingResponse that always watches for the client going away and cancels the request from
+    there (Starlette's watches only for servers declaring ASGI spec < 2.4, and otherwise notices at
+    the next send), that ends a failed stream without the final chunk, and that reports its end even
+    when the body never started."""
 
     def __init__(self, content, on_disconnect, on_close, **kwargs):
         super().__init__(content, **kwargs)
