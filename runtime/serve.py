@@ -64,7 +64,7 @@ from models.errors import UserError, exit_on_user_error
 from runtime.encode import Encoder, available_formats, check_format
 from runtime.engine import Engine, EngineFull
 from runtime.telemetry import Profiler, Telemetry
-from runtime.voices import ID_RE, VoiceNotFound, VoiceStore
+from runtime.voices import ID_RE, StoreFailed, VoiceNotFound, VoiceStore
 
 log = logging.getLogger("tts.serve")
 
@@ -169,6 +169,7 @@ class Server:
 
     def shutdown(self) -> None:
         self.profiler.cancel()
+        self.profiler.remove_files()
         if self.started_engine and self.engine.running:
             self.engine.stop()
 
@@ -335,7 +336,7 @@ def resolve_voice(voice: str, srv: Server) -> dict:
         return {"voice": voice}
     if ID_RE.match(voice):
         try:
-            return {"speaker": srv.store.speaker(voice)}
+            return {"speaker": dict(srv.store.speaker(voice))}  # a copy per request: the cached one stays as stored
         except VoiceNotFound:
             pass  # said below, with the names on offer
         except UserError as e:
@@ -669,6 +670,8 @@ def _clone(srv: Server, audio: bytes, filename: str, transcript: str, name: str)
         name = name or f"voice-{secrets.token_hex(3)}"
         try:
             return srv.store.create(path, audio, transcript, name, seconds)
+        except StoreFailed as e:
+            raise ApiError(500, str(e), None, "voice_store_failed", "server_error") from None
         except UserError as e:
             msg = http_words(str(e)).replace(f"audio file {path}", "audio_sample").replace(path, "audio_sample")
             raise ApiError(400, msg, "audio_sample", "invalid_voice") from None
@@ -852,6 +855,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
             await run_in_threadpool(srv.store.delete, vid)
         except VoiceNotFound as e:
             raise bad(e, "voice_id", "voice_not_found", 404) from None
+        except StoreFailed as e:
+            raise ApiError(500, str(e), None, "voice_store_failed", "server_error") from None
         return {"id": vid, "object": "audio.voice.deleted", "deleted": True}
 
     @app.get("/diagnostics")
@@ -869,7 +874,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         if not 1 <= requests <= cfg.max_profile_requests:
             raise ApiError(400, f"requests={requests} is outside 1..{cfg.max_profile_requests}.", "requests",
                            "invalid_value")
-        if not srv.profiler.start(requests):
+        try:
+            started = srv.profiler.start(requests)
+        except Exception as e:  # noqa: BLE001 - the profiler itself failed to start
+            raise ApiError(500, f"the torch profiler did not start ({type(e).__name__}: {str(e)[:160]}).", None,
+                           "profiler_failed", "server_error") from None
+        if not started:
             raise ApiError(409, f"a profile is already being recorded ({srv.profiler.done} of {srv.profiler.wanted} "
                                 "requests). Fix: wait for it, or DELETE /diagnostics/profile.", None, "profile_running")
         return srv.profiler.status()

@@ -50,10 +50,10 @@ class GPU:
 
             pynvml.nvmlInit()
             index = device.index if device.index is not None else torch.cuda.current_device()
-            uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
             try:  # CUDA_VISIBLE_DEVICES renumbers devices; the UUID names the same board in NVML
+                uuid = str(torch.cuda.get_device_properties(index).uuid)
                 self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-            except Exception:  # noqa: BLE001 - an older torch without the uuid: NVML's own index
+            except Exception:  # noqa: BLE001 - a torch without the uuid: NVML's own index
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self._nvml = pynvml
             self.available = True
@@ -284,6 +284,7 @@ class Profiler:
         import torch
 
         self.device = torch.device(device)
+        self._own_folder = folder is None  # a temporary folder of ours: removed at shutdown
         self.folder = folder or tempfile.mkdtemp(prefix="tts-profile-")
         self.state = "idle"  # idle | recording | writing | ready | failed
         self.wanted = self.done = 0
@@ -320,7 +321,11 @@ class Profiler:
             except (AttributeError, TypeError):
                 self._prof = profile(activities=acts)
                 self.all_threads = False
-            self._prof.__enter__()
+            try:
+                self._prof.__enter__()
+            except Exception:
+                self._prof = None
+                raise
             self.state, self.wanted, self.done, self.error = "recording", requests, 0, None
             self.started_at = time.perf_counter()
             return True
@@ -348,6 +353,12 @@ class Profiler:
             self.state, self.error = "failed", f"{type(e).__name__}: {str(e)[:200]}"
         finally:
             self._prof = None
+
+    def remove_files(self) -> None:
+        import shutil
+
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def cancel(self) -> bool:
         with self._lock:

@@ -79,6 +79,11 @@ class VoiceNotFound(UserError):
     pass
 
 
+class StoreFailed(UserError):
+    """The bundle could not be written or removed (a full disk, permissions): the server's problem,
+    not the request's."""
+
+
 class VoiceStore:
     """The bundles of one model in `folder` (created when missing); `cache` speakers stay in memory."""
 
@@ -134,7 +139,8 @@ class VoiceStore:
             tmp = temp_path(final)
             os.mkdir(tmp)
         except OSError as e:
-            raise from_os_error(e, self.folder, "the voice was not stored") from None
+            raise StoreFailed(from_os_error(e, self.folder, "the voice was not stored").problem,
+                              "free space or fix the permissions of --voices-dir") from None
         try:
             for name, data in ((TENSORS, blob), (META, json.dumps(meta, indent=1).encode())):
                 with open(os.path.join(tmp, name), "wb") as f:
@@ -147,7 +153,8 @@ class VoiceStore:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
         except OSError as e:
-            raise from_os_error(e, final, "the voice was not stored") from None
+            raise StoreFailed(from_os_error(e, final, "the voice was not stored").problem,
+                              "free space or fix the permissions of --voices-dir") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,7 +164,7 @@ class VoiceStore:
         try:
             with open(os.path.join(path, META), "rb") as f:
                 meta = json.loads(f.read())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise VoiceNotFound(f"there is no voice {vid}.", "list the voices with GET /v1/audio/voices") from None
         except (OSError, ValueError) as e:
             raise UserError(f"the stored voice {vid} cannot be read ({type(e).__name__}).",
@@ -213,7 +220,7 @@ class VoiceStore:
         """This model's voices, oldest first (bundles of other models and damaged ones are skipped)."""
         try:
             names = os.listdir(self.folder)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         out = []
         for name in names:
@@ -233,7 +240,8 @@ class VoiceStore:
         except FileNotFoundError:
             raise VoiceNotFound(f"there is no voice {vid}.", "list the voices with GET /v1/audio/voices") from None
         except OSError as e:
-            raise from_os_error(e, path, "the voice was not deleted", doing="delete") from None
+            raise StoreFailed(from_os_error(e, path, "the voice was not deleted", doing="delete").problem,
+                              "fix the permissions of --voices-dir") from None
         shutil.rmtree(gone, ignore_errors=True)
         with self._lock:
             self._cache.pop(vid, None)

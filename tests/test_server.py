@@ -525,7 +525,7 @@ def test_voice_store_is_shared_and_checked(voices, tmp_path):
 
     from models.errors import UserError
     from models.registry import load_model
-    from runtime.voices import VoiceStore, check_id
+    from runtime.voices import StoreFailed, VoiceStore, check_id
 
     folder = str(voices.root / "cosyvoice3-golden")
     a, b = VoiceStore(str(tmp_path / "v"), load_model(folder)), VoiceStore(str(tmp_path / "v"), load_model(folder))
@@ -553,6 +553,70 @@ def test_voice_store_is_shared_and_checked(voices, tmp_path):
     for bad_id in ("../" + rec["id"][:61], rec["id"].upper(), rec["id"] + "/x", ""):
         with pytest.raises(UserError, match="is not a voice id"):
             check_id(bad_id)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(StoreFailed, match="the voice was not stored"):  # the server answers 500 for it
+        VoiceStore(str(blocked), load_model(folder)).create(str(wav), wav.read_bytes(), "hi", "z", 2.0)
+
+
+def test_gpu_facts_and_gauges_with_a_stand_in_nvml(monkeypatch):
+    """No GPU here: the NVML calls run against a stand-in module with NVML's names and units (mW,
+    bytes, MHz), so /diagnostics and the GPU gauges are checked for their shape and arithmetic."""
+    import types
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from runtime.telemetry import GPU, _Gauges
+
+    nv = types.SimpleNamespace(
+        NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, NVML_TEMPERATURE_GPU=0, nvmlClocksEventReasonGpuIdle=1,
+        nvmlClocksEventReasonSwPowerCap=4, nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda u: (_ for _ in ()).throw(RuntimeError("no such uuid")),
+        nvmlDeviceGetHandleByIndex=lambda i: ("board", i), nvmlDeviceGetName=lambda h: "NVIDIA H200",
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=87, memory=41),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=20 << 30, total=141 << 30),
+        nvmlDeviceGetPowerUsage=lambda h: 431_500, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlDeviceGetClockInfo=lambda h, c: {1: 1755, 2: 3201}[c], nvmlDeviceGetMaxClockInfo=lambda h, c: {1: 1980, 2: 3201}[c],
+        nvmlDeviceGetTemperature=lambda h, t: 61, nvmlDeviceGetCurrentClocksEventReasons=lambda h: 4,
+        nvmlSystemGetDriverVersion=lambda: "580.159.04")
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    gpu = GPU("cuda:0")
+    f = gpu.facts()
+    assert f == {"available": True, "name": "NVIDIA H200", "driver": "580.159.04",
+                 "clocks_mhz": {"sm": 1755, "memory": 3201, "sm_max": 1980, "memory_max": 3201},
+                 "temperature_c": 61, "power_w": 431.5, "power_limit_w": 700.0,
+                 "utilization_percent": {"gpu": 87, "memory": 41},
+                 "memory_bytes": {"used": 20 << 30, "total": 141 << 30}, "clock_limits": ["power cap"]}
+    stats = {"active_streams": 3, "queued": 1, "max_streams": 8}
+    t = types.SimpleNamespace(gpu=gpu, ready=True, engine=types.SimpleNamespace(stats=lambda: stats))
+    registry = CollectorRegistry()
+    registry.register(_Gauges(t))
+    got = {s.name: s.value for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert got == {"tts_active_streams": 3, "tts_queue_depth": 1, "tts_max_streams": 8, "tts_ready": 1,
+                   "tts_gpu_utilization_percent": 87, "tts_gpu_memory_used_bytes": 20 << 30,
+                   "tts_gpu_memory_total_bytes": 141 << 30, "tts_gpu_power_watts": 431.5,
+                   "tts_gpu_temperature_celsius": 61, "tts_gpu_sm_clock_mhz": 1755}
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py missing: a reason, not an error
+    assert GPU("cuda:0").facts()["reason"].startswith("NVML is not available")
+
+
+def test_not_ready_answers_503():
+    """Before its start-up has run (here: no lifespan at all) the app answers /health, and says 503
+    with Retry-After on /ready and on speech."""
+    from starlette.testclient import TestClient
+
+    from models.registry import load_model
+    from runtime.engine import Engine
+    from runtime.serve import create_app
+
+    app = create_app(Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=1), voices_dir=os.devnull)
+    c = TestClient(app)  # not entered: the lifespan (engine start, warm-up) does not run
+    assert c.get("/health").status_code == 200
+    r = c.get("/ready")
+    assert r.status_code == 503 and r.json()["status"] == "warming" and r.headers["retry-after"] == "5"
+    r = c.post("/v1/audio/speech", json={"input": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "warming_up" and "retry-after" in r.headers
 
 
 # -- orpheus ----------------------------------------------------------------------------------------------------
