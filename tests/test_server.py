@@ -601,6 +601,44 @@ def test_gpu_facts_and_gauges_with_a_stand_in_nvml(monkeypatch):
     assert GPU("cuda:0").facts()["reason"].startswith("NVML is not available")
 
 
+def test_warm_up_calls_every_bucket_a_backend_lists():
+    """`--warmup full` calls each non-LM graph once per point its backend lists (here two points
+    planted on the eager flow backend, which lists none itself), then runs requests alone and at full
+    concurrency. The compile backend lists every (batch bucket, padded-length bucket) pair the
+    batcher can send, no batch beyond the spec's limit."""
+    from models.registry import load_model
+    from runtime.backends.compiled import CompiledBackend, bucket_size
+    from runtime.engine import Engine
+    from runtime.serve import warm_up
+
+    model = load_model("cosyvoice3-tiny")
+    engine = Engine(model, "torch", max_streams=2).start()
+    try:
+        flow = next(g for g, r in engine.pipe.runners.items() if r.spec.stage == "flow" and r.spec.pad is not None)
+        runner = engine.pipe.runners[flow]
+        assert runner.warm_points(4) == []  # eager: nothing to compile
+        pad = runner.spec.pad.dim
+        runner.warm_points = lambda rows: [{"B": 1, pad: 16}, {"B": 2, pad: 24}]
+        seen = []
+        real = engine.pipe.call
+        engine.pipe.call = lambda graph, feed: seen.append(  # noqa: E731
+            (graph, runner.spec.sizes_of(feed) if graph == flow else None)) or real(graph, feed)
+        facts = warm_up(engine, "full")
+        engine.pipe.call = real
+    finally:
+        engine.stop()
+    assert facts["graph_calls"] == 2 and facts["requests"] == 3  # one alone, then both streams
+    warmed = [sizes for graph, sizes in seen[:2]]
+    assert all(graph == flow for graph, _ in seen[:2]) and [(w["B"], w[pad]) for w in warmed] == [(1, 16), (2, 24)]
+    spec = model.graph_specs()[flow]
+    compiled = CompiledBackend.__new__(CompiledBackend)  # the listing alone: nothing is compiled
+    compiled.spec, compiled.rule = spec, spec.pad
+    points = compiled.warm_points(64)
+    b, n = spec.dim("B"), spec.dim(pad)
+    assert {p["B"] for p in points} == {x for x in (1, 2, 4, 8, 16, 32, 64) if b.min <= x <= b.max} | {b.max}
+    assert {p[pad] for p in points} == {max(min(bucket_size(k), n.max), k) for k in range(n.min, n.max + 1)}
+
+
 def test_not_ready_answers_503():
     """Before its start-up has run (here: no lifespan at all) the app answers /health, and says 503
     with Retry-After on /ready and on speech."""
