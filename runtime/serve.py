@@ -161,7 +161,7 @@ class Server:
             log.info("ready: %s", self.warm_facts)
         except Exception as e:  # noqa: BLE001 - a start-up failure is one line, and the process ends
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.failed = http_words(first if isinstance(e, UserError) else f"{type(e).__name__}: {first}")
+            self.failed = first if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
             self.phase = "failed"
             log.error("start-up failed: %s", self.failed)
             if self.on_failure is not None:
