@@ -540,6 +540,22 @@ class Engine:
                     continue
                 self._launch(job)
 
+    def _expire_waiting(self) -> None:
+        """Fail waiting requests older than `queue_timeout` now, not when a stream next frees (the LM
+        thread calls this about every 100 ms)."""
+        now = time.perf_counter()
+        if not self._waiting or now - self._waiting[0][0].stats.submitted <= self.queue_timeout:
+            return  # the oldest is young enough: so are all (the queue is in arrival order)
+        with self._lock:
+            keep = deque()
+            for job in self._waiting:
+                if now - job[0].stats.submitted > self.queue_timeout:
+                    job[0]._end(EngineFull(f"the request waited {self.queue_timeout:.0f} s for a free stream.",
+                                           self._retry_after()))
+                else:
+                    keep.append(job)
+            self._waiting = keep
+
     def _drop_cancelled(self) -> None:
         """Waiting requests cancelled before they started (a client that went away) give their queue
         place back now instead of when a stream frees (caller holds the lock)."""
@@ -645,7 +661,11 @@ class Engine:
             self.running = False
         self._ready.set()
         dec = self.decoder
+        expired_at = time.perf_counter()
         while self.running:
+            if time.perf_counter() - expired_at > 0.1:
+                self._expire_waiting()
+                expired_at = time.perf_counter()
             with self._lm_cond:
                 while self.running and not self._rows and not self._lm_queue:
                     self._lm_cond.wait(0.1)

@@ -477,7 +477,7 @@ async def speech(request: Request, srv: Server):
         raise ApiError(429, http_words(str(e)), None, "engine_full", "rate_limit_error",
                        retry_after(e.retry_after)) from None
     except UserError as e:
-        raise bad(e, "tokens" if "cache columns" in e.problem else "input", "invalid_input") from None
+        raise bad(e, e.param or "input", "invalid_input") from None
     key = srv.next_id()
     srv.telemetry.request_started(key)
     pump = _Pump(handle, Encoder(req.response_format, srv.model.sample_rate, streaming=req.stream),

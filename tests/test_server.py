@@ -297,7 +297,7 @@ BAD = [
     ({"stream_format": "ws"}, "stream_format", "not one of audio, sse"),
     ({"seed": -1}, "seed", "is not an integer from 0 to 4294967295"),
     ({"tokens": 0}, "tokens", "not a positive integer"),
-    ({"tokens": 100_000}, "tokens", "cache columns"),
+    ({"tokens": 100_000}, "tokens", "speech tokens this model takes for one sentence"),
     ({"temperature": 0.7}, "temperature", "unknown field(s) temperature"),
     ({"input": 12}, "input", "input must be a string"),
     ({"input": "..."}, "input", "nothing to speak"),
