@@ -22,7 +22,7 @@ from tests.conftest import TINY_PRESETS
 def built(exported):
     for name in TINY_PRESETS:
         res = CliRunner().invoke(export_main, ["build", "--model", name, "--precision", "fp16,int8", "--trt",
-                                               "--calibration-texts", "4", "--out-dir", exported[name]],
+                                               "--calibration-texts", "12", "--out-dir", exported[name]],
                                  catch_exceptions=False)
         assert res.exit_code == 0, res.output
         assert "TensorRT plans skipped: the tensorrt package is not installed" in res.output or "plan built" in res.output
@@ -63,7 +63,7 @@ def test_calibration_is_cached(built):
     feeds = torch.load(os.path.join(root, "calibration", "llm.pt"), weights_only=True)
     assert len(feeds) >= 10 and {f["input_ids"].shape[1] for f in feeds} != {1}  # prefills and decode steps
     res = CliRunner().invoke(export_main, ["build", "--model", "cosyvoice3-tiny", "--precision", "int8", "--graphs", "llm",
-                                           "--calibration-texts", "4", "--out-dir", root], catch_exceptions=False)
+                                           "--calibration-texts", "12", "--out-dir", root], catch_exceptions=False)
     assert "cached captures reused" in res.output
 
 
