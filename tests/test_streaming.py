@@ -26,7 +26,8 @@ def test_streaming_flow_reproduces_upstream(tmp_path):
         mel = model.token2mel(io["stream_token"][0].tolist(), _speaker_from_golden(model, io), pipe.run,
                               torch.device("cpu"), streaming=True, finalize=False)
         assert mel.shape == io["stream_mel"].shape
-        assert (mel - io["stream_mel"]).abs().max() < 1e-4, family
+        # measured 0 (bit-exact) for both; upstream's fp64 recompute moves the cv3 stream mel by 1.5e-6
+        assert (mel - io["stream_mel"]).abs().max() < 2e-5, family
 
 
 def test_cosyvoice3_stream_equals_offline_streaming_mode(tmp_path):
