@@ -16,9 +16,9 @@ import os
 import pytest
 import torch
 from torch import nn
-import models.dit
 from torch.export import Dim, export
 
+import models.dit
 from models.checkpoint import fold_weight_norm, load_strict
 from models.dit import DiT, DiTConfig
 from models.errors import UserError
