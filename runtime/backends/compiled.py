@@ -97,7 +97,7 @@ class CompiledBackend(Backend):
     kind = "compile"
 
     def __init__(self, spec: GraphSpec, device, module_factory, dtype=torch.float32, cuda_graphs: bool | None = None,
-                 buckets: bool = True, max_graphs: int = 64, compile_backend: str = "inductor",
+                 buckets: bool = True, max_graphs: int = 256, compile_backend: str = "inductor",
                  compile_mode: str | None = None, dynamic: bool | None | str = "auto", warmup: int = 3,
                  fullgraph: bool = False, compile_options: dict | None = None, decoder_options: dict | None = None,
                  copy_module: bool = False):
