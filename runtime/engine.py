@@ -354,7 +354,8 @@ class _Runner:
 # -- the engine ------------------------------------------------------------------------------------------
 class Engine:
     """See the module docstring. `backends` as for the Pipeline; the LM stage runs with `torch` or
-    `compile` (continuous batching needs the static slot cache); flow and vocoder take any backend."""
+    `compile` (continuous batching needs the static slot cache; its step is one captured CUDA graph
+    either way, `compile` also compiles it); flow and vocoder take any backend."""
 
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
@@ -367,8 +368,8 @@ class Engine:
         lm_stage = model.graph_specs()[model.lm.graph].stage
         lm_option = choice.first(lm_stage).resolved(precision)
         self._lm_stage = lm_stage
-        if lm_option.kind not in ("torch", "compile") or len(choice.stages[lm_stage]) > 1:
-            raise UserError(f"the engine runs the {lm_stage} stage with torch or compile (its continuous batching "
+        if lm_option.kind not in ("torch", "cudagraph", "compile") or len(choice.stages[lm_stage]) > 1:
+            raise UserError(f"the engine runs the {lm_stage} stage with torch, cudagraph or compile (its continuous batching "
                             f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
                             f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
         # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends

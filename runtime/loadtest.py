@@ -362,7 +362,11 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
-    closed_loop(target, warm, warm, tokens, TEXT, 10**6)
+    # one round at every measured level first: backends that capture or compile per (batch, length)
+    # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request
+    cap = engine.max_streams if engine is not None else warm
+    for c in sorted({min(c, cap) for c in levels_in} | {warm}) if rate is None else [warm]:
+        closed_loop(target, c, c, tokens, TEXT, 10**6)
     log(f"warmed up ({time.perf_counter() - t0:.1f} s since start)")
     levels = []
     plan = [("rate", rate)] if rate is not None else [("concurrency", c) for c in levels_in]

@@ -949,7 +949,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--model", "model_name", default="cosyvoice3-tiny", show_default=True,
               help="Preset name or an upstream model folder.")
 @click.option("--backend", "backends", default="torch", show_default=True,
-              help="As for runtime.synthesize; the LM stage runs with torch or compile (the engine's slot cache).")
+              help="As for runtime.synthesize; the LM stage runs with torch, cudagraph or compile (the engine's slot cache).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--engines-dir", default=None, help="Folder with exported artifacts (default engines/<model>).")
 @click.option("--precision", default="fp32", show_default=True, help="Artifact precision for ort/trt backends.")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session of engine measurements (H200), every step bounded so one failure leaves the rest:
-#   OUT=results scripts/gpu_engine_session.sh [cv3]
-# cv3: the CosyVoice3 load test (engine vs the sequential pipeline); default: the LM steps and the
-# Orpheus load test.
+#   OUT=results scripts/gpu_engine_session.sh [cv3|cudagraph]
+# cv3: the CosyVoice3 load test (engine vs the sequential pipeline); cudagraph: the load tests of all three
+# families with token2wav on the cudagraph backend; default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -11,6 +11,22 @@ PY="${PY:-python3}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? ($SECONDS s)"; tail -n 14 "$OUT/$name.log"; }
+if [ "${1:-}" = cudagraph ]; then
+  # token2wav as eager modules replayed as CUDA graphs per (batch, length) bucket (no compile)
+  run 230 loadtest-cv3-cudagraph $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+      --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --concurrency 1,16,64,128 \
+      --requests 64 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv3-cudagraph.json" \
+      --plot "$OUT/loadtest-cv3-cudagraph.png"
+  run 190 loadtest-orpheus-cudagraph $PY -m runtime.loadtest --model orpheus-random --device cuda \
+      --backend llm=torch:bf16,vocoder=cudagraph:bf16 --max-len 640 --concurrency 16,64,256 --requests 64 \
+      --tokens 420 --baseline-requests 1 --json "$OUT/loadtest-orpheus-cudagraph.json" \
+      --plot "$OUT/loadtest-orpheus-cudagraph.png"
+  run 140 loadtest-cv2-cudagraph $PY -m runtime.loadtest --model cosyvoice2-random --device cuda \
+      --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --concurrency 1,32,128 \
+      --requests 64 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv2-cudagraph.json" \
+      --plot "$OUT/loadtest-cv2-cudagraph.png"
+  exit 0
+fi
 if [ "${1:-}" = cv3 ]; then
   run 170 loadtest-cv3 $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
       --backend llm=torch:bf16,flow=torch:bf16,vocoder=torch:bf16 --max-len 512 --concurrency 1,32,128 \

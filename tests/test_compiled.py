@@ -474,6 +474,32 @@ def test_pipeline_with_compile_backends_matches_torch(name, flow_mode):
     assert out.audio.shape == ref.audio.shape and rel_err(out.audio, ref.audio) < 1e-4
 
 
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_cudagraph_backend_is_the_eager_module_captured(name):
+    """`--backend cudagraph`: the compile backend with compilation off and one warm-up call before each
+    capture; on the CPU nothing is captured, so a whole request equals the torch pipeline (the same
+    tokens; audio within float rounding: the bucketed dim is padded, which changes matmul shapes)."""
+    from runtime.backends.cuda_graphed import CudaGraphBackend
+    from runtime.pipeline import Pipeline
+
+    ref = Pipeline(load_model(name), "torch").synthesize("Hello there.", seed=3, fixed_tokens=12)
+    pipe = Pipeline(load_model(name), "cudagraph")
+    out = pipe.synthesize("Hello there.", seed=3, fixed_tokens=12)
+    for runner in pipe.runners.values():
+        assert isinstance(runner, CudaGraphBackend) and runner.warmup_calls == 1
+        meta = runner.metadata()
+        assert (meta["kind"], meta["compile_backend"], meta["cuda_graphs"]) == ("cudagraph", None, "off")
+    assert out.tokens == ref.tokens and out.audio.shape == ref.audio.shape and rel_err(out.audio, ref.audio) < 1e-5
+    spec = load_model(name).graph_specs()["vocoder"]
+    emulated = CudaGraphBackend(spec, "cpu", lambda: load_model(name).graph_module("vocoder"), torch.float32,
+                                cuda_graphs="emulate")
+    feed = spec.sample_feed("opt", seed=2)
+    want = eager(name, "vocoder", feed)
+    got = emulated.infer(feed)
+    assert all(rel_err(got[k], want[k]) < 1e-6 for k in want) and emulated.metadata()["graphs"] == 1
+
+
 # -- GPU: CUDA-graph capture and replay ---------------------------------------------------------------------
 # Cheap by design (the device time is shared): every graph is captured WITHOUT torch.compile (checks that
 # each model's ops capture and that the static-buffer logic holds on the device); the inductor + capture

@@ -184,7 +184,7 @@ def test_bad_requests_fail_before_queueing():
 
 
 def test_engine_refuses_an_lm_backend_without_slots():
-    with pytest.raises(UserError, match="the engine runs the llm stage with torch or compile"):
+    with pytest.raises(UserError, match="the engine runs the llm stage with torch, cudagraph or compile"):
         Engine(load_model("cosyvoice3-tiny"), "llm=ort")
 
 

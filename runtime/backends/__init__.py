@@ -27,7 +27,7 @@ from models.spec import GraphSpec
 from runtime.backends.base import Backend, BackendKind
 
 # one line per backend: its module under runtime/backends defines KIND
-_MODULES = ("torch_eager", "compiled", "aoti", "onnxrt", "tensorrt")
+_MODULES = ("torch_eager", "compiled", "cuda_graphed", "aoti", "onnxrt", "tensorrt")
 KINDS: dict[str, BackendKind] = {}
 for _name in _MODULES:
     _kind = importlib.import_module(f"runtime.backends.{_name}").KIND
