@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -361,7 +362,7 @@ class Engine:
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
-                 prefill_limit: int = 16):
+                 prefill_limit: int = 16, switch_interval: float | None = 0.0005):
         self.model = model
         self.device = torch.device(device)
         choice = BackendChoice.parse(backends, model.stages)
@@ -388,6 +389,7 @@ class Engine:
         self.queue_timeout = queue_timeout
         self.first_audio_target = first_audio_target
         self.prefill_limit = prefill_limit
+        self.switch_interval = switch_interval
         self._lm_spec = (lm_option, dtype, attention)
         self.decoder: SlotDecoder | None = None
         self.batcher = GraphBatcher(self.pipe)
@@ -416,6 +418,12 @@ class Engine:
 
     # -- life cycle ----------------------------------------------------------------------------------------
     def start(self, warm: bool = True) -> "Engine":
+        if self.switch_interval is not None:
+            # The LM thread releases the GIL while it waits for each step's host read; with tens of
+            # worker threads running Python it then waits up to CPython's switch interval (5 ms by
+            # default) to take it back, longer than the step itself. A shorter interval bounds that
+            # wait (process-wide: this process serves, so every thread in it wants short turns).
+            sys.setswitchinterval(min(sys.getswitchinterval(), self.switch_interval))
         option, dtype, attention = self._lm_spec
         lm = self.model.graph_module(self.model.lm.graph)
         vocab = self.model.graph_specs()[self.model.lm.graph].outputs[0].shape[1]

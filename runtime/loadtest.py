@@ -318,13 +318,15 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--switch-interval-ms", default=0.5, show_default=True,
+              help="The engine's Python thread switch interval (0: leave CPython's 5 ms).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
 @click.option("--voice", default="default", show_default=True, help="Voice of every request (with --url).")
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
-         with_baseline, baseline_requests, json_path, plot_path, seed, url, api_key, voice):
+         with_baseline, baseline_requests, json_path, plot_path, seed, switch_interval_ms, url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -354,13 +356,15 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
     else:
         dev = torch.device(check_device(device))
         model = load_model(model_name, device=str(dev), seed=seed)
-        engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len).start()
+        engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len,
+                        switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None).start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
         env = environment(dev)
         meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
-                "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams}
+                "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
+                "switch_interval_ms": switch_interval_ms}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request

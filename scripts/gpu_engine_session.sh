@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session of engine measurements (H200), every step bounded so one failure leaves the rest:
-#   OUT=results scripts/gpu_engine_session.sh [cv3|cudagraph]
+#   OUT=results scripts/gpu_engine_session.sh [cv3|cudagraph|switch]
 # cv3: the CosyVoice3 load test (engine vs the sequential pipeline); cudagraph: the load tests of all three
-# families with token2wav on the cudagraph backend; default: the LM steps and the Orpheus load test.
+# families with token2wav on the cudagraph backend; switch: the engine's
+# thread switch interval against CPython's default; default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -25,6 +26,18 @@ if [ "${1:-}" = cudagraph ]; then
       --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --concurrency 1,32,128 \
       --requests 64 --tokens 125 --baseline-requests 2 --json "$OUT/loadtest-cv2-cudagraph.json" \
       --plot "$OUT/loadtest-cv2-cudagraph.png"
+  exit 0
+fi
+if [ "${1:-}" = switch ]; then
+  # the engine's thread switch interval: 0.5 ms (default) against CPython's 5 ms, same run
+  for ms in 0.5 0; do
+    run 120 loadtest-cv3-switch-$ms $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --concurrency 1,16,64,128 \
+        --requests 64 --tokens 125 --no-baseline --switch-interval-ms $ms --json "$OUT/loadtest-cv3-switch-$ms.json"
+  done
+  run 200 loadtest-orpheus-switch-0.5 $PY -m runtime.loadtest --model orpheus-random --device cuda \
+      --backend llm=torch:bf16,vocoder=cudagraph:bf16 --max-len 640 --concurrency 16,64,256 --requests 64 \
+      --tokens 420 --no-baseline --switch-interval-ms 0.5 --json "$OUT/loadtest-orpheus-switch-0.5.json"
   exit 0
 fi
 if [ "${1:-}" = cv3 ]; then
