@@ -182,9 +182,17 @@ class _Call:
 class GraphBatcher:
     """Runs the workers' graph calls batched (see the module docstring)."""
 
-    def __init__(self, pipe: Pipeline, max_wait: float = 0.004):
+    def __init__(self, pipe: Pipeline, max_wait: float = 0.004, hold_slack: float | None = None, hold_rows: int = 16):
+        """max_wait: how long a round waits for workers still running host code to add their calls.
+        hold_slack (seconds, None: off): while every pending call's playback deadline is further away
+        than this, and no graph has `hold_rows` rows pending, keep collecting calls instead of running
+        small batches: later chunks of a stream that has audio buffered can wait and share one call;
+        a first chunk (its deadline is the first-audio target) runs at once."""
         self.pipe = pipe
         self.max_wait = max_wait
+        self.hold_slack = hold_slack
+        self.hold_rows = hold_rows
+        self.graph_calls: dict[str, list] = {}  # graph -> [calls executed, rows, seconds]
         self.cond = threading.Condition()
         self.pending: list[_Call] = []
         self.busy = 0  # workers running host code (not waiting on a call or on tokens)
@@ -232,8 +240,23 @@ class GraphBatcher:
                 deadline = time.perf_counter() + self.max_wait
                 while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
                     self.cond.wait(max(deadline - time.perf_counter(), 0))
+                if self.hold_slack is not None:
+                    self._hold()
                 calls, self.pending = self.pending, []
             self._execute(calls)
+
+    def _hold(self) -> None:
+        """Wait (holding the condition's lock between waits) while no pending call is urgent and no
+        graph has a full batch; new calls and stopping wake it."""
+        while self.running and self.pending:
+            rows: dict[str, int] = {}
+            for c in self.pending:
+                spec = self.pipe.runners[c.graph].spec
+                rows[c.graph] = rows.get(c.graph, 0) + self._rows(spec, c.feed)
+            slack = min(c.deadline for c in self.pending) - time.perf_counter() - self.hold_slack
+            if slack <= 0 or max(rows.values()) >= self.hold_rows:
+                return
+            self.cond.wait(min(slack, 0.05))
 
     def _execute(self, calls: list[_Call]) -> None:
         groups: dict = {}
@@ -286,7 +309,7 @@ class GraphBatcher:
             if self.stream is not None:
                 self.stream.synchronize()  # results complete before a worker reads them on the host
             # timed here, after the sync, so that the stage time is device time and single calls count too
-            self._record(spec.stage, sum(self._rows(spec, c.feed) for c in batch), time.perf_counter() - t0)
+            self._record(spec.stage, graph, sum(self._rows(spec, c.feed) for c in batch), time.perf_counter() - t0)
             for c, o in zip(batch, outs):
                 c.result = o
         except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error
@@ -335,9 +358,13 @@ class GraphBatcher:
             start += n
         return results
 
-    def _record(self, stage: str, rows: int, seconds: float) -> None:
+    def _record(self, stage: str, graph: str, rows: int, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         self.batch_sizes.append(rows)
+        kept = self.graph_calls.setdefault(graph, [0, 0, 0.0])
+        kept[0] += 1
+        kept[1] += rows
+        kept[2] += seconds
         if self.on_batch is not None:
             self.on_batch(stage, rows, seconds)
 
@@ -362,7 +389,7 @@ class Engine:
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
-                 prefill_limit: int = 16, switch_interval: float | None = 0.0005):
+                 prefill_limit: int = 16, switch_interval: float | None = None, batch_slack: float | None = None):
         self.model = model
         self.device = torch.device(device)
         choice = BackendChoice.parse(backends, model.stages)
@@ -392,7 +419,7 @@ class Engine:
         self.switch_interval = switch_interval
         self._lm_spec = (lm_option, dtype, attention)
         self.decoder: SlotDecoder | None = None
-        self.batcher = GraphBatcher(self.pipe)
+        self.batcher = GraphBatcher(self.pipe, hold_slack=batch_slack)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._waiting: deque = deque()  # handles not yet running (admission queue)
@@ -403,6 +430,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self.running = False
         self.lm_steps = 0
+        self.lm_rows_total = 0  # rows over all steps (a level's mean batch: its rows / its steps)
         self.lm_batch_sizes: deque = deque(maxlen=1000)
         self.lm_seconds = 0.0
 
@@ -420,9 +448,9 @@ class Engine:
     def start(self, warm: bool = True) -> "Engine":
         if self.switch_interval is not None:
             # The LM thread releases the GIL while it waits for each step's host read; with tens of
-            # worker threads running Python it then waits up to CPython's switch interval (5 ms by
-            # default) to take it back, longer than the step itself. A shorter interval bounds that
-            # wait (process-wide: this process serves, so every thread in it wants short turns).
+            # worker threads running Python it may wait up to CPython's switch interval (5 ms) to take
+            # it back, longer than a step. A shorter interval bounds that wait (process-wide). Off by
+            # default: 0.5 ms gave no consistent gain on the H200 (docs/serving.md).
             sys.setswitchinterval(min(sys.getswitchinterval(), self.switch_interval))
         option, dtype, attention = self._lm_spec
         lm = self.model.graph_module(self.model.lm.graph)
@@ -577,10 +605,12 @@ class Engine:
     def stats(self) -> dict:
         return {"active_streams": len(self._active), "queued": sum(1 for h, _ in self._waiting if not h.cancelled),
                 "max_streams": self.max_streams,
-                "lm_rows": len(self._rows), "lm_steps": self.lm_steps,
+                "lm_rows": len(self._rows), "lm_steps": self.lm_steps, "lm_rows_total": self.lm_rows_total,
                 "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
-                "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds}}
+                "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds},
+                "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
+                                for g, (n, r, t) in self.batcher.graph_calls.items()}}
 
     # -- a request's worker ----------------------------------------------------------------------------------
     def _serve(self, handle: Handle, spec: dict) -> None:
@@ -699,6 +729,7 @@ class Engine:
             if n:
                 ids = dec.read(dec.step(n))
                 self.lm_steps += 1
+                self.lm_rows_total += n
                 self.lm_batch_sizes.append(n)
                 self._deliver(ids, range(n))
             dt = time.perf_counter() - t0

@@ -181,6 +181,24 @@ class EngineTarget:
                 "latency_s": s.finished}
 
 
+def _level_counters(after: dict, before: dict) -> dict:
+    """What the engine did during one level: LM steps and their mean batch, seconds per stage, and
+    per graph the calls, rows and seconds the batcher ran (the difference of its counters)."""
+    if "lm_steps" not in after or "lm_steps" not in before:
+        return {}  # a server's diagnostics carry other facts
+    steps = after["lm_steps"] - before["lm_steps"]
+    rows = after.get("lm_rows_total", 0) - before.get("lm_rows_total", 0)
+    out = {"lm_steps": steps, "lm_batch_mean": round(rows / steps, 2) if steps else 0.0,
+           "stage_seconds": {k: round(v - before["stage_seconds"].get(k, 0.0), 4)
+                             for k, v in after["stage_seconds"].items()}, "graph_calls": {}}
+    for g, now in after.get("graph_calls", {}).items():
+        was = before.get("graph_calls", {}).get(g, {"calls": 0, "rows": 0, "seconds": 0.0})
+        calls = now["calls"] - was["calls"]
+        out["graph_calls"][g] = {"calls": calls, "rows_per_call": round((now["rows"] - was["rows"]) / calls, 2) if calls else 0,
+                                 "ms_per_call": round(1e3 * (now["seconds"] - was["seconds"]) / calls, 2) if calls else 0}
+    return out
+
+
 def closed_loop(target, concurrency: int, requests: int, tokens: int, text: str, seed0: int) -> dict:
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -318,7 +336,9 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--switch-interval-ms", default=0.5, show_default=True,
+@click.option("--batch-slack-ms", default=0.0, show_default=True,
+              help="Hold token2wav calls whose playback deadline is further away than this to batch more (0: off).")
+@click.option("--switch-interval-ms", default=0.0, show_default=True,
               help="The engine's Python thread switch interval (0: leave CPython's 5 ms).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
@@ -326,7 +346,8 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--voice", default="default", show_default=True, help="Voice of every request (with --url).")
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
-         with_baseline, baseline_requests, json_path, plot_path, seed, switch_interval_ms, url, api_key, voice):
+         with_baseline, baseline_requests, json_path, plot_path, seed, batch_slack_ms, switch_interval_ms, url,
+         api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -357,14 +378,15 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         dev = torch.device(check_device(device))
         model = load_model(model_name, device=str(dev), seed=seed)
         engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len,
-                        switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None).start()
+                        switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None,
+                        batch_slack=batch_slack_ms / 1e3 if batch_slack_ms > 0 else None).start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
         env = environment(dev)
         meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
-                "switch_interval_ms": switch_interval_ms}
+                "switch_interval_ms": switch_interval_ms, "batch_slack_ms": batch_slack_ms}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request
@@ -375,6 +397,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
     levels = []
     plan = [("rate", rate)] if rate is not None else [("concurrency", c) for c in levels_in]
     for kind, value in plan:
+        before = target.stats()
         results = []
         for r in range(runs):
             if kind == "rate":
@@ -383,6 +406,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                 results.append(closed_loop(target, value, max(requests, value), tokens, TEXT, seed + 1000 * r))
         lv = median_run(results)
         lv["engine"] = target.stats()
+        lv["engine_during_level"] = _level_counters(lv["engine"], before)
         levels.append(lv)
         p50, p99 = lv["ttfa_ms"]["p50"], lv["ttfa_ms"]["p99"]
         log(f"{kind} {value}: {lv['audio_s_per_s']:.1f} audio-s/s, first audio p50 {p50 or 0:.1f} / "

@@ -225,6 +225,62 @@ def test_loadtest_json(tmp_path):
     assert data["baseline"]["requests"] == 3 and data["baseline"]["audio_s_per_s"] > 0
     assert set(data["capacity"]) >= {"concurrency", "audio_s_per_s", "slo_ms"}
     assert (tmp_path / "lt.png").stat().st_size > 1000
+    # what the engine did in each level: its own counters' differences, not the cumulative ones
+    one, three = (lv["engine_during_level"] for lv in data["levels"])
+    assert one["lm_batch_mean"] == 1.0 and 1.0 < three["lm_batch_mean"] <= 3.0
+    assert one["lm_steps"] == 3 * 27  # one row per step; the prefill samples each request's first token
+    assert set(one["graph_calls"]) == {"flow_encoder", "flow_solver", "vocoder"}
+    assert all(c["calls"] > 0 and c["ms_per_call"] > 0 for c in one["graph_calls"].values())
+    assert one["graph_calls"]["flow_solver"]["rows_per_call"] == 1.0
+
+
+def test_batcher_holds_calls_with_slack_until_a_batch_fills():
+    """With hold_slack, calls whose deadline is far away wait for more rows (up to hold_rows) and then
+    run as one call; a call due sooner than the slack runs at once. Batched results equal single ones."""
+    import threading
+
+    from runtime.engine import GraphBatcher
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline(load_model("orpheus-tiny"), "torch").activate()
+    spec = pipe.runners["vocoder"].spec
+    feeds = [spec.sample_feed({"B": 1, "F": 4}, seed=i) for i in range(4)]
+    want = [pipe.call("vocoder", f)["audio"] for f in feeds]
+    batcher = GraphBatcher(pipe, hold_slack=0.5, hold_rows=3)
+    batcher.running = True
+    runner = threading.Thread(target=batcher.run, daemon=True)
+    runner.start()
+    got, done = {}, {}
+
+    def call(i, deadline):
+        batcher.worker_started()
+        got[i] = batcher.call("vocoder", feeds[i], deadline)["audio"]
+        done[i] = time.perf_counter()
+
+    try:
+        far = time.perf_counter() + 30
+        threads = [threading.Thread(target=call, args=(i, far)) for i in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        assert not got and batcher.graph_calls == {}  # two rows of three: held
+        threads.append(threading.Thread(target=call, args=(2, far)))
+        threads[-1].start()
+        for t in threads:
+            t.join(10)
+        assert sorted(got) == [0, 1, 2] and batcher.graph_calls["vocoder"][:2] == [1, 3]  # one call, 3 rows
+        t0 = time.perf_counter()
+        urgent = threading.Thread(target=call, args=(3, time.perf_counter() + 0.2))
+        urgent.start()
+        urgent.join(10)
+        assert done[3] - t0 < 0.3 and batcher.graph_calls["vocoder"][:2] == [2, 4]  # ran alone, at once
+    finally:
+        batcher.running = False
+        with batcher.cond:
+            batcher.cond.notify_all()
+        runner.join(5)
+    for i in range(4):
+        assert rel(got[i], want[i]) < 1e-5
 
 
 def test_report_measures_concurrency_through_the_engine():
