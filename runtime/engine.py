@@ -182,16 +182,13 @@ class _Call:
 class GraphBatcher:
     """Runs the workers' graph calls batched (see the module docstring)."""
 
-    def __init__(self, pipe: Pipeline, max_wait: float = 0.004, hold_slack: float | None = None, hold_rows: int = 16):
+    def __init__(self, pipe: Pipeline, max_wait: float = 0.004, split_ratio: float = 1.5):
         """max_wait: how long a round waits for workers still running host code to add their calls.
-        hold_slack (seconds, None: off): while every pending call's playback deadline is further away
-        than this, and no graph has `hold_rows` rows pending, keep collecting calls instead of running
-        small batches: later chunks of a stream that has audio buffered can wait and share one call;
-        a first chunk (its deadline is the first-audio target) runs at once."""
+        split_ratio: calls padded into one batch differ in their padded dim by at most this factor
+        (see `_by_length`)."""
         self.pipe = pipe
         self.max_wait = max_wait
-        self.hold_slack = hold_slack
-        self.hold_rows = hold_rows
+        self.split_ratio = split_ratio
         self.graph_calls: dict[str, list] = {}  # graph -> [calls executed, rows, seconds]
         self.cond = threading.Condition()
         self.pending: list[_Call] = []
@@ -240,23 +237,8 @@ class GraphBatcher:
                 deadline = time.perf_counter() + self.max_wait
                 while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
                     self.cond.wait(max(deadline - time.perf_counter(), 0))
-                if self.hold_slack is not None:
-                    self._hold()
                 calls, self.pending = self.pending, []
             self._execute(calls)
-
-    def _hold(self) -> None:
-        """Wait (holding the condition's lock between waits) while no pending call is urgent and no
-        graph has a full batch; new calls and stopping wake it."""
-        while self.running and self.pending:
-            rows: dict[str, int] = {}
-            for c in self.pending:
-                spec = self.pipe.runners[c.graph].spec
-                rows[c.graph] = rows.get(c.graph, 0) + self._rows(spec, c.feed)
-            slack = min(c.deadline for c in self.pending) - time.perf_counter() - self.hold_slack
-            if slack <= 0 or max(rows.values()) >= self.hold_rows:
-                return
-            self.cond.wait(min(slack, 0.05))
 
     def _execute(self, calls: list[_Call]) -> None:
         groups: dict = {}
@@ -266,8 +248,9 @@ class GraphBatcher:
             except Exception as e:  # noqa: BLE001 - a malformed feed fails its own call only
                 c.error = e
                 c.done.set()
-        for key in sorted(groups, key=lambda k: min(c.deadline for c in groups[k])):
-            group = sorted(groups[key], key=lambda c: c.deadline)
+        runs = [part for group in groups.values() for part in self._by_length(group)]
+        for group in sorted(runs, key=lambda g: min(c.deadline for c in g)):
+            group = sorted(group, key=lambda c: c.deadline)
             spec = self.pipe.runners[group[0].graph].spec
             limit = spec.dim("B").max if "B" in {d.name for d in spec.dims} else 1
             batch: list[_Call] = []
@@ -281,6 +264,23 @@ class GraphBatcher:
                 rows += n
             if batch:
                 self._run_batch(spec, batch)
+
+    def _by_length(self, group: list[_Call]) -> list[list[_Call]]:
+        """Split a group whose calls may be padded together into runs whose padded dim differs by at
+        most `split_ratio`: a short call (a stream's first chunk) padded to a long one would pay for
+        the long one's frames and wait for them; as its own smaller call it is cheaper and, having
+        the earlier deadline, runs first."""
+        spec = self.pipe.runners[group[0].graph].spec
+        if spec.pad is None or len(group) == 1:
+            return [group]
+        size = lambda c: spec.sizes_of(c.feed)[spec.pad.dim]  # noqa: E731
+        runs: list[list[_Call]] = []
+        for c in sorted(group, key=size):
+            if runs and size(c) <= self.split_ratio * size(runs[-1][0]):
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        return runs
 
     @staticmethod
     def _rows(spec, feed) -> int:
@@ -389,7 +389,7 @@ class Engine:
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
-                 prefill_limit: int = 16, switch_interval: float | None = None, batch_slack: float | None = None):
+                 prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None):
         self.model = model
         self.device = torch.device(device)
         choice = BackendChoice.parse(backends, model.stages)
@@ -419,7 +419,12 @@ class Engine:
         self.switch_interval = switch_interval
         self._lm_spec = (lm_option, dtype, attention)
         self.decoder: SlotDecoder | None = None
-        self.batcher = GraphBatcher(self.pipe, hold_slack=batch_slack)
+        if lm_buckets is not None and (not lm_buckets or min(lm_buckets) < 1):
+            raise UserError(f"LM batch buckets {lm_buckets} must be positive row counts.", "pass e.g. 1,16,64")
+        # the largest bucket is always the engine's row count (every admitted stream fits a step)
+        self.lm_buckets = None if lm_buckets is None else \
+            sorted({b for b in lm_buckets if b < self.max_streams} | {self.max_streams})
+        self.batcher = GraphBatcher(self.pipe)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._waiting: deque = deque()  # handles not yet running (admission queue)
@@ -461,7 +466,7 @@ class Engine:
         self.pipe.activate()
         self.decoder = SlotDecoder(lm, probe.slots(self.max_streams, vocab, self.device), self.model.lm.token_offset,
                                    self.max_streams, self.max_len, self.device, dtype, compile=compile_step,
-                                   attention=attention)
+                                   attention=attention, buckets=self.lm_buckets)
         self.running = True
         self.batcher.running = True
         lm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

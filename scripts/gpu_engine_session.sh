@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session of engine measurements (H200), every step bounded so one failure leaves the rest:
-#   OUT=results scripts/gpu_engine_session.sh [cv3|cudagraph|switch|slack]
+#   OUT=results scripts/gpu_engine_session.sh [cv3|cudagraph|switch|lm]
 # cv3: the CosyVoice3 load test (engine vs the sequential pipeline); cudagraph: the load tests of all three
 # families with token2wav on the cudagraph backend; switch: the engine's
-# thread switch interval against CPython's default; slack: the batcher's hold policy, the compiled
-# LM step, CosyVoice2 compile:bf16; default: the LM steps and the Orpheus load test.
+# thread switch interval against CPython's default; lm: the compiled LM step in the
+# engine against the eager one; default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -41,18 +41,15 @@ if [ "${1:-}" = switch ]; then
       --tokens 420 --no-baseline --switch-interval-ms 0.5 --json "$OUT/loadtest-orpheus-switch-0.5.json"
   exit 0
 fi
-if [ "${1:-}" = slack ]; then
-  # the batcher holding calls with slack (500 ms) against running every round at once, same run;
-  # then the compiled LM step and a CosyVoice2 compile:bf16 bench (its vocoder once crashed in bf16)
-  for ms in 0 500; do
-    run 110 loadtest-cv3-slack-$ms $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
-        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --concurrency 1,16,64,128 \
-        --requests 64 --tokens 125 --no-baseline --batch-slack-ms $ms --json "$OUT/loadtest-cv3-slack-$ms.json"
+if [ "${1:-}" = lm ]; then
+  # CosyVoice3 with the compiled LM step (flex attention, buckets 1,16,64,128) against the eager step,
+  # token2wav on cudagraph, the batcher splitting calls of very different lengths, same run
+  for lm in compile torch; do
+    run 300 loadtest-cv3-lm-$lm $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=$lm:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --lm-buckets 1,16,64,128 --concurrency 1,16,64,128 --requests 64 --tokens 125 --no-baseline \
+        --json "$OUT/loadtest-cv3-lm-$lm.json"
   done
-  run 130 step-cv3-compiled $PY scripts/bench_slot_step.py --model cosyvoice3-random --batches 1,16 \
-      --compiled-batches 1,16 --max-len 512 --reps 30 --json "$OUT/step-cv3-compiled.json"
-  run 170 bench-cv2-compile-bf16 $PY -m runtime.bench --model cosyvoice2-random --device cuda --backends compile:bf16 \
-      --lengths 50 --reps 3 --warmup 1 --json "$OUT/bench-cv2-compile-bf16.json"
   exit 0
 fi
 if [ "${1:-}" = cv3 ]; then

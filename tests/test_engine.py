@@ -234,54 +234,33 @@ def test_loadtest_json(tmp_path):
     assert one["graph_calls"]["flow_solver"]["rows_per_call"] == 1.0
 
 
-def test_batcher_holds_calls_with_slack_until_a_batch_fills():
-    """With hold_slack, calls whose deadline is far away wait for more rows (up to hold_rows) and then
-    run as one call; a call due sooner than the slack runs at once. Batched results equal single ones."""
-    import threading
-
-    from runtime.engine import GraphBatcher
+def test_batcher_splits_calls_of_very_different_lengths():
+    """Calls of one graph are padded together only when their padded dim differs by at most
+    split_ratio (a first chunk is not padded to a long later chunk); each run is one batched call, the
+    earliest deadline first, and batched results equal single calls."""
+    from runtime.engine import GraphBatcher, _Call
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline(load_model("orpheus-tiny"), "torch").activate()
-    spec = pipe.runners["vocoder"].spec
-    feeds = [spec.sample_feed({"B": 1, "F": 4}, seed=i) for i in range(4)]
-    want = [pipe.call("vocoder", f)["audio"] for f in feeds]
-    batcher = GraphBatcher(pipe, hold_slack=0.5, hold_rows=3)
-    batcher.running = True
-    runner = threading.Thread(target=batcher.run, daemon=True)
-    runner.start()
-    got, done = {}, {}
-
-    def call(i, deadline):
-        batcher.worker_started()
-        got[i] = batcher.call("vocoder", feeds[i], deadline)["audio"]
-        done[i] = time.perf_counter()
-
-    try:
-        far = time.perf_counter() + 30
-        threads = [threading.Thread(target=call, args=(i, far)) for i in range(2)]
-        for t in threads:
-            t.start()
-        time.sleep(0.4)
-        assert not got and batcher.graph_calls == {}  # two rows of three: held
-        threads.append(threading.Thread(target=call, args=(2, far)))
-        threads[-1].start()
-        for t in threads:
-            t.join(10)
-        assert sorted(got) == [0, 1, 2] and batcher.graph_calls["vocoder"][:2] == [1, 3]  # one call, 3 rows
-        t0 = time.perf_counter()
-        urgent = threading.Thread(target=call, args=(3, time.perf_counter() + 0.2))
-        urgent.start()
-        urgent.join(10)
-        assert done[3] - t0 < 0.3 and batcher.graph_calls["vocoder"][:2] == [2, 4]  # ran alone, at once
-    finally:
-        batcher.running = False
-        with batcher.cond:
-            batcher.cond.notify_all()
-        runner.join(5)
-    for i in range(4):
-        assert rel(got[i], want[i]) < 1e-5
-
+    pipe = Pipeline(load_model("cosyvoice3-tiny"), "torch").activate()
+    spec = pipe.runners["flow_solver"].spec
+    lengths = [64, 20, 16, 60, 62]  # B max is 2 here: the long run is two calls
+    feeds = [spec.sample_feed({"B": 1, "T": t}, seed=i) for i, t in enumerate(lengths)]
+    want = [pipe.call("flow_solver", f)["mel"] for f in feeds]
+    batcher = GraphBatcher(pipe)
+    now = time.perf_counter()
+    calls = [_Call("flow_solver", f, now + (1.0 if t > 30 else 0.2)) for f, t in zip(feeds, lengths)]
+    runs = batcher._by_length(calls)
+    assert [[spec.sizes_of(c.feed)["T"] for c in r] for r in runs] == [[16, 20], [60, 62, 64]]
+    order = []
+    call = pipe.call
+    pipe.call = lambda graph, feed: (order.append(tuple(feed["mask"].shape)), call(graph, feed))[1]
+    batcher._execute(calls)
+    pipe.call = call
+    # the short run (earlier deadlines) first, then the long one in calls of at most 2 rows
+    assert order[0] == (2, 1, 20) and sorted(order[1:]) == [(1, 1, 64), (2, 1, 62)]
+    assert batcher.graph_calls["flow_solver"][:2] == [3, 5]
+    for c, w in zip(calls, want):
+        assert c.done.is_set() and c.error is None and rel(c.result["mel"], w) < 1e-5
 
 def test_report_measures_concurrency_through_the_engine():
     """runtime.report's concurrency for backends that take one request at a time goes through the
