@@ -376,8 +376,10 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                 manifest.add(art)
                 manifest.save()
                 share = reached[f"matmul_conv_{prec}"]
+                which = f": {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}" if kept else ""
                 summary = (f"reached {reached['reached']} ({share}/{reached['matmul_conv']} matmul/conv in {prec}, "
-                           f"{len(kept)} node(s) {'kept fp32' if prec == 'fp16' else 'unquantised'}, level {found['level']})")
+                           f"{len(kept)} node(s) {'kept fp32' if prec == 'fp16' else 'unquantised'}{which}; "
+                           f"level {found['level']})")
                 if fallback:
                     say(f"{g:<15} {prec}  FALLBACK (allowed): recorded as fp32 in the {prec} slot: {summary}", err=True)
                 else:
