@@ -545,6 +545,21 @@ def build_cosyvoice2_flow(enc_cfg, unet_cfg, solver_cfg) -> Flow:
 
 
 # -- construction ------------------------------------------------------------------------------------
+PRESETS = {"cosyvoice3-tiny": ("cosyvoice3", "tiny"), "cosyvoice3-random": ("cosyvoice3", "random"),
+           "cosyvoice2-tiny": ("cosyvoice2", "tiny"), "cosyvoice2-random": ("cosyvoice2", "random")}
+
+
+def detect(folder: str) -> str | None:
+    """The CosyVoice version an upstream folder holds (by its yaml), or None."""
+    for family in ("cosyvoice3", "cosyvoice2"):
+        if os.path.isfile(os.path.join(folder, f"{family}.yaml")):
+            return family
+    if os.path.isfile(os.path.join(folder, "cosyvoice.yaml")):
+        raise UserError(f"{folder} holds a CosyVoice (v1) model, which this tool does not support.",
+                        "use a CosyVoice2 or CosyVoice3 model folder")
+    return None
+
+
 def _upstream_yaml(family: str) -> dict:
     return load_hyperyaml(os.path.join(CONFIG_DIR, f"{family}.yaml"))
 

@@ -11,9 +11,10 @@ import errno
 class UserError(Exception):
     """A problem the user can fix; `str(err)` is the one-line message to print."""
 
-    def __init__(self, problem: str, fix: str | None = None):
+    def __init__(self, problem: str, fix: str | None = None, param: str | None = None):
         self.problem = problem
         self.fix = fix
+        self.param = param  # the request field at fault, where one is (an HTTP error names it)
         super().__init__(f"{problem}" + (f" Fix: {fix}" if fix else ""))
 
 

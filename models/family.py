@@ -87,7 +87,7 @@ class Utterance:
         if fixed_tokens is not None and self.token_limit is not None and fixed_tokens > self.token_limit:
             raise UserError(f"--tokens {fixed_tokens} is more than the {self.token_limit} speech tokens this model "
                             f"takes for one sentence here (the limit of its graphs).",
-                            f"pass --tokens {self.token_limit} or fewer")
+                            f"pass --tokens {self.token_limit} or fewer", param="tokens")
 
 
 class TTSModel(abc.ABC):

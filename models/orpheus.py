@@ -207,6 +207,24 @@ class Orpheus(TTSModel):
 
 
 # -- construction ------------------------------------------------------------------------------------
+PRESETS = {"orpheus-tiny": ("orpheus", "tiny"), "orpheus-random": ("orpheus", "random")}
+
+
+def detect(folder: str) -> str | None:
+    """"orpheus" for a Hugging Face snapshot of a Llama model (the Orpheus LLM), else None."""
+    import json
+
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg) as f:
+            arch = json.load(f).get("architectures") or []
+    except (ValueError, OSError, AttributeError):
+        return None
+    return "orpheus" if any("Llama" in a for a in arch) else None
+
+
 def _tiny_llm() -> DecoderConfig:
     # the real id layout (audio tokens from 128266) on a tiny body, so all token handling is the real one
     return DecoderConfig.from_hf_config({

@@ -574,6 +574,63 @@ class TokenReport:
         return s
 
 
+class CodeParser:
+    """`tokens_to_codes` one token at a time: `feed(new_ids)` parses only what is new (a stream
+    decoder calls it as tokens arrive; re-parsing the whole list per chunk made streaming quadratic),
+    `codes()` gives the three code rows of the complete frames so far and `report` what was dropped."""
+
+    def __init__(self):
+        self.report = TokenReport(n_tokens=0)
+        self.c0: list[int] = []
+        self.c1: list[int] = []
+        self.c2: list[int] = []
+        self.frame, self.frame_bad, self.pos = [0] * FRAME_TOKENS, False, 0
+
+    def feed(self, token_ids) -> "CodeParser":
+        rep = self.report
+        for tid in token_ids:
+            idx, tid = rep.n_tokens, int(tid)
+            rep.n_tokens += 1
+            if tid < AUDIO_TOKEN_BASE:
+                rep.non_audio += 1
+                continue
+            rep.n_audio += 1
+            pos = self.pos
+            code = tid - AUDIO_TOKEN_BASE - pos * ORPHEUS_CODEBOOK
+            if not 0 <= code < ORPHEUS_CODEBOOK:
+                self.frame_bad = True
+                if (tid - AUDIO_TOKEN_BASE) // ORPHEUS_CODEBOOK < FRAME_TOKENS:
+                    rep.offset_mismatch += 1
+                else:
+                    rep.out_of_range += 1
+                if len(rep.first_bad) < 8:
+                    rep.first_bad.append((idx, tid, pos))
+            self.frame[pos] = code
+            self.pos += 1
+            if self.pos == FRAME_TOKENS:
+                f = self.frame
+                if self.frame_bad:
+                    rep.dropped_frames += 1
+                else:
+                    self.c0.append(f[0])
+                    self.c1 += [f[1], f[4]]
+                    self.c2 += [f[2], f[3], f[5], f[6]]
+                    rep.frames += 1
+                self.frame, self.frame_bad, self.pos = [0] * FRAME_TOKENS, False, 0
+        rep.partial_tail = self.pos
+        return self
+
+    @property
+    def frames(self) -> int:
+        return len(self.c0)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def t(x):
+            return torch.tensor(x, dtype=torch.int64).reshape(1, -1)
+
+        return t(self.c0), t(self.c1), t(self.c2)
+
+
 def tokens_to_codes(token_ids, strict: bool = False):
     """Orpheus LLM token ids -> (codes_0 [1,F], codes_1 [1,2F], codes_2 [1,4F], TokenReport).
 
@@ -584,45 +641,12 @@ def tokens_to_codes(token_ids, strict: bool = False):
     dropped; a trailing incomplete frame is dropped and counted. Nothing is dropped silently: check
     `report.ok` / `report.summary()`, or pass strict=True to raise UserError on any dropped audio.
     A frame of 7 tokens gives c0: [f0], c1: [f1, f4], c2: [f2, f3, f5, f6]."""
-    rep = TokenReport(n_tokens=len(token_ids))
-    c0, c1, c2 = [], [], []
-    frame, frame_bad = [0] * FRAME_TOKENS, False
-    pos = 0
-    for idx, tid in enumerate(token_ids):
-        tid = int(tid)
-        if tid < AUDIO_TOKEN_BASE:
-            rep.non_audio += 1
-            continue
-        rep.n_audio += 1
-        code = tid - AUDIO_TOKEN_BASE - pos * ORPHEUS_CODEBOOK
-        if not 0 <= code < ORPHEUS_CODEBOOK:
-            frame_bad = True
-            if (tid - AUDIO_TOKEN_BASE) // ORPHEUS_CODEBOOK < FRAME_TOKENS:
-                rep.offset_mismatch += 1
-            else:
-                rep.out_of_range += 1
-            if len(rep.first_bad) < 8:
-                rep.first_bad.append((idx, tid, pos))
-        frame[pos] = code
-        pos += 1
-        if pos == FRAME_TOKENS:
-            if frame_bad:
-                rep.dropped_frames += 1
-            else:
-                c0.append(frame[0])
-                c1 += [frame[1], frame[4]]
-                c2 += [frame[2], frame[3], frame[5], frame[6]]
-                rep.frames += 1
-            frame, frame_bad, pos = [0] * FRAME_TOKENS, False, 0
-    rep.partial_tail = pos
+    parser = CodeParser().feed(token_ids)
+    rep = parser.report
     if strict and not rep.ok:
         raise UserError(f"Orpheus audio tokens do not form clean SNAC frames ({rep.summary()}).",
                         "check the LLM output and its token offsets")
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.int64).reshape(1, -1)
-
-    return t(c0), t(c1), t(c2), rep
+    return (*parser.codes(), rep)
 
 
 def codes_to_tokens(codes_0, codes_1, codes_2) -> list[int]:

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from models.snac import CodeParser
+
 
 class CosyVoiceStream:
     first_hop = 25
@@ -114,6 +116,11 @@ class OrpheusStream:
         self.noise = FrameNoise(model.snac_cfg, device_generator(generator, device), device)
         self.decoded_until = 0  # end (exclusive) of the last decoded window, in frames
         self.last = None  # that window's audio
+        self.parser = CodeParser()  # the tokens parsed so far (each token once)
+
+    def _codes(self, tokens: list[int]):
+        self.parser.feed(tokens[self.parser.report.n_tokens:])
+        return (*self.parser.codes(), self.parser.report)
 
     def _decode(self, c0, c1, c2, start: int, end: int) -> torch.Tensor:
         return self.model.decode_frames((c0, c1, c2), start, end, self.noise, self.run, self.device)
@@ -126,9 +133,9 @@ class OrpheusStream:
         return max(self.decoded_until + 1, self.window) * FRAME_TOKENS
 
     def push(self, tokens: list[int]) -> list[torch.Tensor]:
-        from models.snac import tokens_to_codes
-
-        c0, c1, c2, _ = tokens_to_codes(tokens)
+        if max(self.decoded_until + 1, self.window) > self.parser.feed(tokens[self.parser.report.n_tokens:]).frames:
+            return []  # no new window yet (the common case: decided without building tensors)
+        c0, c1, c2, _ = self._codes(tokens)
         spf = self.model.snac_cfg.samples_per_frame
         out = []
         while c0.shape[1] >= max(self.decoded_until + 1, self.window):
@@ -140,9 +147,7 @@ class OrpheusStream:
         return out
 
     def finish(self, tokens: list[int]) -> list[torch.Tensor]:
-        from models.snac import tokens_to_codes
-
-        c0, c1, c2, report = tokens_to_codes(tokens)
+        c0, c1, c2, report = self._codes(tokens)
         if not report.ok:
             self.utt.warnings.append(f"Orpheus tokens not decoded: {report.summary()}")
         out = self.push(tokens)

@@ -191,6 +191,8 @@ class GraphBatcher:
         self.stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in pipe.model.stages}
         self.batch_sizes: deque = deque(maxlen=1000)  # rows per executed call
+        # f(stage, rows, seconds) after every executed call (the server's metrics); set by the engine
+        self.on_batch = None
 
     # worker side
     def call(self, graph: str, feed: dict, deadline: float) -> dict:
@@ -275,12 +277,15 @@ class GraphBatcher:
     def _run_batch(self, spec, batch: list[_Call]) -> None:
         graph = batch[0].graph
         try:
+            t0 = time.perf_counter()
             if len(batch) == 1:
                 outs = [self.pipe.call(graph, batch[0].feed)]
             else:
                 outs = self._batched(spec, graph, batch)
             if self.stream is not None:
                 self.stream.synchronize()  # results complete before a worker reads them on the host
+            # timed here, after the sync, so that the stage time is device time and single calls count too
+            self._record(spec.stage, sum(self._rows(spec, c.feed) for c in batch), time.perf_counter() - t0)
             for c, o in zip(batch, outs):
                 c.result = o
         except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error
@@ -317,9 +322,7 @@ class GraphBatcher:
                     x = y
                 parts.append(x)
             feed[t.name] = torch.cat(parts)
-        t0 = time.perf_counter()
         out = self.pipe.call(graph, feed)
-        self.batch_sizes.append(sum(rows))
         results, start = [], 0
         for c, s, n in zip(batch, sizes, rows):  # padding copies at the end get no result (zip stops)
             mine = {}
@@ -329,8 +332,13 @@ class GraphBatcher:
                 mine[t.name] = o[tuple(slice(0, k) for k in want)]
             results.append(mine)
             start += n
-        self.stage_seconds[spec.stage] = self.stage_seconds.get(spec.stage, 0.0) + time.perf_counter() - t0
         return results
+
+    def _record(self, stage: str, rows: int, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        self.batch_sizes.append(rows)
+        if self.on_batch is not None:
+            self.on_batch(stage, rows, seconds)
 
 
 class _Runner:
@@ -478,6 +486,7 @@ class Engine:
         handle = Handle(next(self._ids), self.model.sample_rate)
         job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
         with self._lock:
+            self._drop_cancelled()
             if len(self._active) < self.max_streams:
                 self._launch(job)
             elif len(self._waiting) < self.max_queue:
@@ -492,6 +501,20 @@ class Engine:
         handle = self.submit(text, **kwargs)
         audio = handle.audio()
         return audio, handle.stats
+
+    def warm_up(self, tokens: int | None = None, levels: list[int] | None = None, text: str = "Warming up.") -> float:
+        """Run bursts of synthetic requests (1, 2, 4, ... at once, up to `levels`) so the graphs a
+        batch of that size calls exist before real traffic: compiled backends compile and capture
+        their shapes here, not in a listener's first request. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        tokens = tokens or max(8, int(round(2 * self.model.token_rate())))
+        if levels is None:
+            levels = [1 << i for i in range(max(min(self.max_streams, 64), 1).bit_length())]
+        for n in levels:
+            handles = [self.submit(text, seed=i, fixed_tokens=tokens) for i in range(min(n, self.max_streams))]
+            for h in handles:
+                h.audio()
+        return time.perf_counter() - t0
 
     def _retry_after(self) -> float:
         return max(1.0, 5.0 * (len(self._waiting) + 1) / max(self.max_streams, 1))
@@ -508,6 +531,7 @@ class Engine:
         with self._lock:
             self._active.pop(handle.id, None)
             now = time.perf_counter()
+            self._drop_cancelled()
             while self._waiting and len(self._active) < self.max_streams:
                 job = self._waiting.popleft()
                 if now - job[0].stats.submitted > self.queue_timeout:
@@ -516,8 +540,34 @@ class Engine:
                     continue
                 self._launch(job)
 
+    def _expire_waiting(self) -> None:
+        """Fail waiting requests older than `queue_timeout` now, not when a stream next frees (the LM
+        thread calls this about every 100 ms)."""
+        now = time.perf_counter()
+        if not self._waiting or now - self._waiting[0][0].stats.submitted <= self.queue_timeout:
+            return  # the oldest is young enough: so are all (the queue is in arrival order)
+        with self._lock:
+            keep = deque()
+            for job in self._waiting:
+                if now - job[0].stats.submitted > self.queue_timeout:
+                    job[0]._end(EngineFull(f"the request waited {self.queue_timeout:.0f} s for a free stream.",
+                                           self._retry_after()))
+                else:
+                    keep.append(job)
+            self._waiting = keep
+
+    def _drop_cancelled(self) -> None:
+        """Waiting requests cancelled before they started (a client that went away) give their queue
+        place back now instead of when a stream frees (caller holds the lock)."""
+        if any(h.cancelled for h, _ in self._waiting):
+            for h, _ in self._waiting:
+                if h.cancelled:
+                    h._end(UserError("the request was cancelled."))
+            self._waiting = deque(j for j in self._waiting if not j[0].cancelled)
+
     def stats(self) -> dict:
-        return {"active_streams": len(self._active), "queued": len(self._waiting), "max_streams": self.max_streams,
+        return {"active_streams": len(self._active), "queued": sum(1 for h, _ in self._waiting if not h.cancelled),
+                "max_streams": self.max_streams,
                 "lm_rows": len(self._rows), "lm_steps": self.lm_steps,
                 "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
@@ -611,7 +661,11 @@ class Engine:
             self.running = False
         self._ready.set()
         dec = self.decoder
+        expired_at = time.perf_counter()
         while self.running:
+            if time.perf_counter() - expired_at > 0.1:
+                self._expire_waiting()
+                expired_at = time.perf_counter()
             with self._lm_cond:
                 while self.running and not self._rows and not self._lm_queue:
                     self._lm_cond.wait(0.1)
@@ -638,7 +692,10 @@ class Engine:
                 self.lm_steps += 1
                 self.lm_batch_sizes.append(n)
                 self._deliver(ids, range(n))
-            self.lm_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.lm_seconds += dt
+            if n and self.batcher.on_batch is not None:
+                self.batcher.on_batch(self._lm_stage, n, dt)
 
     def _deliver(self, ids: list[int], rows) -> None:
         lm = self.model.lm

@@ -8,6 +8,12 @@ streams, and send the next when it ends, until `--requests` requests are done. O
 (`--rate R`): requests arrive as a Poisson process of R per second. Requests have a fixed number of
 speech tokens (`--tokens`; random weights rarely stop on their own), one sentence each, a seed each.
 
+`--url http://host:port` drives a running speech server (python -m runtime.serve) instead of an
+in-process engine: each client streams `POST /v1/audio/speech` (raw 16-bit PCM) with httpx and the
+times are taken on the client side (first audio: request sent to the first audio bytes received;
+underruns from the arrival of each received piece), so they include HTTP and the network. The
+sequential-pipeline baseline needs the model in this process and is left out with --url.
+
 Per level: audio seconds per wall second, first-audio latency p50/p95/p99 (submit to first chunk),
 underruns (a chunk that arrives after the audio before it has finished playing, playback starting at
 the first chunk; counted per stream), requests completed and failed. Capacity at the SLO: the largest
@@ -56,11 +62,110 @@ def summarize_level(records: list[dict], wall: float, level: dict) -> dict:
             "errors": sorted({r["error"] for r in records if r["error"]})[:5]}
 
 
+def count_underruns(times: list[float], seconds: list[float]) -> int:
+    """Pieces that arrived after the audio before them had finished playing (playback starts with the
+    first piece; `times` are arrival times, `seconds` the audio in each)."""
+    played, late = 0.0, 0
+    for t, s in zip(times, seconds):
+        late += t > times[0] + played + 1e-3
+        played += s
+    return late
+
+
+class HttpTarget:
+    """Requests to a speech server over HTTP, streamed with httpx; every time is the client's."""
+
+    def __init__(self, url: str, api_key: str | None = None, voice: str = "default", timeout: float = 300.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.voice = voice
+        # one pool for every client thread (httpx.Client is thread-safe), as many connections as clients
+        self.client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=1024,
+                                                                          max_keepalive_connections=1024))
+        self.model = self._model()
+
+    def _model(self) -> str:
+        import httpx
+
+        try:
+            r = self.client.get(self.url + "/v1/models", headers=self.headers)
+        except httpx.HTTPError as e:
+            raise UserError(f"cannot reach the speech server at {self.url} ({type(e).__name__}: {e}).",
+                            "start it with python -m runtime.serve, or fix --url") from None
+        if r.status_code == 401:
+            raise UserError(f"the speech server at {self.url} wants an API key.", "pass --api-key (or set TTS_API_KEY)")
+        if r.status_code != 200:
+            raise UserError(f"{self.url}/v1/models answered HTTP {r.status_code}; is this a speech server?",
+                            "point --url at python -m runtime.serve")
+        return r.json()["data"][0]["id"]
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        import httpx
+
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                if self.client.get(self.url + "/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                raise UserError(f"the speech server at {self.url} was not ready within {timeout:.0f} s.",
+                                "look at its log (GET /ready says what it is doing)")
+            time.sleep(0.5)
+
+    def diagnostics(self) -> dict:
+        """The server's own view (GET /diagnostics): engine occupancy, backends, GPU."""
+        import httpx
+
+        try:
+            r = self.client.get(self.url + "/diagnostics", headers=self.headers)
+            return r.json() if r.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def stats(self) -> dict:
+        return self.diagnostics().get("engine", {})
+
+    def request(self, text: str, seed: int, tokens: int) -> dict:
+        import httpx
+
+        body = {"model": self.model, "input": text, "voice": self.voice, "response_format": "pcm", "seed": seed,
+                "tokens": tokens}
+        t0 = time.perf_counter()
+        times, secs = [], []
+        try:
+            with self.client.stream("POST", self.url + "/v1/audio/speech", json=body, headers=self.headers) as r:
+                if r.status_code != 200:
+                    r.read()
+                    try:
+                        msg = r.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        msg = r.text[:200]
+                    return {"error": f"HTTP {r.status_code}: {msg}", "ttfa_s": None, "audio_s": 0.0, "underruns": 0,
+                            "latency_s": time.perf_counter() - t0}
+                rate = int(r.headers.get("x-sample-rate", "24000"))
+                for piece in r.iter_bytes():
+                    if piece:
+                        times.append(time.perf_counter() - t0)
+                        secs.append(len(piece) / 2 / rate)
+        except httpx.HTTPError as e:
+            return {"error": f"{type(e).__name__}: {str(e)[:200]}", "ttfa_s": None, "audio_s": 0.0, "underruns": 0,
+                    "latency_s": time.perf_counter() - t0}
+        return {"error": None, "ttfa_s": times[0] if times else None, "audio_s": sum(secs),
+                "underruns": count_underruns(times, secs) if times else 0, "latency_s": time.perf_counter() - t0}
+
+
 class EngineTarget:
     """Requests through an in-process engine."""
 
     def __init__(self, engine):
         self.engine = engine
+
+    def stats(self) -> dict:
+        return self.engine.stats()
 
     def request(self, text: str, seed: int, tokens: int) -> dict:
         t0 = time.perf_counter()
@@ -135,11 +240,7 @@ def baseline(pipe, requests: int, tokens: int, text: str, seed0: int) -> dict:
             first = now if first is None else first
             times.append(now)
             secs.append(chunk.numel() / pipe.model.sample_rate)
-        played, late = 0.0, 0
-        for t, s in zip(times, secs):
-            late += t > times[0] + played + 1e-3
-            played += s
-        records.append({"error": None, "ttfa_s": first, "audio_s": sum(secs), "underruns": late,
+        records.append({"error": None, "ttfa_s": first, "audio_s": sum(secs), "underruns": count_underruns(times, secs),
                         "latency_s": time.perf_counter() - start})
     return summarize_level(records, time.perf_counter() - t0, {"concurrency": 1, "what": "sequential Pipeline"})
 
@@ -174,7 +275,8 @@ def write_plot(result: dict, path: str) -> None:
     x = [lv["concurrency"] for lv in levels]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(x, [lv["audio_s_per_s"] for lv in levels], "o-", label="engine")
-    a.axhline(result["baseline"]["audio_s_per_s"], color="gray", ls="--", label="sequential pipeline")
+    if result["baseline"]:
+        a.axhline(result["baseline"]["audio_s_per_s"], color="gray", ls="--", label="sequential pipeline")
     a.set_xscale("log", base=2)
     a.set_xlabel("concurrent streams")
     a.set_ylabel("audio seconds per second")
@@ -216,9 +318,13 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--json", "json_path", default=None)
 @click.option("--plot", "plot_path", default=None)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
+              "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
+@click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
+@click.option("--voice", default="default", show_default=True, help="Voice of every request (with --url).")
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
-         with_baseline, baseline_requests, json_path, plot_path, seed):
+         with_baseline, baseline_requests, json_path, plot_path, seed, url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -231,16 +337,32 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         raise UserError("--requests, --tokens and --runs must be at least 1.", "pass positive counts")
     if rate is not None and rate <= 0:
         raise UserError(f"--rate {rate} is not a positive rate.", "pass requests per second, e.g. --rate 10")
-    dev = torch.device(check_device(device))
-    model = load_model(model_name, device=str(dev), seed=seed)
     log = lambda m: click.echo(m, err=True)  # noqa: E731 - the table goes to stdout
     t0 = time.perf_counter()
-    engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len).start()
-    log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
-        f"{engine.decoder.metadata()}")
-    target = EngineTarget(engine)
-    warm = max(levels_in) if rate is None else min(requests, 32)
-    closed_loop(target, min(warm, engine.max_streams), min(warm, engine.max_streams), tokens, TEXT, 10**6)
+    engine = None
+    if url:
+        target = HttpTarget(url, api_key, voice)
+        target.wait_ready()
+        facts = target.diagnostics()
+        gpu = facts.get("gpu") or {}
+        meta = {"model": target.model, "random_weights": (facts.get("model") or {}).get("random_weights"),
+                "backend": facts.get("backends"), "device": facts.get("device"), "url": url,
+                "device_name": gpu.get("name") or facts.get("device") or "unknown",
+                "max_streams": (facts.get("engine") or {}).get("max_streams")}
+        warm = max(levels_in) if rate is None else min(requests, 32)
+        log(f"server {url} ready: {target.model}, {meta['max_streams']} streams")
+    else:
+        dev = torch.device(check_device(device))
+        model = load_model(model_name, device=str(dev), seed=seed)
+        engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len).start()
+        log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
+            f"{engine.decoder.metadata()}")
+        target = EngineTarget(engine)
+        env = environment(dev)
+        meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
+                "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams}
+        warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
+    closed_loop(target, warm, warm, tokens, TEXT, 10**6)
     log(f"warmed up ({time.perf_counter() - t0:.1f} s since start)")
     levels = []
     plan = [("rate", rate)] if rate is not None else [("concurrency", c) for c in levels_in]
@@ -252,22 +374,24 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
             else:
                 results.append(closed_loop(target, value, max(requests, value), tokens, TEXT, seed + 1000 * r))
         lv = median_run(results)
-        lv["engine"] = engine.stats()
+        lv["engine"] = target.stats()
         levels.append(lv)
-        log(f"{kind} {value}: {lv['audio_s_per_s']:.1f} audio-s/s, first audio p50 {lv['ttfa_ms']['p50']:.1f} / "
-            f"p99 {lv['ttfa_ms']['p99']:.1f} ms, underruns {lv['underruns']}, failed {lv['failed']}")
-    engine.stop()
+        p50, p99 = lv["ttfa_ms"]["p50"], lv["ttfa_ms"]["p99"]
+        log(f"{kind} {value}: {lv['audio_s_per_s']:.1f} audio-s/s, first audio p50 {p50 or 0:.1f} / "
+            f"p99 {p99 or 0:.1f} ms, underruns {lv['underruns']}, failed {lv['failed']}"
+            + (f" ({lv['errors'][0]})" if lv["errors"] else ""))
     base = None
-    if with_baseline:
-        pipe = Pipeline(model, backends, device=str(dev)).activate()
-        baseline(pipe, 1, tokens, TEXT, 10**6)  # warm-up
-        base = baseline(pipe, max(1, min(requests, baseline_requests)), tokens, TEXT, seed)
-        log(f"baseline (sequential pipeline): {base['audio_s_per_s']:.1f} audio-s/s, first audio p50 "
-            f"{base['ttfa_ms']['p50']:.1f} ms")
-    env = environment(dev)
-    result = {"meta": {"model": model.name, "random_weights": model.random_weights, "backend": backends,
-                       "device": str(dev), "device_name": env["gpu"] or env["cpu"], "tokens": tokens,
-                       "requests_per_level": requests, "runs": runs, "max_streams": engine.max_streams,
+    if engine is not None:
+        engine.stop()
+        if with_baseline:
+            pipe = Pipeline(model, backends, device=str(dev)).activate()
+            baseline(pipe, 1, tokens, TEXT, 10**6)  # warm-up
+            base = baseline(pipe, max(1, min(requests, baseline_requests)), tokens, TEXT, seed)
+            log(f"baseline (sequential pipeline): {base['audio_s_per_s']:.1f} audio-s/s, first audio p50 "
+                f"{base['ttfa_ms']['p50']:.1f} ms")
+    elif with_baseline:
+        log("no sequential baseline with --url (it runs the model in this process)")
+    result = {"meta": {**meta, "tokens": tokens, "requests_per_level": requests, "runs": runs,
                        "when": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
                        "command": "python -m runtime.loadtest " + " ".join(sys.argv[1:])},
               "slo_ms": slo_ms, "levels": levels, "capacity": capacity(levels, slo_ms), "baseline": base}

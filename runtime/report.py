@@ -23,7 +23,8 @@ comparable. Per backend choice (one backend for all stages, e.g. ort:fp16, or a 
   audio-s/s = audio seconds produced / median latency. B beyond the graphs' batch limit runs as
   several calls of at most the limit each.
 - concurrency C: C threads (the calling one and C - 1 others) stream one request each at the same
-  moment through the same backends, max(2, ceil(reps / C)) rounds after --warmup untimed rounds;
+  moment through the same backends (backends that take one request at a time, compile and trt: C
+  requests submitted together to the serving engine, runtime/engine.py, which batches them), max(2, ceil(reps / C)) rounds after --warmup untimed rounds;
   requests/s = C / median round wall time, audio-s/s = audio seconds of one round / median round
   wall time; first chunk and latency statistics over every request of every timed round.
 - memory_gb: device memory in use (torch.cuda.mem_get_info: total - free, so ONNX Runtime and
@@ -205,6 +206,31 @@ def measure_concurrency(pipe, req: Request, level: int, warmup: int, reps: int, 
             "latency_median_ms": totals["median_ms"], "latency_p95_ms": totals["p95_ms"], "requests": len(recs)}
 
 
+def measure_engine_concurrency(engine, req: Request, level: int, warmup: int, reps: int, seed: int) -> dict:
+    """Concurrency through the serving engine (backends that take one request at a time, such as
+    compile, serve many this way): rounds of `level` requests submitted at once."""
+    def round_(k):
+        t0 = time.perf_counter()
+        handles = [engine.submit(req.text, seed=seed + k * level + i, fixed_tokens=req.tokens) for i in range(level)]
+        for h in handles:
+            h.audio()
+        return time.perf_counter() - t0, [(h.stats.first_audio, h.stats.finished, h.stats.audio_seconds) for h in handles]
+
+    for k in range(warmup):
+        round_(k)
+    walls, recs = [], []
+    for k in range(max(2, math.ceil(reps / level))):
+        wall, rs = round_(warmup + k)
+        walls.append(wall)
+        recs += rs
+    wall = summarize(walls)["median_ms"] / 1e3
+    firsts, totals = summarize([r[0] for r in recs]), summarize([r[1] for r in recs])
+    return {"requests_per_s": level / wall, "audio_s_per_s": sum(r[2] for r in recs[:level]) / wall,
+            "first_chunk_median_ms": firsts["median_ms"], "first_chunk_p95_ms": firsts["p95_ms"],
+            "latency_median_ms": totals["median_ms"], "latency_p95_ms": totals["p95_ms"], "requests": len(recs),
+            "via": "engine"}
+
+
 def artifacts_used(pipe, model, engines_dir: str | None) -> list[dict]:
     """The manifest entries (path, sha256 prefix) behind every artifact-backed graph of `pipe`."""
     from runtime.artifacts import Manifest, default_dir
@@ -277,18 +303,34 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
         memory.sample()
         log(f"  batch {b:<4} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                                   f"{r['requests_per_s']:8.2f} req/s  {r['audio_s_per_s']:8.2f} audio-s/s"))
-    unsafe = pipe.serial_reasons()
+    # backends that take one request at a time (compile, trt) serve concurrent requests through the
+    # engine, which batches them; the others are measured with threads on the pipeline itself
+    engine = None
     entry["concurrency"] = {}
     for c in batches:
-        r = {"skipped": "; ".join(unsafe)} if unsafe and c > 1 else \
-            guarded(measure_concurrency, pipe, throughput, c, warmup, reps, seed)
+        if c == 1 or pipe.concurrent:
+            r = guarded(measure_concurrency, pipe, throughput, c, warmup, reps, seed)
+        else:
+            if engine is None:
+                engine = guarded(_start_engine, model, choice, device, engines_dir, options, max(batches))
+            r = engine if isinstance(engine, dict) else \
+                guarded(measure_engine_concurrency, engine, throughput, c, warmup, reps, seed)
         entry["concurrency"][str(c)] = r
         memory.sample()
         log(f"  threads {c:<2} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                                    f"{r['requests_per_s']:8.2f} req/s  first chunk {r['first_chunk_median_ms']:.1f} ms"))
+    if engine is not None and not isinstance(engine, dict):
+        engine.stop()
     entry.update(memory.result())
     entry["runners"] = {g: r.metadata() for g, r in pipe.runners.items()}
     return entry
+
+
+def _start_engine(model, choice, device, engines_dir, options, streams):
+    from runtime.engine import Engine
+
+    return Engine(model, choice, device=str(device), engines_dir=engines_dir, options=options,
+                  max_streams=streams).start()
 
 
 def run_report(model, choices: list[str], device: torch.device, requests: list[Request], throughput: Request,

@@ -225,3 +225,26 @@ def test_loadtest_json(tmp_path):
     assert data["baseline"]["requests"] == 3 and data["baseline"]["audio_s_per_s"] > 0
     assert set(data["capacity"]) >= {"concurrency", "audio_s_per_s", "slo_ms"}
     assert (tmp_path / "lt.png").stat().st_size > 1000
+
+
+def test_report_measures_concurrency_through_the_engine():
+    """runtime.report's concurrency for backends that take one request at a time goes through the
+    engine: every request of every round is served and timed."""
+    from runtime.report import Request, measure_engine_concurrency
+
+    with Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=3) as engine:
+        r = measure_engine_concurrency(engine, Request("t", 20, TEXT), 3, warmup=1, reps=3, seed=0)
+    assert r["via"] == "engine" and r["requests"] == 6
+    assert r["audio_s_per_s"] > 0 and 0 < r["first_chunk_median_ms"] <= r["latency_median_ms"]
+
+
+def test_queue_timeout_fails_waiting_requests_while_streams_run():
+    """A request that waits past queue_timeout fails then, not when a stream frees."""
+    with Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=1, max_queue=2, queue_timeout=0.3) as engine:
+        running = engine.submit(TEXT, seed=1, fixed_tokens=600)
+        waiting = engine.submit(TEXT, seed=2, fixed_tokens=5)
+        t0 = time.perf_counter()
+        with pytest.raises(EngineFull, match=r"the request waited 0 s for a free stream"):
+            waiting.audio()
+        assert time.perf_counter() - t0 < 5 and not running.stats.finished  # the long one still runs
+        running.cancel()

@@ -33,7 +33,16 @@ from models.speech_lm import (
 from models.transformer_lm import DecoderConfig, rope_inv_freq
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden", "llm")
-ATOL = 1e-4
+# Golden tolerances: about 10x what this code measures against the golden tensors here (float32, CPU),
+# above what upstream itself moves under legitimate changes (golden README: eager instead of sdpa
+# attention, fp64 recompute, KV cache vs full recompute), below what a wrong constant costs (the
+# mutation probes at the end of this file must fail at these tolerances).
+# - cosyvoice2/3: measured max 7.2e-7 (prefill logits; hidden states, all-position logits, keys and
+#   values are bit-exact), upstream's legitimate variants 1.1e-6..2.0e-6, RMSNorm eps 1e-5 instead of
+#   Qwen2's 1e-6 moves the comparisons by 1.5e-5..3.2e-5: tol 5e-6.
+# - orpheus: measured max 1.9e-6 (prefill logits), legitimate variants up to 5.5e-6 (eager vs sdpa),
+#   the mutations below move it by >= 5.6e-4: tol 2e-5.
+TOL = {"cosyvoice2": 5e-6, "cosyvoice3": 5e-6, "orpheus": 2e-5}
 CV = ("cosyvoice2", "cosyvoice3")
 ALL = CV + ("orpheus",)
 
@@ -173,11 +182,11 @@ def test_hidden_and_all_logits(name):
     ids = _prompt(name, io)
     hidden, logits = m.forward_all(ids)
     n = int(io["lm_input_len"][0]) if name != "orpheus" else ids.shape[1]
-    assert _maxdiff(hidden[0, :n], io["hidden"][0, :n]) < ATOL
-    assert _maxdiff(logits[0, :n], io["logits"][0, :n]) < ATOL
+    assert _maxdiff(hidden[0, :n], io["hidden"][0, :n]) < TOL[name]
+    assert _maxdiff(logits[0, :n], io["logits"][0, :n]) < TOL[name]
     if name != "orpheus":  # the same through the embeddings upstream fed
         h2, l2 = m.forward_all(inputs_embeds=io["lm_input"][:, :n])
-        assert _maxdiff(l2[0], io["logits"][0, :n]) < ATOL
+        assert _maxdiff(l2[0], io["logits"][0, :n]) < TOL[name]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -190,10 +199,10 @@ def test_prefill_then_incremental_steps(name):
         logits, keys, values = m(ids, mask, pk, pv)
     ref_prefill = io["logits"] if name == "orpheus" else io["prefill_logits"]
     assert logits.dtype == torch.float32 and logits.shape == (1, ref_prefill.shape[-1])
-    assert _maxdiff(logits[0], ref_prefill[0, -1]) < ATOL
+    assert _maxdiff(logits[0], ref_prefill[0, -1]) < TOL[name]
     for i in range(m.body.config.num_layers):
-        assert _maxdiff(keys[i], io[f"prefill_key_{i}"]) < ATOL
-        assert _maxdiff(values[i], io[f"prefill_value_{i}"]) < ATOL
+        assert _maxdiff(keys[i], io[f"prefill_key_{i}"]) < TOL[name]
+        assert _maxdiff(values[i], io[f"prefill_value_{i}"]) < TOL[name]
 
     toks = io["inc_tokens"].reshape(-1)
     inc_ref = io["inc_logits"].reshape(len(toks), -1)
@@ -205,8 +214,9 @@ def test_prefill_then_incremental_steps(name):
         mask = torch.ones(1, keys.shape[3] + 1, dtype=torch.int64)
         with torch.no_grad():
             logits, keys, values = m(torch.tensor([[step_id]]), mask, keys, values)
-        assert _maxdiff(logits[0], inc_ref[k]) < ATOL
-        assert _maxdiff(logits[0], nocache_ref[k]) < ATOL
+        assert _maxdiff(logits[0], inc_ref[k]) < TOL[name]
+        # upstream's own KV-cache vs full-recompute logits differ by 1.2e-6 (cv) / 3.7e-6 (orpheus)
+        assert _maxdiff(logits[0], nocache_ref[k]) < TOL[name]
     assert keys.shape[3] == ids.shape[1] + len(toks)
 
 
@@ -431,3 +441,79 @@ def test_decoder_config_llama_fields():
     with pytest.raises(UserError):
         DecoderConfig.from_hf_config({"model_type": "llama", "hidden_size": 8})
     assert isinstance(CosyVoiceLM(_cv_config("cosyvoice3")), CosyVoiceLM)
+
+
+# -- mutation probes: a wrong constant must fail the golden comparison at TOL ---------------------
+def _golden_errors(name, m) -> dict[str, float]:
+    """max|diff| of the golden comparisons above for the LM `m`: hidden states and logits at every
+    prompt position, prefill logits and KV cache, and three cached decode steps."""
+    io = _io(name)
+    ids = _prompt(name, io)
+    n = ids.shape[1]
+    hidden, logits = m.forward_all(ids)
+    errs = {"hidden": _maxdiff(hidden[0, :n], io["hidden"][0, :n]), "logits": _maxdiff(logits[0, :n], io["logits"][0, :n])}
+    ref_prefill = io["logits"] if name == "orpheus" else io["prefill_logits"]
+    toks = io["inc_tokens"].reshape(-1).tolist()
+    inc_ref = io["inc_logits"].reshape(len(toks), -1)
+    with torch.no_grad():
+        last, keys, values = m(ids, torch.ones(1, n, dtype=torch.int64), *m.empty_cache(1))
+        errs["prefill_logits"] = _maxdiff(last[0], ref_prefill[0, -1])
+        errs["cache"] = max(max(_maxdiff(keys[i], io[f"prefill_key_{i}"]), _maxdiff(values[i], io[f"prefill_value_{i}"]))
+                            for i in range(keys.shape[0]))
+        errs["decode_logits"] = 0.0
+        for k, tok in enumerate(toks):
+            step = torch.tensor([[tok if name == "orpheus" else m.speech_id(tok)]])
+            last, keys, values = m(step, torch.ones(1, keys.shape[3] + 1, dtype=torch.int64), keys, values)
+            errs["decode_logits"] = max(errs["decode_logits"], _maxdiff(last[0], inc_ref[k]))
+    return errs
+
+
+def _with_hf_config(name, tmp_path, **change):
+    """The golden LM loaded through the public loaders with `change` applied to its HF config.json
+    keys (rms_norm_eps, rope_theta, rope_scaling), as a checkpoint whose config says so would be."""
+    if name != "orpheus":
+        hf = read_hf_config(os.path.join(GOLDEN, name, "config.json"))
+        cfg = CosyVoiceLMConfig.from_hf_config({**hf["llm.llm"]["hf_config_full"], **change},
+                                               hf["llm"]["kwargs"]["speech_token_size"], name)
+        return load_cosyvoice_lm(os.path.join(GOLDEN, name, "llm.pt"), cfg)
+    folder = tmp_path / "orpheus"
+    folder.mkdir()
+    hf = read_hf_config(os.path.join(GOLDEN, "orpheus"))
+    (folder / "config.json").write_text(json.dumps({**hf, **change}))
+    shutil.copy(os.path.join(GOLDEN, "orpheus", "model.safetensors"), folder / "model.safetensors")
+    return load_orpheus_lm(str(folder))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_golden_errors_of_the_real_config(name, tmp_path):
+    """The probes' reference point: the unchanged config, loaded the probes' way, passes everywhere."""
+    errs = _golden_errors(name, _with_hf_config(name, tmp_path))
+    print(f"\n{name}: " + ", ".join(f"{k} {v:.2g}" for k, v in errs.items()))
+    assert max(errs.values()) < TOL[name], errs
+
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+PROBES = {
+    # RMSNorm eps: Llama's 1e-5 on Qwen2 (measured: moves cv2/cv3 by 1.5e-5..3.2e-5), Qwen2's 1e-6 on
+    # Llama (5.6e-4)
+    "cosyvoice2-eps-1e-5": ("cosyvoice2", {"rms_norm_eps": 1e-5}),
+    "cosyvoice3-eps-1e-5": ("cosyvoice3", {"rms_norm_eps": 1e-5}),
+    "orpheus-eps-1e-6": ("orpheus", {"rms_norm_eps": 1e-6}),
+    # RoPE theta: the 10000 a config without rope_theta falls back to (moves everything by > 0.1)
+    "cosyvoice2-theta-1e4": ("cosyvoice2", {"rope_theta": 10000.0}),
+    "cosyvoice3-theta-1e4": ("cosyvoice3", {"rope_theta": 10000.0}),
+    "orpheus-theta-1e4": ("orpheus", {"rope_theta": 10000.0}),
+    # llama3 RoPE scaling: dropped (1e-2), Llama-3.1's factor 8 instead of 3.2's 32 (9e-4), a high-frequency
+    # band that starts at 2 instead of 4 (7e-3)
+    "orpheus-no-rope-scaling": ("orpheus", {"rope_scaling": None}),
+    "orpheus-rope-factor-8": ("orpheus", {"rope_scaling": {**_LLAMA3, "factor": 8.0}}),
+    "orpheus-high-freq-factor-2": ("orpheus", {"rope_scaling": {**_LLAMA3, "high_freq_factor": 2.0}}),
+}
+
+
+@pytest.mark.parametrize("name,change", list(PROBES.values()), ids=list(PROBES))
+def test_wrong_constant_fails_golden(name, change, tmp_path):
+    errs = _golden_errors(name, _with_hf_config(name, tmp_path, **change))
+    # the comparisons over every prompt position fail, not just one of them
+    assert errs["hidden"] > TOL[name] and errs["logits"] > TOL[name], errs

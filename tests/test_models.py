@@ -38,9 +38,10 @@ def test_folder_token2wav_reproduces_golden_flow(tmp_path, family):
     audio = model.token2wav(io["token"][0].tolist(), utt, run, torch.Generator().manual_seed(0), torch.device("cpu"))
     seen = run.seen
     mel = seen["flow_solver"][1]["mel"]
-    assert torch.allclose(seen["flow_encoder"][1]["mu"], io["decoder_mu"], atol=1e-4)
-    assert torch.allclose(seen["flow_solver"][0]["z"], io["z"])
-    assert (mel - io["mel"]).abs().max() < 1e-4
+    # measured 0 for both families (test_flow_cv2 / test_flow_cv3 give the derivation of the tolerances)
+    assert (seen["flow_encoder"][1]["mu"] - io["decoder_mu"]).abs().max() < 1e-5
+    assert torch.equal(seen["flow_solver"][0]["z"], io["z"])
+    assert (mel - io["mel"]).abs().max() < 2e-5
     assert audio.shape == (io["mel"].shape[2] * 480,) and torch.isfinite(audio).all()
 
 

@@ -81,6 +81,12 @@ class Backend(abc.ABC):
         with one graph per shape round up to few sizes."""
         return n
 
+    def warm_points(self, max_rows: int) -> list[dict[str, int]]:
+        """Dim sizes (spec points) at which a first call compiles or captures something, one per shape
+        bucket a caller sending up to `max_rows` rows can reach: a server calls them before it takes
+        requests. Empty for backends whose first call at a new shape costs nothing extra."""
+        return []
+
     def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0,
                 call: Callable[[dict], dict] | None = None) -> "LLMDecoder":
         """Generation state for an autoregressive graph (see LLMDecoder). `call` runs one feed of

@@ -106,7 +106,7 @@ class CompiledBackend(Backend):
     kind = "compile"
 
     def __init__(self, spec: GraphSpec, device, module_factory, dtype=torch.float32, cuda_graphs: bool | None = None,
-                 buckets: bool = True, max_graphs: int = 64, compile_backend: str = "inductor",
+                 buckets: bool = True, max_graphs: int = 256, compile_backend: str = "inductor",
                  compile_mode: str | None = None, dynamic: bool | None | str = "auto", warmup: int = 3,
                  fullgraph: bool = False, compile_options: dict | None = None, decoder_options: dict | None = None,
                  copy_module: bool = False):
@@ -242,6 +242,30 @@ class CompiledBackend(Backend):
         if "B" not in {d.name for d in self.spec.dims}:
             return n
         return max(min(1 << max(n - 1, 0).bit_length(), self.spec.dim("B").max), n)
+
+    def warm_points(self, max_rows: int) -> list[dict[str, int]]:
+        """Every (batch bucket, bucket of the padded dim) pair, the other dims at their opt size (a dim
+        that is neither batch nor padded takes the exact shape of each call, so it cannot be listed)."""
+        names = {d.name for d in self.spec.dims}
+        rows = [None]
+        if "B" in names:
+            b = self.spec.dim("B")
+            rows = sorted({self.preferred_rows(n) for n in range(b.min, max(min(max_rows, b.max), b.min) + 1)})
+        if self.rule is None:
+            lengths = [None]
+        else:
+            d = self.spec.dim(self.rule.dim)
+            lengths = sorted({self.padded_sizes({d.name: n})[d.name] for n in range(d.min, d.max + 1)})
+        points = []
+        for b in rows:
+            for n in lengths:
+                p = {}
+                if b is not None:
+                    p["B"] = b
+                if n is not None:
+                    p[self.rule.dim] = n
+                points.append(p)
+        return points
 
     def padded_sizes(self, sizes: dict[str, int]) -> dict[str, int]:
         """The dim sizes a request with `sizes` runs at (bucketed dim rounded up, capped at its max)."""

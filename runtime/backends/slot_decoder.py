@@ -200,7 +200,8 @@ class SlotDecoder:
         if prompt_len + max_new > self.max_len:
             raise UserError(f"a request needs {prompt_len} prompt + up to {max_new} generated tokens, more than the "
                             f"{self.max_len} cache columns of this engine.",
-                            "split the text into shorter sentences, or start the engine with a larger --max-len")
+                            "split the text into shorter sentences, or start the engine with a larger --max-len",
+                            param="tokens")
 
     def prefill(self, start: int, prompts: list[list[int]], samplers: list, seeds: list[int]) -> torch.Tensor:
         """Rows start..start+k-1 take these prompts; returns their first sampled tokens [k] (device)."""
