@@ -1,12 +1,14 @@
 """python -m export {onnx, validate, build}: artifacts for every stage of a model.
 
     python -m export onnx --model cosyvoice3-tiny [--stages llm,flow,vocoder] [--out-dir engines/cosyvoice3-tiny]
-    python -m export validate --model cosyvoice3-tiny [--backends ort] [--precision fp32] [--points min,opt,max]
+    python -m export validate --model cosyvoice3-tiny [--backends ort] [--precision fp32] [--points min,opt,max] [--seeds 8]
+    python -m export build --model cosyvoice3-tiny [--precision fp32,fp16,int8] [--allow-fallback] [--bisect-rounds 24]
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -97,7 +99,8 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed, optimize):
             facts = export_graph(model, g, path, _source_hash(model, specs[g].stage), optimize=optimize)
             art = file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
                                 profiles=specs[g].profile(), spec=specs[g].to_dict(),
-                                built={"export": facts, "tool": "torch.onnx (dynamo)", "optimized": optimize})
+                                built={"export": facts, "tool": "torch.onnx (dynamo)", "optimized": optimize},
+                                fingerprint=model.fingerprint(g), made_from=model.provenance(g))
             manifest.add(art)
             manifest.save()  # after every graph: an interrupted export keeps what is done
             err = max(facts.get("ort_vs_torch_at_opt", {0: 0.0}).values())
@@ -111,15 +114,18 @@ def onnx_cmd(model_name, stages, graphs, out_dir, seed, optimize):
 @click.option("--backends", default="ort", show_default=True, help="Candidate backends to compare with torch.")
 @click.option("--precision", "precisions", default="fp32", show_default=True, help="Comma list: fp32,fp16,int8.")
 @click.option("--points", default="min,opt,max", show_default=True, help="Spec points to compare at.")
+@click.option("--seeds", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Random feeds per point: the worst error and the NaN/Inf count are taken over all of them.")
 @click.option("--graphs", default=None, help="Only these graphs.")
 @click.option("--out-dir", default=None, help="Artifact folder (default engines/<model>).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (candidates and reference).")
 @click.option("--audio/--no-audio", default=True, show_default=True, help="Also compare whole-pipeline audio.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
 @exit_on_user_error
-def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, device, audio, seed):
-    """Compare every artifact with the torch graph at min/opt/max (Polygraphy); non-zero exit on failure."""
-    from export.validate import validate_audio, validate_graph, write_report
+def validate_cmd(model_name, backends, precisions, points, seeds, graphs, out_dir, device, audio, seed):
+    """Compare every artifact with the torch graph at min/opt/max (Polygraphy) over several seeds, check the
+    audio, print and record each artifact's precision certificate; non-zero exit on failure."""
+    from export.validate import certificate, certificate_lines, validate_graph, worst_error, write_report
     from runtime.artifacts import PRECISIONS, Manifest, default_dir
     from runtime.backends import KINDS, Option, create_backend
     from runtime.synthesize import check_device
@@ -135,7 +141,7 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
     pts = _split(points, ("min", "opt", "max"), "point")
     specs = model.graph_specs()
     wanted = _split(graphs, list(specs), "graph") if graphs else list(specs)
-    results, audio_rows = [], []
+    results, audio_rows, certs = [], [], []
     import torch
 
     for kind in kinds:
@@ -145,33 +151,76 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
             if not todo:
                 click.echo(f"{kind} {prec}: no artifacts in {root}; skipped", err=True)
                 continue
+            done = []
             for g in todo:
+                # the registry refuses a file made from other weights, seed or family (its fingerprint)
                 backend = create_backend(Option(kind, prec), model, specs[g], torch.device(device), engines_dir=root)
                 t0 = time.perf_counter()
-                res = validate_graph(model, g, backend, f"{kind}-{prec}", prec, points=pts, ref_device=device)
-                worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
-                click.echo(f"{g:<15} {kind}-{prec:<5} {'PASS' if res['passed'] else 'FAIL'}  max rel err {worst:.2e} "
-                           f"(tol {res['points'][0]['tolerance']:g})  {time.perf_counter() - t0:.1f} s")
-                art = manifest.get(g, prec, art_kind)
-                art.validation[f"{kind}:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
-                                                      "points": pts, "when": time.strftime("%Y-%m-%d %H:%M")}
+                res = validate_graph(model, g, backend, f"{kind}-{prec}", prec, points=pts, ref_device=device, seeds=seeds)
+                backend.deactivate()
+                bad = sum(o["nonfinite_values"] for p in res["points"] for o in p["outputs"].values())
+                click.echo(f"{g:<15} {kind}-{prec:<5} {'PASS' if res['passed'] else 'FAIL'}  max rel err {worst_error(res):.2e} "
+                           f"(tol {res['points'][0]['tolerance']:g}), NaN/Inf {bad} over {seeds} seed(s)  "
+                           f"{time.perf_counter() - t0:.1f} s")
                 results.append(res)
-            needed = [g for graphs_ in model.stage_graphs().values() for g in graphs_]
-            if audio and all(manifest.get(g, prec, art_kind) for g in needed):
-                a = validate_audio(model, kind, prec, root, device)
-                click.echo(f"audio {kind}-{prec}: SNR {a['snr_db']:.1f} dB, log-mel distance {a['log_mel_distance']:.2e}, "
-                           f"tokens identical: {a['tokens_identical']}  {'PASS' if a['passed'] else 'FAIL'}")
-                audio_rows.append(a)
+                done.append((g, res))
+            # the audio of the pipeline with these artifacts in their stages (torch in the others)
+            stages = [st for st in model.stages if any(specs[g].stage == st for g in todo)]
+            in_pipeline = [g for st in stages for g in model.stage_graphs()[st]]
+            row = None
+            if audio and all(manifest.get(g, prec, art_kind) for g in in_pipeline):
+                row = _audio_check(model, kind, prec, root, device, stages)
+                click.echo(f"audio {kind}-{prec} ({','.join(stages)}): SNR {row['snr_db']:.1f} dB, log-mel distance "
+                           f"{row['log_mel_distance']:.2e}, tokens identical: {row['tokens_identical']}"
+                           f"{'; ' + '; '.join(row['problems']) if row['problems'] else ''}  {'PASS' if row['passed'] else 'FAIL'}")
+                audio_rows.append(row)
+            for g, res in done:
+                art = manifest.get(g, prec, art_kind)
+                cert = certificate(res, row if g in in_pipeline else None, _reached(manifest, art), device)
+                if prec != "fp32" and cert["precision_reached"] == "fp32":
+                    click.echo(f"NOTE: {g} {kind}-{prec} holds no {prec} matmul or convolution: it runs fp32 "
+                               f"(a fallback its build was allowed to keep)", err=True)
+                art.validation[f"{kind}:{device}"] = cert
+                certs.append((g, f"{kind}-{prec}", cert))
     manifest.save()
-    meta = {"model": model.name, "device": device, "when": time.strftime("%Y-%m-%d %H:%M"),
+    meta = {"model": model.name, "device": device, "when": time.strftime("%Y-%m-%d %H:%M"), "seeds": seeds,
             "command": "python -m export validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""}
-    jpath, mpath = write_report(root, results, audio_rows, meta)
-    ok = all(r["passed"] for r in results) and all(a["passed"] for a in audio_rows)
+    jpath, mpath = write_report(root, results, audio_rows, meta, certs)
+    if certs:
+        click.echo("\nPrecision certificates (worst error relative to each output's scale, over every seed):")
+        for line in certificate_lines(certs):
+            click.echo(line)
+    ok = all(r["passed"] for r in results) and all(a["passed"] for a in audio_rows) and all(c["passed"] for *_, c in certs)
     click.echo(f"{'PASS' if ok else 'FAIL'}: report in {mpath} and {jpath}")
     if not results:
         raise UserError(f"nothing to validate in {root} for {backends} {precisions}.", "export first: python -m export onnx")
     if not ok:
         sys.exit(1)
+
+
+def _audio_check(model, kind: str, prec: str, root: str, device: str, stages: list[str]) -> dict:
+    """validate_audio, with a candidate that cannot run recorded as a failure instead of ending the run."""
+    from export.validate import validate_audio
+
+    try:
+        return validate_audio(model, kind, prec, root, device, stages=stages)
+    except (UserError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return {"backends": {s: f"{kind}:{prec}" for s in stages}, "precision": prec, "snr_db": float("-inf"),
+                "log_mel_distance": float("inf"), "tokens_identical": False, "problems": [f"failed to run: {first}"],
+                "passed": False}
+
+
+def _reached(manifest, art) -> dict | None:
+    """What an artifact's content really computes in: read from the ONNX itself (a plan: from the ONNX
+    it was built from, when that is still the one in the manifest)."""
+    from export.precision import reached_precision
+
+    onnx_art = art if art.kind == "onnx" else manifest.get(art.graph, art.precision, "onnx")
+    if onnx_art is None or (art is not onnx_art and art.source_sha256 != onnx_art.sha256):
+        reached = art.notes.get("precision_reached")
+        return {"reached": reached} if reached else None
+    return reached_precision(manifest.abspath(onnx_art))
 
 
 @main.command("build")
@@ -191,18 +240,27 @@ def validate_cmd(model_name, backends, precisions, points, graphs, out_dir, devi
 @click.option("--seed", default=0, show_default=True, help="Seed of random-weight presets.")
 @click.option("--calibration-texts", type=click.IntRange(min=1), default=None,
               help="INT8 calibration on the first N shipped texts only (default: all of them).")
+@click.option("--allow-fallback", is_flag=True, default=False,
+              help="Record a graph that reaches no fp16 / int8 matmul or convolution within the tolerance as what it "
+                   "is (fp32, in the fp16 / int8 slot, said in the manifest and at load). Without it such a build fails.")
+@click.option("--bisect-rounds", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Validations per graph and precision spent finding the nodes that must stay fp32 / unquantised "
+                   "when the full conversion fails (0: keep a whole ladder level instead).")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Random feeds per point when validating candidates (python -m export validate uses 8).")
 @exit_on_user_error
 def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, workspace_gb, opt_level, hardware_compat,
-              version_compat, timing_cache, seed, calibration_texts):
+              version_compat, timing_cache, seed, calibration_texts, allow_fallback, bisect_rounds, seeds):
     """FP32 / FP16 / INT8 ONNX artifacts (validated while built) and TensorRT plans from them."""
     import torch
 
     from export.calibration import load_or_capture
     from export.onnx_export import export_graph
-    from export.precision import FP16_LEVELS, INT8_LEVELS, to_fp16, to_int8, write_sidecar
+    from export.precision import reached_precision, search_fp16, search_int8, write_sidecar
     from export.tensorrt_build import INSTALL_FIX, build_plan, import_tensorrt
-    from export.validate import validate_graph
-    from runtime.artifacts import PRECISIONS, Manifest, default_dir, file_artifact, onnx_path
+    from export.validate import certificate, validate_graph
+    from runtime.artifacts import (PRECISIONS, Manifest, default_dir, file_artifact, onnx_path, provenance_difference,
+                                   read_metadata, set_metadata)
     from runtime.backends.onnxrt import OrtBackend
     from runtime.progress import Progress
     from runtime.synthesize import check_device
@@ -226,71 +284,106 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
         click.echo(f"NOTE: {model.name} has random weights: artifacts are for tests and benchmarks.", err=True)
 
     def fp32_of(g):
+        """The fp32 ONNX every other precision is made from: the one in the manifest when it was made
+        from this very model (its fingerprint), else exported now."""
         art = manifest.get(g, "fp32", "onnx")
+        if art is not None and art.fingerprint != model.fingerprint(g):
+            why = provenance_difference(art.made_from, model.provenance(g)) if art.fingerprint else "it has no fingerprint"
+            say(f"{g:<15} fp32  the fp32 ONNX in {root} was made from other weights ({why}): exporting it again", err=True)
+            art = None
         if art is None:
             path = onnx_path(root, "fp32", g)
             say(f"{g:<15} fp32  exporting ...")
             facts = export_graph(model, g, path, _source_hash(model, specs[g].stage))
             art = manifest.add(file_artifact(root, path, g, "fp32", "onnx", source_sha256=_source_hash(model, specs[g].stage),
-                                             profiles=specs[g].profile(), spec=specs[g].to_dict(), built={"export": facts}))
+                                             profiles=specs[g].profile(), spec=specs[g].to_dict(), built={"export": facts},
+                                             fingerprint=model.fingerprint(g), made_from=model.provenance(g)))
             manifest.save()
-        return manifest.verify(art, fix=f"delete {root} and build again")
+        return manifest.verify(art, fix=f"delete {root} and build again"), art
 
-    def accept(g, prec, path, level_notes):
-        """Validate a candidate file at min/opt/max; returns the validation dict."""
+    def check(g, prec, path):
+        """Validate a candidate file at min/opt/max over `seeds` feeds (a candidate that cannot run fails)."""
         backend = OrtBackend(specs[g], torch.device(device), path, graph_spec=specs[g])
         try:
-            return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device)
-        except (UserError, RuntimeError) as e:  # a candidate the runtime cannot run fails like a wrong one
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            say(f"{g:<15} {prec}  candidate failed to run: {first}", err=True)
-            return {"passed": False, "error": first, "points": [{"tolerance": float("nan"),
-                                                                  "outputs": {"error": {"max_rel_error": float("inf")}}}]}
+            return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device, seeds=seeds)
+        finally:
+            backend.deactivate()
 
     feeds = {}
     if "int8" in precs:
         feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo,
                                 count=calibration_texts)
+    refused = []  # (graph, precision, why): not recorded, the build fails at the end
     with progress:
         for g in names:
             progress.step(g)
-            src = fp32_of(g)
+            src, src_art = fp32_of(g)
             for prec in precs:
                 if prec == "fp32":
                     continue
                 dst = onnx_path(root, prec, g)
-                tried = []
-                ladder = FP16_LEVELS if prec == "fp16" else INT8_LEVELS
-                for level in ladder:
-                    t0 = time.perf_counter()
-                    if prec == "fp16":
-                        facts = to_fp16(src, dst, level)
-                        label = level.name
-                    else:
-                        label, ops = level
-                        facts = to_int8(src, dst, feeds.get(g, []), ops)
-                        facts["level"] = label
-                    res = accept(g, prec, dst, facts)
-                    worst = max(o["max_rel_error"] for p in res["points"] for o in p["outputs"].values())
-                    tried.append({"level": label, "max_rel_error": worst, "passed": res["passed"]})
-                    say(f"{g:<15} {prec}  {label:<22} max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
-                        f"{'PASS' if res['passed'] else 'fail'}  {time.perf_counter() - t0:.1f} s")
-                    if res["passed"]:
-                        break
-                names_file = dst.replace(".onnx", ".fp32_nodes.json") if prec == "fp16" else None
-                notes = {k: v for k, v in facts.items() if k != "fp32_node_names"}
-                notes["tried"] = tried
-                if names_file:
-                    write_sidecar(names_file, {"graph": g, "level": facts["level"], "fp32_nodes": facts["fp32_node_names"]})
-                    notes["fp32_node_list"] = os.path.relpath(names_file, root)
-                art = file_artifact(root, dst, g, prec, "onnx", source_sha256=manifest.get(g, "fp32", "onnx").sha256,
-                                    profiles=specs[g].profile(), spec=specs[g].to_dict(), notes=notes)
-                art.validation[f"ort:{device}"] = {"passed": res["passed"], "max_rel_error": worst,
-                                                   "when": time.strftime("%Y-%m-%d %H:%M")}
+                log = lambda line, g=g, prec=prec: say(f"{g:<15} {prec}  {line}")  # noqa: E731
+                if prec == "fp16":
+                    found = search_fp16(src, dst, lambda: check(g, "fp16", dst), bisect_rounds, log)
+                else:
+                    cache = dst + ".ranges.json"  # this graph's calibration ranges, shared by its candidates
+                    if os.path.exists(cache):
+                        os.remove(cache)
+                    try:
+                        found = search_int8(src, dst, feeds.get(g, []), lambda: check(g, "int8", dst), bisect_rounds, log,
+                                            cache=cache)
+                    finally:
+                        if os.path.exists(cache):
+                            os.remove(cache)
+                reached = reached_precision(dst) if found["passed"] else {"reached": "none"}
+                fallback = not found["passed"] or reached["reached"] == "fp32"
+                if fallback and not allow_fallback:
+                    why = ("no candidate passed the tolerance" if not found["passed"] else
+                           f"what passed keeps every matmul and convolution in fp32 ({found['level']})")
+                    say(f"{g:<15} {prec}  FAILED: {why}; not recorded (--allow-fallback records it as fp32)", err=True)
+                    refused.append((g, prec, why))
+                    for p in (dst, dst + ".data"):
+                        if os.path.exists(p):
+                            os.remove(p)
+                    manifest.artifacts.pop((g, prec, "onnx"), None)
+                    manifest.save()
+                    continue
+                if not found["passed"]:  # allowed: the fp32 file itself, which is what it is
+                    shutil.copy(src, dst)
+                    if os.path.exists(src + ".data"):
+                        shutil.copy(src + ".data", dst + ".data")
+                    found = {**found, "passed": True, "level": "fp32 (fallback)", "kept": [], "facts": {},
+                             "result": check(g, prec, dst)}
+                    reached = reached_precision(dst)
+                kept = found["kept"]
+                meta = read_metadata(dst)
+                meta.update({"tts.precision": prec, "tts.precision_reached": reached["reached"]})
+                set_metadata(dst, meta)
+                notes = {k: v for k, v in found["facts"].items() if k not in ("fp32_node_names", "unquantized_node_names")}
+                notes.update(level=found["level"], tried=found["tried"], precision_reached=reached["reached"],
+                             matmul_conv={k: v for k, v in reached.items() if k != "reached"}, fallback=fallback,
+                             kept_nodes=len(kept))
+                if found.get("bisection"):
+                    notes["bisection"] = found["bisection"]
+                names_file = dst.replace(".onnx", ".fp32_nodes.json" if prec == "fp16" else ".unquantized_nodes.json")
+                write_sidecar(names_file, {"graph": g, "level": found["level"], "nodes": kept,
+                                           "why": "kept in fp32" if prec == "fp16" else "left unquantised"})
+                notes["kept_node_list"] = os.path.relpath(names_file, root)
+                art = file_artifact(root, dst, g, prec, "onnx", source_sha256=src_art.sha256,
+                                    profiles=specs[g].profile(), spec=specs[g].to_dict(), notes=notes,
+                                    fingerprint=src_art.fingerprint, made_from=src_art.made_from)
+                art.validation[f"ort:{device}"] = certificate(found["result"], None, reached, device)
                 manifest.add(art)
                 manifest.save()
-                if not res["passed"]:
-                    say(f"{g:<15} {prec}  no level met the {prec} tolerance; kept the last ({tried[-1]['level']})", err=True)
+                share = reached[f"matmul_conv_{prec}"]
+                which = f": {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}" if kept else ""
+                summary = (f"reached {reached['reached']} ({share}/{reached['matmul_conv']} matmul/conv in {prec}, "
+                           f"{len(kept)} node(s) {'kept fp32' if prec == 'fp16' else 'unquantised'}{which}; "
+                           f"level {found['level']})")
+                if fallback:
+                    say(f"{g:<15} {prec}  FALLBACK (allowed): recorded as fp32 in the {prec} slot: {summary}", err=True)
+                else:
+                    say(f"{g:<15} {prec}  {summary}")
     if aoti:
         from export.aoti import build_aoti
 
@@ -299,7 +392,8 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                 path = os.path.join(root, "aoti", prec, f"{g}.pt2")
                 dtype = torch.float16 if prec == "fp16" else torch.float32
                 built = build_aoti(model, g, path, device=device, dtype=dtype)
-                manifest.add(file_artifact(root, path, g, prec, "pt2", profiles=specs[g].profile(), spec=specs[g].to_dict(), built=built))
+                manifest.add(file_artifact(root, path, g, prec, "pt2", profiles=specs[g].profile(), spec=specs[g].to_dict(),
+                                           built=built, fingerprint=model.fingerprint(g), made_from=model.provenance(g)))
                 manifest.save()
                 click.echo(f"{g:<15} {prec}  AOTInductor package built in {built['build_seconds']} s ({device})")
     if trt:
@@ -317,11 +411,19 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                     built = build_plan(manifest.verify(onnx_art, fix="build again"), plan, specs[g], workspace_gb,
                                        opt_level, cache, hardware_compat, version_compat, log=click.echo)
                     manifest.add(file_artifact(root, plan, g, prec, "plan", source_sha256=onnx_art.sha256,
-                                               profiles=specs[g].profile(), spec=specs[g].to_dict(), built=built))
+                                               profiles=specs[g].profile(), spec=specs[g].to_dict(), built=built,
+                                               fingerprint=onnx_art.fingerprint, made_from=onnx_art.made_from,
+                                               notes={"precision_reached": onnx_art.notes.get("precision_reached", prec)}))
                     manifest.save()
                     click.echo(f"{g:<15} {prec}  plan built in {built['build_seconds']} s ({built['tensorrt']}, {built.get('gpu')})")
     manifest.save()
     click.echo(f"artifacts and manifest in {root}")
+    if refused:
+        listed = ", ".join(f"{g} {p}" for g, p, _ in refused)
+        raise UserError(f"{len(refused)} artifact(s) reach no fp16 / int8 matmul or convolution within the tolerance and "
+                        f"were not recorded: {listed} (their lines above say why).",
+                        "pass --allow-fallback to record them as fp32 (the manifest and the runtime say so), "
+                        "or build them without that precision")
 
 
 if __name__ == "__main__":

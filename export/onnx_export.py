@@ -8,6 +8,7 @@ sample rate, precision, and the hash of the checkpoint it came from.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import re
@@ -17,9 +18,9 @@ import warnings
 import torch
 
 from models.errors import UserError
-from models.family import TTSModel
+from models.family import TTSModel, provenance_fingerprint
 from models.spec import GraphSpec
-from export.validate import scaled_error
+from export.validate import TOLERANCE, scaled_error
 from runtime.artifacts import set_metadata
 
 OPSET = 18
@@ -59,6 +60,7 @@ def example_feed(spec: GraphSpec, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def metadata(model: TTSModel, spec: GraphSpec, precision: str, source_sha256: str) -> dict[str, str]:
+    made_from = model.provenance(spec.name)
     return {
         "tts.family": model.family,
         "tts.model": model.name,
@@ -69,6 +71,9 @@ def metadata(model: TTSModel, spec: GraphSpec, precision: str, source_sha256: st
         "tts.precision": precision,
         "tts.source": model.source,
         "tts.source_sha256": source_sha256,
+        # what the runtime checks before it runs the file: the weights, config and spec it computes with
+        "tts.fingerprint": provenance_fingerprint(made_from),
+        "tts.provenance": json.dumps(made_from, sort_keys=True),
         "tts.exporter": f"torch {torch.__version__}",
     }
 
@@ -143,7 +148,15 @@ def check_onnx(path: str, spec: GraphSpec, module: torch.nn.Module | None = None
         with torch.no_grad():
             ref = module(*[feed[t.name] for t in spec.inputs])
         ref = (ref,) if isinstance(ref, torch.Tensor) else ref
-        facts["ort_vs_torch_at_opt"] = {t.name: scaled_error(o, r.float().numpy())[1]
-                                        for t, o, r in zip(spec.outputs, outs, ref)}
+        facts["ort_vs_torch_at_opt"] = errors = {t.name: scaled_error(o, r.float().numpy())[1]
+                                                 for t, o, r in zip(spec.outputs, outs, ref)}
+        # an exported graph that computes something else than its torch module is an export bug, not a
+        # number to print and go on with (NaN compares false, so it fails too)
+        bad = {k: v for k, v in errors.items() if not v <= TOLERANCE["fp32"]}
+        if bad:
+            name, err = max(bad.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
+            raise UserError(f"the exported {spec.name} ({os.path.basename(path)}) differs from its torch module: output "
+                            f"{name} is off by {err:.1e} of its scale at the opt shape (fp32 tolerance "
+                            f"{TOLERANCE['fp32']:g}).", "report this with the command you ran; the torch backend still works")
     return facts
 

@@ -7,9 +7,19 @@ checks (`Comparator.validate`) and a per-output tolerance (`SimpleCompareFunc`).
 relative to the output's scale: max |candidate - reference| <= tol * max |reference|, so one number
 per precision works for logits, mels and audio alike.
 
+Every point is run with K seeds (different random feeds, `seeds`, 8 for `python -m export validate`),
+and every output's NaN / Inf values are counted per seed: an FP16 graph that overflows on one input in
+eight is caught and named, not averaged away.
+
 The audio-level check runs the whole pipeline twice from the same speech tokens (torch fp32 vs the
-candidate backends) and reports the waveform SNR and a log-mel distance, so a NaN or silent engine
-cannot pass even if every graph looked fine in isolation.
+candidate backends for the stages under test, torch elsewhere) and reports the waveform SNR and a
+log-mel distance, so a NaN, silent, shifted or truncated engine cannot pass even if every graph
+looked fine in isolation. Waveforms of different lengths fail: they are never cut to the shorter one.
+
+`certificate` condenses one artifact's results into its precision certificate (worst error per output
+at each point, NaN / Inf counts over the seeds, the audio SNR and log-mel distance, the precision the
+file really reaches, pass / fail), which `python -m export validate` prints, stores in the manifest
+and writes to validation.md.
 """
 
 from __future__ import annotations
@@ -114,44 +124,77 @@ def scaled_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, precision: str,
-                   points=POINTS, seed: int = 0, ref_device: str = "cpu", tolerance: float | None = None) -> dict:
-    """Compare `candidate` with torch fp32 at each point; one dict per point with per-output errors."""
+                   points=POINTS, seed: int = 0, ref_device: str = "cpu", tolerance: float | None = None,
+                   seeds: int = 1) -> dict:
+    """Compare `candidate` with torch fp32 at each point over `seeds` random feeds; one dict per point
+    with per-output worst errors and NaN / Inf counts. A candidate that cannot run fails (with its error)."""
     _, _, Comparator, SimpleCompareFunc = _polygraphy()
+    from polygraphy.comparator.struct import RunResults
+
     spec = candidate.spec
     tol = TOLERANCE[precision] if tolerance is None else tolerance
     ref_runner = torch_reference(model, graph, spec, ref_device)
     cand_runner = backend_runner(candidate, label)
     rows = []
     for i, point in enumerate(points):
-        feed = spec.sample_feed(point, seed=seed + 101 * i)
-        np_feed = OrderedDict((k, v.numpy()) for k, v in feed.items())
-        results = Comparator.run([ref_runner, cand_runner], data_loader=[np_feed])
-        ref_out = results[ref_runner.name][0]
-        cand_out = results[cand_runner.name][0]
+        # a named point gets the same feeds whichever other points are validated with it (build checks
+        # min,opt,max; `validate --points opt,max` must see the same max feeds, or a borderline graph
+        # passes one and fails the other); seed k = 0 is the feed a single-seed run always used, the
+        # others are spread far apart
+        i = POINTS.index(point) if isinstance(point, str) and point in POINTS else i
+        feeds = [spec.sample_feed(point, seed=seed + 101 * i + 7919 * k) for k in range(max(int(seeds), 1))]
+        data = [OrderedDict((k, v.numpy()) for k, v in feed.items()) for feed in feeds]
+        row = {"graph": graph, "backend": label, "precision": precision, "point": point,
+               "sizes": spec.sizes_at(point), "tolerance": tol, "seeds": len(feeds)}
+        try:
+            results = Comparator.run([ref_runner, cand_runner], data_loader=data)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run fails like a wrong one
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            rows.append({**row, "finite": False, "passed": False, "error": first,
+                         "outputs": {t.name: {"max_abs_error": float("inf"), "max_rel_error": float("inf"),
+                                              "ref_max_abs": 0.0, "nonfinite_values": 0, "nonfinite_seeds": 0}
+                                     for t in spec.outputs}})
+            continue
         finite = bool(Comparator.validate(results, check_inf=True, check_nan=True))
-        atol = {t.name: tol * max(float(np.abs(ref_out[t.name]).max()) if ref_out[t.name].size else 0.0, 1e-30)
-                for t in spec.outputs}
-        compare = SimpleCompareFunc(check_shapes=True, rtol=0.0, atol=atol, check_error_stat="max")
-        accuracy = Comparator.compare_accuracy(results, compare_func=compare)
-        outputs = {}
-        for t in spec.outputs:
-            abs_err, rel_err = scaled_error(cand_out[t.name], ref_out[t.name])
-            outputs[t.name] = {"max_abs_error": abs_err, "max_rel_error": rel_err,
-                               "ref_max_abs": float(np.abs(ref_out[t.name]).max()) if ref_out[t.name].size else 0.0}
-        ok = finite and bool(accuracy) and all(o["max_rel_error"] <= tol for o in outputs.values())
-        rows.append({"graph": graph, "backend": label, "precision": precision, "point": point,
-                     "sizes": spec.sizes_at(point), "tolerance": tol, "finite": finite, "passed": ok,
-                     "outputs": outputs})
+        outputs = {t.name: {"max_abs_error": 0.0, "max_rel_error": 0.0, "ref_max_abs": 0.0, "nonfinite_values": 0,
+                            "nonfinite_seeds": 0} for t in spec.outputs}
+        accurate = True
+        for k in range(len(feeds)):
+            ref_out = results[ref_runner.name][k]
+            cand_out = results[cand_runner.name][k]
+            # Polygraphy's comparison per seed: the tolerance scales with that seed's reference
+            atol = {t.name: tol * max(float(np.abs(ref_out[t.name]).max()) if ref_out[t.name].size else 0.0, 1e-30)
+                    for t in spec.outputs}
+            one = RunResults([(ref_runner.name, [ref_out]), (cand_runner.name, [cand_out])])
+            compare = SimpleCompareFunc(check_shapes=True, rtol=0.0, atol=atol, check_error_stat="max")
+            accurate &= bool(Comparator.compare_accuracy(one, compare_func=compare))
+            for t in spec.outputs:
+                o = outputs[t.name]
+                abs_err, rel_err = scaled_error(cand_out[t.name], ref_out[t.name])
+                bad = int(np.size(cand_out[t.name]) - np.isfinite(cand_out[t.name]).sum())
+                o["max_abs_error"] = max(o["max_abs_error"], abs_err)
+                o["max_rel_error"] = max(o["max_rel_error"], rel_err)
+                o["ref_max_abs"] = max(o["ref_max_abs"], float(np.abs(ref_out[t.name]).max()) if ref_out[t.name].size else 0.0)
+                o["nonfinite_values"] += bad
+                o["nonfinite_seeds"] += int(bad > 0)
+        ok = finite and accurate and all(o["max_rel_error"] <= tol and not o["nonfinite_values"] for o in outputs.values())
+        rows.append({**row, "finite": finite, "passed": ok, "outputs": outputs})
     return {"graph": graph, "backend": label, "precision": precision, "passed": all(r["passed"] for r in rows),
-            "points": rows}
+            "seeds": max(int(seeds), 1), "points": rows}
+
+
+def worst_error(result: dict) -> float:
+    """The largest relative error of any output at any point of a `validate_graph` result."""
+    return max(o["max_rel_error"] for p in result["points"] for o in p["outputs"].values())
 
 
 # -- audio level -------------------------------------------------------------------------------------
 def snr_db(test: torch.Tensor, ref: torch.Tensor) -> float:
-    n = min(test.numel(), ref.numel())
-    if n == 0 or not torch.isfinite(test).all():
+    """Waveform SNR in dB; -inf when the lengths differ (a candidate returning half the audio must
+    not be scored on the half it returned), when it is empty or holds NaN / Inf."""
+    if test.numel() != ref.numel() or test.numel() == 0 or not torch.isfinite(test).all():
         return float("-inf")
-    ref, test = ref[:n].double(), test[:n].double()
+    ref, test = ref.reshape(-1).double(), test.reshape(-1).double()
     noise = (test - ref).pow(2).sum().item()
     power = ref.pow(2).sum().item()
     if noise == 0:
@@ -162,24 +205,28 @@ def snr_db(test: torch.Tensor, ref: torch.Tensor) -> float:
 def log_mel_distance(test: torch.Tensor, ref: torch.Tensor, sample_rate: int = 24000) -> float:
     from models.audio import cosyvoice_mel
 
-    n = min(test.numel(), ref.numel())
-    if n < 1920 or not torch.isfinite(test).all():
-        return float("inf")
-    a = cosyvoice_mel(test[:n].float().reshape(1, -1), sample_rate)
-    b = cosyvoice_mel(ref[:n].float().reshape(1, -1), sample_rate)
+    if test.numel() != ref.numel() or ref.numel() < 1920 or not torch.isfinite(test).all():
+        return float("inf")  # different lengths are a failure, never compared on the common part
+    a = cosyvoice_mel(test.float().reshape(1, -1), sample_rate)
+    b = cosyvoice_mel(ref.float().reshape(1, -1), sample_rate)
     return float((a - b).abs().mean())
 
 
 def validate_audio(model: TTSModel, backends: str, precision: str, engines_dir: str | None, device: str,
                    text: str = "Validation sentence number one. And a second, slightly longer one!",
-                   tokens: int = 40, seed: int = 0) -> dict:
-    """Whole-pipeline check: same text, seed and token count through torch fp32 and the candidate."""
+                   tokens: int = 40, seed: int = 0, stages: list[str] | None = None) -> dict:
+    """Whole-pipeline check: same text, seed and token count through torch fp32 and the candidate
+    (`backends` for `stages`, default all; torch for the others)."""
     from runtime.pipeline import Pipeline
 
     ref_pipe = Pipeline(model, "torch", device=device)
-    cand_pipe = Pipeline(model, backends, device=device, engines_dir=engines_dir, precision=precision)
+    # stages not under test run the fp32 reference (the pipeline precision would apply to them too)
+    choice = backends if stages is None else {s: (backends if s in stages else "torch:fp32") for s in model.stages}
+    cand_pipe = Pipeline(model, choice, device=device, engines_dir=engines_dir, precision=precision)
     ref = ref_pipe.synthesize(text, seed=seed, fixed_tokens=tokens)
-    cand = cand_pipe.synthesize(text, seed=seed, fixed_tokens=tokens)
+    lm_stage = model.graph_specs()[model.lm.graph].stage
+    # with the LM on torch in both, the candidate's tokens are the reference's: not generated twice
+    cand = cand_pipe.synthesize(text, seed=seed, fixed_tokens=tokens) if stages is None or lm_stage in stages else ref
     same_tokens = ref.tokens == cand.tokens
     # the waveform comparison feeds the reference tokens to both token -> audio paths, so an LLM
     # difference that flips one sampled token does not hide a flow or vocoder problem (or fake one)
@@ -196,39 +243,109 @@ def validate_audio(model: TTSModel, backends: str, precision: str, engines_dir: 
     dist = log_mel_distance(waves[1], waves[0], model.sample_rate)
     token_match = sum(a == b for ta, tb in zip(ref.tokens, cand.tokens) for a, b in zip(ta, tb))
     total = sum(len(t) for t in ref.tokens)
-    ok = (snr >= AUDIO_SNR_DB[precision] and dist <= AUDIO_MEL_DIST[precision]
-          and bool(torch.isfinite(waves[1]).all()) and float(waves[1].abs().max()) > 1e-4)
+    finite = bool(torch.isfinite(waves[1]).all())
+    peak = float(waves[1].abs().max()) if waves[1].numel() else 0.0
+    problems = []
+    if waves[1].numel() != waves[0].numel():
+        problems.append(f"{waves[1].numel()} samples, torch made {waves[0].numel()}")
+    if not finite:
+        problems.append(f"{int((~torch.isfinite(waves[1])).sum())} NaN/Inf samples")
+    if peak <= 1e-4:
+        problems.append("silent")
+    ok = not problems and snr >= AUDIO_SNR_DB[precision] and dist <= AUDIO_MEL_DIST[precision]
     return {"backends": {cand_pipe.stage_of[g]: str(x.option) for g, x in cand_pipe.loaded.items()}, "precision": precision, "snr_db": snr, "log_mel_distance": dist,
             "tokens_identical": same_tokens, "token_agreement": token_match / max(total, 1),
-            "candidate_peak": float(waves[1].abs().max()), "samples": waves[0].numel(),
-            "snr_floor_db": AUDIO_SNR_DB[precision], "mel_distance_ceiling": AUDIO_MEL_DIST[precision], "passed": ok}
+            "candidate_peak": peak, "samples": waves[0].numel(), "candidate_samples": waves[1].numel(),
+            "problems": problems, "snr_floor_db": AUDIO_SNR_DB[precision],
+            "mel_distance_ceiling": AUDIO_MEL_DIST[precision], "passed": ok}
+
+
+# -- certificate -------------------------------------------------------------------------------------
+def certificate(result: dict, audio: dict | None, reached: dict | None, device: str) -> dict:
+    """One artifact's precision certificate from its `validate_graph` result, the audio check of the
+    pipeline it ran in (None when none could run) and what its content computes in (`reached_precision`)."""
+    outputs: dict[str, dict] = {}
+    errors = sorted({p["error"] for p in result["points"] if p.get("error")})
+    for row in result["points"]:
+        for name, o in row["outputs"].items():
+            c = outputs.setdefault(name, {"worst_rel_error": {}, "worst_abs_error": {}, "nonfinite_values": 0,
+                                          "nonfinite_runs": 0})
+            c["worst_rel_error"][row["point"]] = o["max_rel_error"]
+            c["worst_abs_error"][row["point"]] = o["max_abs_error"]
+            c["nonfinite_values"] += o["nonfinite_values"]
+            c["nonfinite_runs"] += o["nonfinite_seeds"]
+    cert = {"passed": bool(result["passed"] and (audio is None or audio["passed"])), "precision": result["precision"],
+            "precision_reached": (reached or {}).get("reached", "unknown"), "device": device,
+            "seeds": result.get("seeds", 1), "points": [p["point"] for p in result["points"]],
+            "tolerance": result["points"][0]["tolerance"] if result["points"] else None, "outputs": outputs,
+            "audio": None if audio is None else {k: audio[k] for k in ("snr_db", "log_mel_distance", "passed", "problems")
+                                                  if k in audio},
+            "when": time.strftime("%Y-%m-%d %H:%M")}
+    if reached:
+        cert["matmul_conv"] = {k: v for k, v in reached.items() if k != "reached"}
+    if errors:
+        cert["errors"] = errors
+    return cert
+
+
+def certificate_lines(certs: list[tuple[str, str, dict]]) -> list[str]:
+    """A markdown table of certificates: (graph, backend label, certificate) per row, one row per output."""
+    lines = ["| graph | backend | label | reached | output | worst rel err min / opt / max | NaN/Inf (runs) "
+             "| audio SNR dB | log-mel dist | pass |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for graph, label, c in certs:
+        a = c.get("audio")
+        snr = "-" if a is None else f"{a['snr_db']:.1f}"
+        mel = "-" if a is None else f"{a['log_mel_distance']:.2e}"
+        runs = c["seeds"] * len(c["points"])
+        for name, o in c["outputs"].items():
+            errs = " / ".join(f"{o['worst_rel_error'][p]:.2e}" if p in o["worst_rel_error"] else "-"
+                              for p in ("min", "opt", "max"))
+            bad = f"{o['nonfinite_values']} ({o['nonfinite_runs']}/{runs})"
+            lines.append(f"| {graph} | {label} | {c['precision']} | {c['precision_reached']} | {name} | {errs} | {bad} "
+                         f"| {snr} | {mel} | {'yes' if c['passed'] else 'NO'} |")
+    return lines
 
 
 # -- report ------------------------------------------------------------------------------------------
-def write_report(root: str, graph_results: list[dict], audio: list[dict], meta: dict) -> tuple[str, str]:
+def write_report(root: str, graph_results: list[dict], audio: list[dict], meta: dict,
+                 certificates: list[tuple[str, str, dict]] = ()) -> tuple[str, str]:
     report = {"meta": meta, "graphs": graph_results, "audio": audio,
-              "passed": all(g["passed"] for g in graph_results) and all(a["passed"] for a in audio)}
+              "certificates": [{"graph": g, "backend": b, **c} for g, b, c in certificates],
+              "passed": all(g["passed"] for g in graph_results) and all(a["passed"] for a in audio)
+              and all(c["passed"] for _, _, c in certificates)}
     jpath = os.path.join(root, "validation.json")
     with open(jpath, "w") as f:
         json.dump(report, f, indent=1, default=str)
     lines = [f"# Validation of {meta.get('model')} ({meta.get('when')})", "",
-             f"Command: `{meta.get('command')}`", "", f"Device: {meta.get('device')}", "",
-             "| graph | backend | precision | point | sizes | output | max abs err | max rel err | tol | finite | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Command: `{meta.get('command')}`", "", f"Device: {meta.get('device')}", ""]
+    if certificates:
+        lines += ["## Precision certificates", "",
+                  "Per artifact and output: the worst error against fp32 torch (relative to the output's scale) at "
+                  "each point over every seed, NaN/Inf values (and in how many runs), the audio of the pipeline it "
+                  "ran in, and the precision its matmuls / convolutions really run in (`reached`).", "",
+                  *certificate_lines(list(certificates)), "", "## Every point", ""]
+    lines += ["| graph | backend | precision | point | sizes | seeds | output | max abs err | max rel err | NaN/Inf | tol "
+              "| finite | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in graph_results:
         for row in g["points"]:
             for name, o in row["outputs"].items():
                 sizes = ",".join(f"{k}={v}" for k, v in row["sizes"].items())
-                lines.append(f"| {row['graph']} | {row['backend']} | {row['precision']} | {row['point']} | {sizes} | {name} "
-                             f"| {o['max_abs_error']:.3g} | {o['max_rel_error']:.3g} | {row['tolerance']:g} "
+                lines.append(f"| {row['graph']} | {row['backend']} | {row['precision']} | {row['point']} | {sizes} "
+                             f"| {row.get('seeds', 1)} | {name} | {o['max_abs_error']:.3g} | {o['max_rel_error']:.3g} "
+                             f"| {o.get('nonfinite_values', 0)} | {row['tolerance']:g} "
                              f"| {'yes' if row['finite'] else 'NO'} | {'yes' if row['passed'] else 'NO'} |")
+            if row.get("error"):
+                lines.append(f"| {row['graph']} | {row['backend']} | {row['precision']} | {row['point']} | | | "
+                             f"error: {row['error'].replace('|', '/')} | | | | | NO | NO |")
     if audio:
         lines += ["", "Audio level (same speech tokens through both token -> audio paths):", "",
-                  "| backends | precision | SNR dB | log-mel dist | tokens identical | pass |", "|---|---|---|---|---|---|"]
+                  "| backends | precision | SNR dB | log-mel dist | tokens identical | problems | pass |",
+                  "|---|---|---|---|---|---|---|"]
         for a in audio:
             b = ",".join(f"{k}={v}" for k, v in a["backends"].items())
             lines.append(f"| {b} | {a['precision']} | {a['snr_db']:.1f} | {a['log_mel_distance']:.2e} "
-                         f"| {a['tokens_identical']} | {'yes' if a['passed'] else 'NO'} |")
+                         f"| {a['tokens_identical']} | {'; '.join(a.get('problems', [])) or '-'} "
+                         f"| {'yes' if a['passed'] else 'NO'} |")
     lines += ["", f"Overall: {'PASS' if report['passed'] else 'FAIL'}", ""]
     mpath = os.path.join(root, "validation.md")
     with open(mpath, "w") as f:

@@ -278,6 +278,17 @@ class CosyVoice(TTSModel):
     def checkpoint_hashes(self) -> dict[str, str]:
         return {} if self.files is None else {k: sha256_file(p) for k, p in self.files.items()}
 
+    def stage_sources(self, stage: str) -> tuple[dict[str, str], object]:
+        # the stage's checkpoint and the yaml every stage's hyper-parameters come from (the LM also
+        # reads the Qwen config); the token -> mel ratio shapes the flow graphs beyond FlowConfig
+        config = {"llm": self.cfg.lm, "flow": (self.cfg.flow, self.cfg.token_mel_ratio), "vocoder": self.cfg.hift}[stage]
+        if self.files is None:
+            return {}, config
+        names = {f"{self.family}.yaml": None, os.path.basename(self.files[stage]): self.files[stage]}
+        if stage == "llm":
+            names["CosyVoice-BlankEN/config.json"] = None
+        return {n: p or os.path.join(self.folder, n) for n, p in names.items()}, config
+
     def describe(self) -> dict:
         d = super().describe()
         d.update(limits=self.cfg.limits.__dict__, speech_token_size=self.cfg.lm.speech_token_size)

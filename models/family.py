@@ -21,6 +21,9 @@ the runtime decides *how*.
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,6 +151,32 @@ class TTSModel(abc.ABC):
         """sha256 of the weight files per stage (empty for random presets)."""
         return {}
 
+    # -- what an artifact is bound to -------------------------------------------------------------
+    def stage_sources(self, stage: str) -> tuple[dict[str, str], object]:
+        """What the graphs of `stage` compute with: ({name in the model folder: path} of the weight
+        and config files the stage reads (empty for random presets), the stage's module config)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what its {stage} stage is made from")
+
+    def provenance(self, graph: str) -> dict:
+        """The facts an exported artifact of `graph` is bound to: family, graph, the stage's module
+        config and the graph spec (digests), and the weights: preset name and seed for random
+        presets, the sha256 of every file the stage reads for model folders. Anything that changes
+        what the graph computes changes one of them (files are named relative to the model folder,
+        so a moved folder still matches)."""
+        spec = self.graph_specs()[graph]
+        files, config = self.stage_sources(spec.stage)
+        facts = {"family": self.family, "graph": graph, "config": _digest(repr(config)), "spec": _digest(spec.to_json())}
+        if files:
+            facts["files"] = {name: _file_sha256(path) for name, path in sorted(files.items())}
+        else:
+            facts.update(preset=self.name, seed=int(getattr(self, "seed", 0)))
+        return facts
+
+    def fingerprint(self, graph: str) -> str:
+        """sha256 of `provenance(graph)`: an artifact made from the same weights, config and spec has
+        the same fingerprint, and the runtime refuses one whose fingerprint differs."""
+        return provenance_fingerprint(self.provenance(graph))
+
     def describe(self) -> dict:
         return {"family": self.family, "name": self.name, "source": self.source,
                 "random_weights": self.random_weights, "sample_rate": self.sample_rate}
@@ -219,3 +248,25 @@ def require_text(text: str | None) -> str:
         raise UserError("the text to synthesize is empty.", "pass some words with --text")
     return text
 
+
+def provenance_fingerprint(facts: dict) -> str:
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# (real path, size, mtime) -> sha256: a multi-GB checkpoint is hashed once per process, not once per
+# graph; an edited file has a new mtime or size, so it is hashed again
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    from models.checkpoint import sha256_file
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = sha256_file(path)
+    return _FILE_DIGESTS[key]

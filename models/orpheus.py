@@ -93,6 +93,23 @@ class Orpheus(TTSModel):
     def describe(self) -> dict:
         return {**super().describe(), "max_frames": self.max_frames[1]}
 
+    def stage_sources(self, stage: str) -> tuple[dict[str, str], object]:
+        # the LLM reads config.json and its safetensors (one file or the shards), SNAC its own folder
+        config = {"llm": self.llm_cfg, "vocoder": self.snac_cfg}[stage]
+        if self.folders is None:
+            return {}, config
+        from models.speech_lm import _orpheus_files
+
+        root, snac = self.folders["llm"], self.folders["vocoder"]
+        if stage == "llm":
+            paths = [os.path.join(root, "config.json"), *_orpheus_files(root)]
+        else:
+            # the weights file load_snac reads: the first of these that exists
+            weights = [os.path.join(snac, n) for n in ("pytorch_model.bin", "model.safetensors")
+                       if os.path.isfile(os.path.join(snac, n))]
+            paths = [os.path.join(snac, "config.json"), *weights[:1]]
+        return {os.path.relpath(p, root): p for p in paths}, config
+
     # -- front end --------------------------------------------------------------------------------
     def split_text(self, text: str) -> list[str]:
         # the voice name and the prompt's specials share one LM prompt with the text

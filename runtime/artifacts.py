@@ -9,7 +9,11 @@ Layout of a model's artifact folder (default `engines/<model>/`):
     validation.json, validation.md
 
 A backend never trusts a file by its name: it looks the file up in the manifest and checks its sha256
-(and, for TensorRT plans, the GPU and TensorRT version it was built for) before using it.
+(and, for TensorRT plans, the GPU and TensorRT version it was built for) before using it. Nor does it
+trust that a file belongs to the model it runs: every artifact carries the fingerprint of the weights,
+config and graph spec it was made from (`TTSModel.fingerprint`; in the ONNX metadata as
+`tts.fingerprint` and in the manifest), and the registry refuses one whose fingerprint is not the
+live model's (`check_fingerprint`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class Artifact:
     notes: dict = field(default_factory=dict)  # e.g. which nodes stay fp32, calibration set
     spec: dict = field(default_factory=dict)  # the GraphSpec it was made for (its limits: what it accepts)
     validation: dict = field(default_factory=dict)
+    fingerprint: str = ""  # TTSModel.fingerprint of the graph it was made from (weights, config, spec)
+    made_from: dict = field(default_factory=dict)  # TTSModel.provenance behind the fingerprint (for messages)
 
     def key(self) -> tuple[str, str, str]:
         return (self.graph, self.precision, self.kind)
@@ -163,6 +169,36 @@ def set_metadata(path: str, meta: dict[str, str]) -> None:
     for k, v in meta.items():
         m.metadata_props.add(key=k, value=v)
     onnx.save(m, path)
+
+
+def check_fingerprint(path: str, made: str, made_from: dict, live: str, live_from: dict, model_name: str,
+                      fix: str) -> None:
+    """UserError unless the artifact at `path` was made from what the live model computes with."""
+    if not made:
+        raise UserError(f"{path} does not say which weights it was made from (it predates artifact fingerprints).", fix)
+    if made != live:
+        raise UserError(f"{path} was made from other weights or config than {model_name} has now "
+                        f"({provenance_difference(made_from, live_from)}).", fix)
+
+
+def provenance_difference(made: dict, live: dict) -> str:
+    """What differs between two `TTSModel.provenance` dicts, in words (artifact first, live model second)."""
+    if not made:
+        return "the artifact records no details"
+    parts = []
+    for key, what in (("family", "family"), ("preset", "preset"), ("seed", "seed")):
+        if made.get(key) != live.get(key) and (key in made or key in live):
+            parts.append(f"{what} {made.get(key, 'none')}, now {live.get(key, 'none')}")
+    a, b = made.get("files", {}), live.get("files", {})
+    if a or b:
+        changed = sorted(n for n in set(a) & set(b) if a[n] != b[n])
+        parts += [f"{n} changed since the export" for n in changed]
+        parts += [f"{n} is gone" for n in sorted(set(a) - set(b))] + [f"{n} is new" for n in sorted(set(b) - set(a))]
+    if not parts and made.get("config") != live.get("config"):
+        parts.append("the module config differs")
+    if not parts and made.get("spec") != live.get("spec"):
+        parts.append("the graph spec (shapes, limits) differs")
+    return "; ".join(parts) or "the fingerprints differ"
 
 
 def spec_from_onnx(path: str) -> GraphSpec:

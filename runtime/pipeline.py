@@ -173,6 +173,10 @@ class Pipeline:
         for g, x in self.loaded.items():
             parts.setdefault(self.stage_of[g], set()).add(str(x.option))
             notes += [f"{g}: {o} passed over ({reason})" for o, reason in x.passed_over]
+            reached = getattr(x.backend, "precision_reached", None)
+            if reached == "fp32" and x.option.precision not in (None, "fp32"):
+                # a build allowed to fall back put an fp32 file in this slot: say what really runs
+                notes.append(f"{g}: {x.option} runs fp32 (its {x.option.precision} build fell back; see the manifest)")
         line = ", ".join(f"{s}={'+'.join(sorted(k))}" for s, k in parts.items())
         return line + "".join(f"\n  {n}" for n in notes)
 

@@ -4,7 +4,8 @@
 #   scripts/gpu_session.sh build   MODEL   # fp16 + int8 artifacts (chosen by validation) + validation with audio
 #   scripts/gpu_session.sh bench   MODEL BACKENDS [LENGTHS] [extra bench options]
 # Environment: DEVICE (default cuda), ENGINES (default /tmp/engines), OUT (results folder, default results/),
-# GRAPHS (only these graphs), PRECISIONS (build; default fp16,int8).
+# GRAPHS (only these graphs), PRECISIONS (build; default fp16,int8), ALLOW_FALLBACK=1 (build: record a graph that
+# reaches no fp16 / int8 as fp32 instead of failing the step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
@@ -21,7 +22,8 @@ case "$step" in
     cp "$dir/validation.md" "$OUT/validation-$model-fp32.md"
     ;;
   build)
-    $PY -m export build --model "$model" --out-dir "$dir" --device "$DEVICE" --precision "${PRECISIONS:-fp16,int8}" ${GRAPHS:+--graphs $GRAPHS}
+    $PY -m export build --model "$model" --out-dir "$dir" --device "$DEVICE" --precision "${PRECISIONS:-fp16,int8}" ${GRAPHS:+--graphs $GRAPHS} \
+      ${ALLOW_FALLBACK:+--allow-fallback}
     $PY -m export validate --model "$model" --out-dir "$dir" --device "$DEVICE" --precision "${PRECISIONS:-fp16,int8}" ${GRAPHS:+--graphs $GRAPHS} || true
     cp "$dir/validation.md" "$OUT/validation-$model-fp16-int8.md"
     cp "$dir/manifest.json" "$OUT/manifest-$model.json"

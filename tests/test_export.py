@@ -31,6 +31,7 @@ def test_every_graph_exported_with_metadata_and_hash(exported, name):
         assert meta["tts.family"] == model.family and meta["tts.stage"] == spec.stage and meta["tts.graph"] == graph
         assert meta["tts.sample_rate"] == "24000" and meta["tts.precision"] == "fp32"
         assert meta["tts.source_sha256"].startswith("random-weights:")
+        assert meta["tts.fingerprint"] == art.fingerprint == model.fingerprint(graph)
         assert spec_from_onnx(path) == spec  # the runtime can configure itself from the file
         proto = onnx.load(path)
         ops = {n.op_type for n in proto.graph.node}
@@ -66,10 +67,13 @@ def test_optimized_export_equals_unoptimized(exported, tmp_path):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_validate_passes_at_min_opt_max(exported, name):
-    res = CliRunner().invoke(export_main, ["validate", "--model", name, "--out-dir", exported[name]], catch_exceptions=False)
+    res = CliRunner().invoke(export_main, ["validate", "--model", name, "--seeds", "2", "--out-dir", exported[name]],
+                             catch_exceptions=False)
     assert res.exit_code == 0, res.output
     report = json.load(open(os.path.join(exported[name], "validation.json")))
     assert report["passed"]
+    assert {c["graph"] for c in report["certificates"]} == set(load_model(name).graph_specs())
+    assert all(c["seeds"] == 2 and c["precision_reached"] == "fp32" for c in report["certificates"])
     graphs = {g["graph"] for g in report["graphs"]}
     assert graphs == set(load_model(name).graph_specs())
     for g in report["graphs"]:

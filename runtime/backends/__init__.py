@@ -18,6 +18,7 @@ backend that cannot load is an error with its fix, never a silent substitute.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -101,15 +102,21 @@ def _option(stage: str, text: str) -> Option:
 
 
 def model_ref(model) -> str:
-    """How a command line names this model (its preset name or its folder)."""
-    return model.name if model.source.startswith("preset:") else model.source
+    """How a command line names this model: its preset name (with `--seed` when the weights come
+    from another seed than 0) or its folder."""
+    if not model.source.startswith("preset:"):
+        return model.source
+    seed = int(getattr(model, "seed", 0))
+    return model.name + (f" --seed {seed}" if seed else "")
 
 
 def create_backend(option: Option, model, spec: GraphSpec, device: torch.device,
                    engines_dir: str | None = None) -> Backend:
     """The backend of one option for one graph (cheap: nothing is loaded until activate). Artifact
-    backends find their file in the manifest, check its sha256, and adopt the spec it was made for."""
-    from runtime.artifacts import Manifest, default_dir, spec_from_onnx
+    backends find their file in the manifest, check its sha256 and that it was made from the live
+    model (its fingerprint: weights, config, graph spec), and adopt the spec it was made for."""
+    from models.family import provenance_fingerprint
+    from runtime.artifacts import Manifest, check_fingerprint, default_dir, read_metadata
 
     kind = KINDS[option.kind]
     precision = option.precision or "fp32"
@@ -128,13 +135,26 @@ def create_backend(option: Option, model, spec: GraphSpec, device: torch.device,
     if kind.artifact != "onnx" and source is not None and artifact.source_sha256 and artifact.source_sha256 != source.sha256:
         raise UserError(f"the {precision} {kind.artifact} of {spec.name} was built from an older ONNX file.", fix)
     path = manifest.verify(artifact, fix=fix)
+    made, made_from = artifact.fingerprint, artifact.made_from
     if kind.artifact == "onnx":
-        file_spec = spec_from_onnx(path)
+        # the file's own metadata is what travels with it (a copied file, an edited manifest)
+        meta = read_metadata(path)
+        if "tts.spec" not in meta:
+            raise UserError(f"{path} carries no tts.spec metadata: it was not exported by this tool.", fix)
+        file_spec = GraphSpec.from_json(meta["tts.spec"])
+        made = meta.get("tts.fingerprint", "")
+        made_from = json.loads(meta.get("tts.provenance", "{}"))
     elif artifact.spec:
         file_spec = GraphSpec.from_dict(artifact.spec)
     else:
         raise UserError(f"the manifest entry of {path} does not say which graph spec it was built for.", fix)
-    return kind.make(file_spec, device, path, artifact.built, fix.removeprefix("run "), spec)
+    # the one place artifacts are opened: a file made from other weights, another seed, another
+    # family or an edited checkpoint computes something else and is refused here, before it runs
+    live_from = model.provenance(spec.name)
+    check_fingerprint(path, made, made_from, provenance_fingerprint(live_from), live_from, model.name, fix)
+    backend = kind.make(file_spec, device, path, artifact.built, fix.removeprefix("run "), spec)
+    backend.precision_reached = artifact.notes.get("precision_reached", precision)
+    return backend
 
 
 @dataclass

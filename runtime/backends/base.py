@@ -177,6 +177,10 @@ class ArtifactBackend(Backend):
     model's, and the two must agree on input and output names, or the file is refused with
     `rebuild` (the command that makes it again)."""
 
+    # what the artifact's content computes in (the registry sets it from the manifest; a build that
+    # was allowed to fall back records fp32 here for a file in the fp16 / int8 slot)
+    precision_reached: str | None = None
+
     def __init__(self, spec: GraphSpec, device, path: str, built: dict, rebuild: str,
                  graph_spec: GraphSpec | None = None):
         super().__init__(spec, device)
@@ -190,7 +194,10 @@ class ArtifactBackend(Backend):
                                 f"build it again: {rebuild}")
 
     def metadata(self) -> dict:
-        return {**super().metadata(), "file": self.path}
+        m = {**super().metadata(), "file": self.path}
+        if self.precision_reached:
+            m["precision_reached"] = self.precision_reached
+        return m
 
 
 # -- the registry's entry per backend ---------------------------------------------------------------

@@ -50,19 +50,28 @@ outputs across later calls. The copy is one device kernel per output.
 
 Compilation cost is reported in `metadata()`: compile_seconds (first call at each new shape key,
 which includes compilation), capture_seconds (the remaining warm-up calls and the captures).
+
+What runs compiled is checked, not assumed: dynamo falls back to eager silently in two ways, and each
+becomes a fact or an error. A graph break (fullgraph=False) splits the graph and runs the code between
+the pieces eagerly: counted per backend (`metadata()["graph_breaks"]`, with the first reasons, and
+`"compiled": "partly"`) and warned about once. Hitting the recompile limit would run that call (and
+later ones) eagerly: our calls run with `fail_on_recompile_limit_hit`, so it is a UserError instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
+import warnings
 from collections import OrderedDict
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from models.errors import UserError
 from models.spec import DTYPES, PRECISION_DTYPES, GraphSpec, dtype_name
 from runtime.backends.base import Backend, BackendKind, cast_input, cast_module
 from runtime.backends.cuda_graphs import capture, graph_mode
@@ -143,6 +152,8 @@ class CompiledBackend(Backend):
         self.compile_seconds = 0.0
         self.capture_seconds = 0.0
         self.evictions = 0
+        self.graph_breaks = 0
+        self.break_reasons: list[str] = []
 
     # -- activation -------------------------------------------------------------------------------
     def _compile(self, fn):
@@ -152,6 +163,42 @@ class CompiledBackend(Backend):
         if self.compile_options:
             kw["options"] = dict(self.compile_options)
         return torch.compile(fn, backend=self.compile_backend, dynamic=self.dynamic, fullgraph=self.fullgraph, **kw)
+
+    @contextlib.contextmanager
+    def _watched(self):
+        """Around every call that may compile: count graph breaks (parts that run eagerly) and turn
+        dynamo's silent eager fallback at the recompile limit into an error."""
+        if self.compile_backend is None:
+            yield
+            return
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["graph_break"])
+        cfg = torch._dynamo.config
+        patch = {"fail_on_recompile_limit_hit": True} if hasattr(cfg, "fail_on_recompile_limit_hit") else {}
+        try:
+            with cfg.patch(**patch):
+                yield
+        except Exception as e:
+            if type(e).__name__ != "FailOnRecompileLimitHit":
+                raise
+            limit = getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", "?"))
+            raise UserError(f"torch.compile reached its recompile limit ({limit}) on graph {self.spec.name}: this "
+                            f"call would run eagerly, not compiled.",
+                            f"run stage {self.spec.stage} with fewer distinct shapes, or choose --backend "
+                            f"{self.spec.stage}=torch") from None
+        finally:
+            new = {k: v - before.get(k, 0) for k, v in counters["graph_break"].items() if v > before.get(k, 0)}
+            if new:
+                self.graph_breaks += sum(new.values())
+                first_time = not self.break_reasons
+                for reason in new:
+                    line = reason.strip().splitlines()[0][:160] if reason.strip() else "?"
+                    if line not in self.break_reasons and len(self.break_reasons) < 5:
+                        self.break_reasons.append(line)
+                if first_time:
+                    warnings.warn(f"compile backend: graph {self.spec.name} has graph breaks, so parts of it run eagerly "
+                                  f"({self.break_reasons[0]})", RuntimeWarning, stacklevel=2)
 
     def _activate(self) -> None:
         if self.compile_backend is not None:
@@ -290,7 +337,8 @@ class CompiledBackend(Backend):
                 key = tuple(tuple(a.shape) for a in args)
                 first = key not in self._seen_keys and not self.spec.autoregressive and self.compile_backend is not None
                 t0 = time.perf_counter()
-                outs = self._fn(*args)
+                with self._watched() if not self.spec.autoregressive else contextlib.nullcontext():
+                    outs = self._fn(*args)
                 if first:
                     self._seen_keys.add(key)
                     if self.device.type == "cuda":
@@ -312,8 +360,9 @@ class CompiledBackend(Backend):
         static = [a.clone(memory_format=torch.contiguous_format) for a in args]
         if self.graph_mode == "cuda":
             torch.cuda.synchronize(self.device)
-        graph, outs, first, rest = capture(self._fn, static, self.device, self.graph_mode, self._pool,
-                                           self.warmup_calls)
+        with self._watched():
+            graph, outs, first, rest = capture(self._fn, static, self.device, self.graph_mode, self._pool,
+                                               self.warmup_calls)
         if key in self._seen_keys:  # re-capture after eviction: nothing was compiled
             self.capture_seconds += first + rest
         else:
@@ -369,12 +418,25 @@ class CompiledBackend(Backend):
         return dec.reset()
 
     # -- reporting --------------------------------------------------------------------------------
+    def _compiled_state(self) -> str:
+        """What really runs compiled (metadata), from what the calls so far did."""
+        if self.compile_backend is None:
+            return "no (eager module, CUDA graphs only)" if self.cuda_graphs else "no (eager)"
+        if self.spec.autoregressive:
+            return "decode step (static cache); explicit-cache calls run eagerly"
+        if not self._seen_keys:
+            return "not yet (compiles at the first call)"
+        return f"partly: {self.graph_breaks} graph break(s), the parts between run eagerly" if self.graph_breaks \
+            else "whole graph"
+
     def metadata(self):
         decs = list(self._decoders.values())
         d = {**super().metadata(), "dtype": dtype_name(self.dtype), "cuda_graphs": self.graph_mode,
              "compile_backend": self.compile_backend, "compile_mode": self.compile_mode or "default",
              "dynamic": self.dynamic, "shapes": f"bucketed {self.rule.dim}" if self.rule else "exact",
              "graphs": len(self._graphs), "evictions": self.evictions,
+             "compiled": self._compiled_state(),
+             "graph_breaks": self.graph_breaks, "graph_break_reasons": list(self.break_reasons),
              "compile_seconds": round(self.compile_seconds + sum(d.compile_seconds for d in decs), 3),
              "capture_seconds": round(self.capture_seconds + sum(d.capture_seconds for d in decs), 3)}
         if self._decoders:

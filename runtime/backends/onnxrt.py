@@ -3,6 +3,12 @@
 On CUDA nothing crosses to the host: inputs are bound by pointer, outputs are preallocated torch
 tensors whose shapes the spec computes, and ORT runs on torch's current stream, so no copies and no
 extra synchronisation between stages.
+
+ONNX Runtime may run some nodes of a CUDA session on the CPU without saying so (it keeps shape
+arithmetic there on purpose, and places any node the CUDA provider has no kernel for there too). The
+session records where every node went (`session.record_ep_graph_assignment_info`): a matmul,
+convolution, normalisation or attention node on the CPU is an error, the shape nodes it keeps there
+are listed in `metadata()["cpu_nodes"]`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,46 @@ GPU_FIX = ("install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxr
            "pip install onnxruntime-gpu), or run this stage with another backend, e.g. --backend {stage}=torch")
 
 
+# nodes whose placement on the CPU in a CUDA session means the graph's work runs there (ORT itself
+# moves only shape arithmetic to the CPU); the names cover ORT's fused forms of them too
+COMPUTE_OPS = frozenset({
+    "MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "FusedConv", "FusedGemm", "MatMulNBits",
+    "MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "Attention", "MultiHeadAttention",
+    "GroupQueryAttention", "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization", "Softmax", "Einsum", "GRU", "LSTM", "RNN", "STFT", "DFT"})
+ASSIGNMENT_KEY = "session.record_ep_graph_assignment_info"
+
+
+def placement(session) -> dict[str, list[tuple[str, str]]] | None:
+    """Execution provider -> [(node name, op type)] of a session created with ASSIGNMENT_KEY set
+    (None when this onnxruntime cannot say)."""
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        return None
+    out: dict[str, list[tuple[str, str]]] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        out.setdefault(sub.ep_name, []).extend((n.name, n.op_type) for n in sub.get_nodes())
+    return out
+
+
+def check_placement(where: dict[str, list[tuple[str, str]]] | None, graph: str, stage: str) -> dict:
+    """UserError when compute nodes of a CUDA session run on the CPU; otherwise the facts to record
+    (how many nodes, by op type, ORT keeps on the CPU, or that placement could not be read)."""
+    if where is None:
+        return {"cpu_nodes": "unknown (this onnxruntime cannot report node placement)"}
+    cpu = where.get("CPUExecutionProvider", [])
+    compute = [(n, op) for n, op in cpu if op in COMPUTE_OPS]
+    if compute:
+        ops = sorted({op for _, op in compute})
+        raise UserError(f"ONNX Runtime runs {len(compute)} compute node(s) of {graph} on the CPU although CUDA was asked "
+                        f"for ({', '.join(ops)}, e.g. {compute[0][0]}): the CUDA provider has no kernel for them here.",
+                        f"run stage {stage} with another backend (e.g. --backend {stage}=trt or {stage}=compile), "
+                        f"or use an fp32 artifact")
+    ops: dict[str, int] = {}
+    for _, op in cpu:
+        ops[op] = ops.get(op, 0) + 1
+    return {"cpu_nodes": len(cpu), "cpu_node_ops": ops}
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -37,6 +83,7 @@ class OrtBackend(ArtifactBackend):
         self.threads = threads
         self.session = None
         self.meta: dict = {}
+        self.placement: dict = {}
 
     def providers(self) -> list:
         """Execution providers for this device; a missing CUDA provider is an error, never a fallback."""
@@ -69,13 +116,22 @@ class OrtBackend(ArtifactBackend):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if self.device.type == "cuda":
+            opts.add_session_config_entry(ASSIGNMENT_KEY, "1")
         try:
             self.session = ort.InferenceSession(self.path, opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; the message is what helps
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"ONNX Runtime cannot load {self.path}: {first[:200]}", f"build it again: {self.rebuild}") from None
-        if self.device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise UserError(f"ONNX Runtime did not put {self.spec.name} on CUDA.", GPU_FIX.format(stage=self.spec.stage))
+        if self.device.type == "cuda":
+            if self.session.get_providers()[0] != "CUDAExecutionProvider":
+                raise UserError(f"ONNX Runtime did not put {self.spec.name} on CUDA.", GPU_FIX.format(stage=self.spec.stage))
+            # providers[0] says CUDA is registered, not that the nodes run there: read where each went
+            try:
+                self.placement = check_placement(placement(self.session), self.spec.name, self.spec.stage)
+            except UserError:
+                self.session = None
+                raise
 
     def _release(self) -> None:
         self.session = None
@@ -83,6 +139,13 @@ class OrtBackend(ArtifactBackend):
     def _infer(self, feed):
         if self.device.type != "cuda":
             outs = self.session.run(None, {t.name: _host(feed[t.name], t.dtype) for t in self.spec.inputs})
+            # on CUDA the spec's shapes are bound as outputs; here the file decides, so check them: a file
+            # that returns less (half the audio) must not pass for one that returns all of it
+            want = self.spec.output_shapes(self.spec.sizes_of(feed))
+            for t, o in zip(self.spec.outputs, outs):
+                if tuple(o.shape) != want[t.name]:
+                    raise UserError(f"{self.path} computes {t.name} of graph {self.spec.name} as {tuple(o.shape)}, but "
+                                    f"the spec says {want[t.name]}: file and spec disagree.", f"build it again: {self.rebuild}")
             return {t.name: torch.from_numpy(o) for t, o in zip(self.spec.outputs, outs)}
         sizes = self.spec.sizes_of(feed)
         io = self.session.io_binding()
@@ -104,6 +167,7 @@ class OrtBackend(ArtifactBackend):
         m = {**super().metadata(), "precision": self.meta.get("tts.precision", "?")}
         if self.session is not None:
             m["providers"] = self.session.get_providers()
+        m.update(self.placement)
         return m
 
 
