@@ -58,7 +58,8 @@ def _package_on_record(root, model, built: dict) -> str:
     with open(path, "wb") as f:
         f.write(b"not an AOTInductor package")
     manifest = Manifest(root, model.name, model.family)
-    manifest.add(file_artifact(root, path, "flow_encoder", "fp32", "pt2", spec=spec.to_dict(), built=built))
+    manifest.add(file_artifact(root, path, "flow_encoder", "fp32", "pt2", spec=spec.to_dict(), built=built,
+                               fingerprint=model.fingerprint("flow_encoder"), made_from=model.provenance("flow_encoder")))
     manifest.save()
     return path
 
