@@ -184,7 +184,7 @@ class EngineTarget:
 def _level_counters(after: dict, before: dict) -> dict:
     """What the engine did during one level: LM steps and their mean batch, seconds per stage, and
     per graph the calls, rows and seconds the batcher ran (the difference of its counters)."""
-    if "lm_steps" not in after or "lm_steps" not in before:
+    if not all(k in d for d in (after, before) for k in ("lm_steps", "stage_seconds")):
         return {}  # a server's diagnostics carry other facts
     steps = after["lm_steps"] - before["lm_steps"]
     rows = after.get("lm_rows_total", 0) - before.get("lm_rows_total", 0)

@@ -281,7 +281,7 @@ def _toy_spec():
                      (Dim("B", 1, 1, 8),))
 
 
-def test_compile_graph_breaks_are_recorded_and_the_recompile_limit_is_an_error(monkeypatch):
+def test_compile_graph_breaks_are_recorded_and_the_recompile_limit_is_an_error():
     from runtime.backends.compiled import CompiledBackend
 
     torch._dynamo.reset()
@@ -296,9 +296,11 @@ def test_compile_graph_breaks_are_recorded_and_the_recompile_limit_is_an_error(m
     assert plain.metadata()["compiled"].startswith("not yet")
     plain.infer({"x": torch.ones(1, 4)})
     assert plain.metadata()["compiled"] == "whole graph" and plain.metadata()["graph_breaks"] == 0
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with pytest.raises(UserError, match=r"torch\.compile reached its recompile limit \(1\) on graph toy: this call would "
-                                        r"run eagerly, not compiled\. Fix: run stage flow with fewer distinct shapes"):
+    # dynamo's own patch, not pytest's monkeypatch: undoing a monkeypatch on a torch config module
+    # hides the option for the rest of the session (its __delattr__), which broke every later compile
+    with torch._dynamo.config.patch(recompile_limit=1), \
+            pytest.raises(UserError, match=r"torch\.compile reached its recompile limit \(1\) on graph toy: this call "
+                                           r"would run eagerly, not compiled\. Fix: run stage flow with fewer distinct shapes"):
         plain.infer({"x": torch.ones(2, 4)})  # dynamic=False: a second shape is a recompile
     torch._dynamo.reset()
 
