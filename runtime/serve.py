@@ -91,6 +91,9 @@ class ServeConfig:
     diagnostics_window: int = 50
     profile_dir: str | None = None
     max_profile_requests: int = 1000
+    # set when the app runs as one of several replicas (runtime/serve_ray.py): facts about this replica
+    # ({"replica_id", "pid", ...}), shown in /diagnostics; the id is sent as X-TTS-Replica on every answer
+    replica_facts: object = None
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -752,6 +755,24 @@ class Gate:
         return err.response()
 
 
+class NameTheReplica:
+    """ASGI middleware: X-TTS-Replica on every HTTP answer (which replica of several served it)."""
+
+    def __init__(self, app, replica_id: str):
+        self.app, self.header = app, (b"x-tts-replica", replica_id.encode("latin-1", "replace"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -> FastAPI:
     """The FastAPI app serving `engine` (started by the app's lifespan when it is not running yet,
     then warmed; stopped at shutdown if the app started it). `overrides` set ServeConfig fields."""
@@ -774,6 +795,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
         return e.response()
+
+    if cfg.replica_facts:
+        # plain ASGI, not @app.middleware: that wrapper would sit between the streaming response and
+        # the client's disconnect message
+        app.add_middleware(NameTheReplica, replica_id=str(cfg.replica_facts().get("replica_id", "")))
 
     @app.exception_handler(UserError)
     async def user_error(request, e: UserError):
@@ -867,7 +893,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         gpu, summary = await run_in_threadpool(lambda: (t.gpu.facts(), t.summary()))
         return {"model": srv.model.describe(), "device": str(engine.device), "backends": engine.pipe.describe_backends(),
                 "torch": torch.__version__, "ready": srv.ready.is_set(), "phase": srv.phase, "gpu": gpu, **summary,
-                "profile": srv.profiler.status()}
+                "profile": srv.profiler.status(),
+                **({"replica": await run_in_threadpool(cfg.replica_facts)} if cfg.replica_facts else {})}
 
     @app.post("/diagnostics/profile", status_code=202)
     async def start_profile(requests: int = 10):
@@ -974,9 +1001,16 @@ def _is_loopback(host: str) -> bool:
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve: one engine per replica (runtime/serve_ray.py).")
+@click.option("--replicas", default=None, type=int, help="With --ray: replicas (default 1; one GPU each on cuda).")
+@click.option("--autoscale", default=None, help="With --ray: MIN,MAX replicas, scaled on ongoing requests.")
+@click.option("--address", default=None, help="With --ray: a running Ray cluster (HEAD:6379); default: start one here.")
+@click.option("--replica-cpus", default=1.0, show_default=True, help="With --ray: CPU cores per replica.")
 @exit_on_user_error
 def main(model_name, backends, device, engines_dir, precision, host, port, api_key, voices_dir, max_streams,
-         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, threads, seed, log_level):
+         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, threads, seed, log_level,
+         use_ray, replicas, autoscale, address, replica_cpus):
     import sys
 
     import torch
@@ -994,6 +1028,21 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
     if queue_timeout <= 0 or max_upload_mb <= 0:
         raise UserError("--queue-timeout and --max-upload-mb must be positive.", "pass positive numbers")
     device = check_device(device)
+    if not use_ray and (replicas is not None or autoscale is not None or address is not None):
+        raise UserError("--replicas, --autoscale and --address are options of --ray.", "add --ray, or leave them out")
+    if use_ray:
+        from runtime.serve_ray import ReplicaSettings, run
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not _is_loopback(host) and not api_key:
+            log.warning("listening on %s without an API key (pass --api-key or set TTS_API_KEY)", host)
+        settings = ReplicaSettings(model_name, backends, device, engines_dir, precision, seed, max_streams, max_queue,
+                                   max_len, queue_timeout, threads,
+                                   dict(voices_dir=os.path.abspath(voices_dir), api_key=api_key,
+                                        max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * (1 << 20)),
+                                        warmup=warmup))
+        run(settings, host, port, replicas, autoscale, address, replica_cpus)
+        return
     sock = bind(host, port)
     bound = sock.getsockname()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,205 @@
+"""`python -m runtime.serve --ray`: the same speech server on Ray Serve, one engine per replica.
+
+    python -m runtime.serve --ray --replicas 2 --model cosyvoice3-tiny              # local Ray, 2 replicas
+    python -m runtime.serve --ray --autoscale 1,4 --device cuda ...                 # 1 to 4 GPUs
+    python -m runtime.serve --ray --address HEAD:6379 --replicas 8 --device cuda ... # a running cluster
+
+Each replica is a Ray actor that loads the model, starts its own `runtime.engine.Engine` and serves
+the FastAPI app of `runtime.serve.create_app` (Ray Serve's ingress runs that app inside the replica,
+so every endpoint, error and streaming behaviour is the single-process server's). Ray's HTTP proxy
+routes requests across replicas and restarts one that dies; a request held by a dead replica fails
+(its client sees an error or a cut stream, never a short file that looks whole), the others go on.
+
+- Placement: `num_gpus=1` per replica on CUDA (Ray sets CUDA_VISIBLE_DEVICES, so the replica's
+  "cuda" is its own GPU), `--replica-cpus` CPU cores per replica on the CPU.
+- Voices: the on-disk bundles under `--voices-dir` are shared by every replica on a machine (on a
+  cluster, give it a shared folder); a voice made through one replica is found by the others.
+- Metrics: `/metrics` is answered by whichever replica the proxy picks (its own counters; the
+  `X-TTS-Replica` header and `/diagnostics`' `replica` say which). Ray exports its own per-deployment
+  request counts and latencies from every node (`ray start --metrics-export-port`), which is where
+  a Prometheus server aggregates a cluster.
+- Code: replicas import this repository, so every node needs it at the same path (workers get it on
+  their PYTHONPATH through the deployment's runtime environment).
+
+A cluster: `ray start --head --port 6379` on one machine, `ray start --address HEAD:6379` on each other,
+then this command with `--address HEAD:6379` on any of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from models.errors import UserError
+
+APP_NAME = "tts"
+DEPLOYMENT = "speech"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class ReplicaSettings:
+    """Everything a replica needs to build its engine and app (sent to every replica)."""
+
+    model_name: str
+    backends: str = "torch"
+    device: str = "cpu"
+    engines_dir: str | None = None
+    precision: str = "fp32"
+    seed: int = 0
+    max_streams: int | None = None
+    max_queue: int | None = None
+    max_len: int | None = None
+    queue_timeout: float = 30.0
+    threads: int | None = None
+    serve: dict = field(default_factory=dict)  # ServeConfig fields
+
+
+class SpeechReplica:
+    """One replica: its engine and the server's app (Ray Serve calls `__serve_build_asgi_app__`)."""
+
+    def __init__(self, settings: ReplicaSettings):
+        import torch
+
+        from models.registry import load_model
+        from runtime.engine import Engine
+        from runtime.serve import ServeConfig, create_app
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        model = load_model(settings.model_name, device=settings.device, seed=settings.seed)
+        engine = Engine(model, settings.backends, device=settings.device, engines_dir=settings.engines_dir,
+                        precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
+                        max_len=settings.max_len, queue_timeout=settings.queue_timeout)
+        self.replica_id, self.started = _replica_id(), time.time()
+        # `app` is a name Ray Serve's wrapper uses for itself
+        self.speech_app = create_app(engine, ServeConfig(**settings.serve, replica_facts=self.facts))
+
+    def __serve_build_asgi_app__(self):
+        return self.speech_app
+
+    def facts(self) -> dict:
+        """Which replica this is, and what Ray Serve says about the deployment's replicas."""
+        out = {"replica_id": self.replica_id, "pid": os.getpid(), "node": socket.gethostname(),
+               "up_seconds": round(time.time() - self.started, 1)}
+        try:
+            from ray import serve
+
+            app = serve.status().applications.get(APP_NAME)
+            dep = app.deployments.get(DEPLOYMENT) if app else None
+            if dep is not None:
+                out["deployment_status"] = str(dep.status.value if hasattr(dep.status, "value") else dep.status)
+                out["replica_states"] = {str(k.value if hasattr(k, "value") else k): v
+                                         for k, v in dep.replica_states.items()}
+        except Exception as e:  # noqa: BLE001 - facts for a diagnostics page; say why they are missing
+            out["status_error"] = f"{type(e).__name__}: {e}"[:200]
+        return out
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        srv = self.speech_app.state.server
+        if srv.failed:
+            raise RuntimeError(f"the replica failed to start: {srv.failed}")
+        if srv.ready.is_set() and not srv.engine.running:
+            raise RuntimeError("the replica's engine stopped")
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - outside Ray (tests of the class): the process is the replica
+        return f"pid-{os.getpid()}"
+
+
+def parse_autoscale(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in value.split(","))
+    except ValueError:
+        raise UserError(f"--autoscale {value!r} is not MIN,MAX.", "pass two replica counts, e.g. --autoscale 1,4") from None
+    if lo < 1 or hi < lo:
+        raise UserError(f"--autoscale {value} needs 1 <= MIN <= MAX.", "pass e.g. --autoscale 1,4")
+    return lo, hi
+
+
+def deployment(settings: ReplicaSettings, replicas: int | None, autoscale: tuple[int, int] | None,
+               replica_cpus: float):
+    """The Ray Serve application: `replicas` copies (or autoscaled between the two counts) of
+    SpeechReplica, one GPU each on CUDA."""
+    from ray import serve
+
+    gpu = settings.device.startswith("cuda")
+    streams = settings.max_streams or 64
+    opts: dict = {
+        "name": DEPLOYMENT,
+        "ray_actor_options": {"num_gpus": 1 if gpu else 0, "num_cpus": replica_cpus,
+                              "runtime_env": {"env_vars": {"PYTHONPATH": REPO}}},
+        # what one engine holds: its streams and its queue; beyond that the proxy queues or refuses
+        "max_ongoing_requests": streams + (settings.max_queue if settings.max_queue is not None else 4 * streams),
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 10,
+    }
+    if autoscale is not None:
+        opts["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                      "target_ongoing_requests": max(1, int(streams * 0.75))}
+    else:
+        opts["num_replicas"] = replicas
+    return serve.deployment(**opts)(serve.ingress()(SpeechReplica)).bind(settings)
+
+
+def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, autoscale: str | None,
+        address: str | None, replica_cpus: float) -> None:
+    """Start (or join) Ray, deploy, print where it serves, and block until Ctrl-C / SIGTERM."""
+    import sys
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UserError("--ray needs Ray Serve, which is not installed.", "run make setup (it installs ray[serve])") from None
+    scale = parse_autoscale(autoscale)
+    if scale is not None and replicas is not None:
+        raise UserError("--replicas and --autoscale exclude each other.", "pass one of them")
+    if replicas is not None and replicas < 1:
+        raise UserError(f"--replicas {replicas} is not a positive count.", "pass --replicas 1 or more")
+    if replicas is None and scale is None:
+        replicas = 1
+    if port == 0:  # Ray's proxy needs a number: take a free one now
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")  # a local cluster's workers
+    ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace="tts")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(settings, replicas, scale, replica_cpus), name=APP_NAME, route_prefix="/")
+        shown = f"[{host}]" if ":" in host else host
+        count = f"{replicas} replica(s)" if scale is None else f"{scale[0]}-{scale[1]} replicas (autoscaled)"
+        print(f"serving {settings.model_name} on http://{shown}:{port} through Ray Serve, {count}, "
+              f"{settings.device}; GET /ready says when a replica is warmed up", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+    except RuntimeError as e:  # a deployment that never became healthy: Ray's message names the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"Ray Serve could not start the server: {first}", "see the replica logs above") from None
+    finally:
+        try:
+            if address is None:
+                serve.shutdown()
+            else:  # a shared cluster keeps running; only our application goes
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+    print("stopped.", file=sys.stderr)

@@ -1,0 +1,204 @@
+"""The speech server on Ray Serve (runtime/serve_ray.py), started for real: `python -m runtime.serve --ray
+--replicas 2` starts a local Ray cluster on the CPU with two replicas of an upstream-format CosyVoice3
+folder (stand-in front-end models, so voices can be cloned), and the tests speak to Ray's HTTP proxy
+with the official `openai` client and httpx.
+
+Claims: both replicas answer (Ray Serve's status, read by a replica, says 2 RUNNING; the X-TTS-Replica
+header names two replicas); the same request gives the same audio whichever replica serves it; a voice
+cloned through one replica is used by the other (the on-disk bundles); killing a replica in the middle
+of requests cuts only the requests it held (their streams end broken, not as short files that look
+whole), the others complete, and Ray brings a new replica up.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (make setup installs it)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "Hello there, this is the speech server."
+# long enough (700 speech tokens per sentence) that a replica is still generating when it is killed
+LONG = "This is a long request, and the replica serving it will not live to finish it."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayServer:
+    def __init__(self, folder: str, voices: str):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.serve", "--ray", "--replicas", "2", "--port", str(self.port),
+             "--model", folder, "--max-streams", "6", "--threads", "1", "--warmup", "none",
+             "--voices-dir", voices, "--log-level", "warning"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def replicas(self, want: int = 2, timeout: float = 180.0) -> dict[str, int]:
+        """Poll /diagnostics until Ray says `want` replicas run and that many distinct replicas have
+        answered; {replica id: pid}."""
+        seen: dict[str, int] = {}
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{''.join(self.log[-40:])}")
+            try:
+                r = httpx.get(self.base + "/diagnostics", timeout=5)
+                if r.status_code == 200 and r.json().get("ready"):
+                    rep = r.json()["replica"]
+                    if rep.get("replica_states") == {"RUNNING": want}:
+                        seen[rep["replica_id"]] = rep["pid"]
+                        if len(seen) >= want:
+                            return seen
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{want} replicas did not answer in {timeout} s (saw {seen}):\n{''.join(self.log[-40:])}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(90)
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    from tests.conftest import make_upstream_folder, write_fake_frontend_onnx
+
+    root = tmp_path_factory.mktemp("ray-server")
+    folder = make_upstream_folder(root, "cosyvoice3")
+    write_fake_frontend_onnx(folder, "v3")
+    s = RayServer(str(folder), str(root / "voices"))
+    try:
+        s.ids = s.replicas(2)
+        yield s
+    finally:
+        code = s.stop()
+    assert code == 0, "".join(s.log[-40:])
+
+
+def _client(base: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _wav(data: bytes) -> np.ndarray:
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32")
+    assert rate == 24000
+    return audio
+
+
+def test_both_replicas_answer_and_agree(ray_server):
+    """8 concurrent requests through the proxy: all succeed, both replicas serve some, and requests
+    with the same seed give the same audio on either replica."""
+    c = _client(ray_server.base)
+
+    def one(i):
+        r = c.audio.speech.with_raw_response.create(model="tts-1", voice="default", input=TEXT, response_format="wav",
+                                                    extra_body={"seed": 7 if i % 2 else i, "tokens": 40})
+        return r.headers["x-tts-replica"], _wav(r.content)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    served = {rid for rid, _ in results}
+    assert served == set(ray_server.ids), (served, ray_server.ids)
+    same_seed = [(rid, a) for i, (rid, a) in enumerate(results) if i % 2]
+    ref = same_seed[0][1]
+    assert ref.size == 40 * 960
+    for _, a in same_seed[1:]:
+        assert a.shape == ref.shape and np.abs(a - ref).max() <= 2 / 32768  # 16-bit rounding at most
+    if len({rid for rid, _ in same_seed}) < 2:  # make sure the comparison crossed replicas
+        pytest.fail(f"all same-seed requests went to one replica: {same_seed}")
+    assert httpx.get(ray_server.base + "/diagnostics").json()["replica"]["replica_states"] == {"RUNNING": 2}
+
+
+def test_a_voice_cloned_on_one_replica_is_used_by_the_other(ray_server):
+    from tests.test_server import prompt_wav
+
+    up = {"audio_sample": ("prompt.wav", prompt_wav(), "audio/wav")}
+    r = httpx.post(ray_server.base + "/v1/audio/voices", files=up, data={"transcript": "hello world"}, timeout=60)
+    assert r.status_code in (200, 201), r.text
+    vid, made_by = r.json()["id"], r.headers["x-tts-replica"]
+    answered = set()
+    deadline = time.time() + 60
+    while answered != set(ray_server.ids) and time.time() < deadline:
+        g = httpx.get(ray_server.base + f"/v1/audio/voices/{vid}", timeout=30)
+        assert g.status_code == 200 and g.json()["id"] == vid, g.text
+        answered.add(g.headers["x-tts-replica"])
+    assert answered == set(ray_server.ids) and made_by in answered
+    audio = _client(ray_server.base).audio.speech.create(model="tts-1", voice=vid, input="hello world",
+                                                         response_format="pcm", extra_body={"seed": 3, "tokens": 20})
+    assert len(audio.content) == 20 * 960 * 2
+
+
+def test_a_killed_replica_loses_only_its_requests_and_comes_back(ray_server):
+    """Six long streamed requests; once every one has its first audio, one replica is killed (SIGKILL):
+    its requests end with a broken stream, the others deliver all their audio; Ray replaces it."""
+    victim = sorted(ray_server.ids)[0]
+    outcomes: dict[int, dict] = {}
+    started = threading.Barrier(7)
+
+    def stream(i):
+        out = outcomes.setdefault(i, {"bytes": 0})
+        body = {"model": "tts-1", "input": LONG, "voice": "default", "response_format": "pcm", "seed": i, "tokens": 700}
+        try:
+            with httpx.stream("POST", ray_server.base + "/v1/audio/speech", json=body, timeout=120) as r:
+                out["status"], out["replica"] = r.status_code, r.headers.get("x-tts-replica")
+                first = True
+                for chunk in r.iter_bytes():
+                    out["bytes"] += len(chunk)
+                    if first:
+                        first = False
+                        started.wait(120)
+            out["complete"] = True
+        except (httpx.HTTPError, threading.BrokenBarrierError) as e:
+            out["error"] = type(e).__name__
+            if started.n_waiting:
+                started.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    started.wait(120)  # every request has its first audio (6 streams per replica: none queues)
+    on_victim = [i for i, o in outcomes.items() if o.get("replica") == victim]
+    assert on_victim and len(on_victim) < 6, outcomes  # the proxy spread them
+    os.kill(ray_server.ids[victim], signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    full = 700 * 960 * 2
+    for i, o in outcomes.items():
+        if o["replica"] == victim:
+            assert "error" in o and o["bytes"] < full, (i, o)  # cut, and the client knows it
+        else:
+            assert o.get("complete") and o["status"] == 200 and o["bytes"] == full, (i, o)
+    # Ray starts a replacement: two replicas run again, one of them new
+    now = ray_server.replicas(2, timeout=120)
+    assert victim not in now and len(set(now) & set(ray_server.ids)) == 1
+    ray_server.ids = now
+    r = _client(ray_server.base).audio.speech.with_raw_response.create(
+        model="tts-1", voice="default", input=TEXT, response_format="pcm", extra_body={"seed": 1, "tokens": 20})
+    assert r.status_code == 200 and len(r.content) == 20 * 960 * 2
