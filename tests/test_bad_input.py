@@ -36,7 +36,10 @@ from runtime.report import main as report_main
 from runtime.synthesize import main as synthesize_main
 from tests.conftest import deny_writes, make_orpheus_folder, make_upstream_folder
 
-CLIS = {"synthesize": synthesize_main, "report": report_main, "bench": bench_main, "export": export_main}
+from runtime.serve import main as serve_main
+
+CLIS = {"synthesize": synthesize_main, "report": report_main, "bench": bench_main, "export": export_main,
+        "serve": serve_main}
 QUICK = ["--tokens", "5"]  # a tiny preset and 5 speech tokens (the flow takes 4 or more): a whole request in well under a second
 
 
@@ -129,6 +132,12 @@ CASES = [
     ("tokens-beyond-the-graphs", "synthesize", ["--text", "hi", "--tokens", "900"], r"--tokens 900 is more than the 800 speech tokens this model takes for one sentence here \(the limit of its graphs\)\." + FIX, False),
     ("bench-flow-mode-without-flow", "bench", ["--model", "orpheus-tiny", "--flow-mode", "steps", "--lengths", "5"], r"orpheus-tiny \(orpheus\) has no option flow_mode; it has no options\." + FIX, False),
     # report
+    # serve: Ray options (each refused before Ray or a model starts)
+    ("serve-replicas-without-ray", "serve", ["--replicas", "2"], r"--replicas, --autoscale and --address are options of --ray\." + FIX, True),
+    ("serve-ray-no-replicas", "serve", ["--ray", "--replicas", "0"], r"--replicas 0 is not a positive count\." + FIX, True),
+    ("serve-ray-autoscale-not-a-range", "serve", ["--ray", "--autoscale", "4"], r"--autoscale '4' is not MIN,MAX\." + FIX, True),
+    ("serve-ray-autoscale-upside-down", "serve", ["--ray", "--autoscale", "3,1"], r"--autoscale 3,1 needs 1 <= MIN <= MAX\." + FIX, True),
+    ("serve-ray-both-counts", "serve", ["--ray", "--replicas", "2", "--autoscale", "1,2"], r"--replicas and --autoscale exclude each other\." + FIX, True),
     ("report-out-is-a-file", "report", ["--out", "{tmp}/afile"], r"--out \S+/afile is a file, not a report folder\." + FIX, True),
     ("report-out-not-empty", "report", ["--out", "{tmp}/full"], r"--out \S+/full already exists and is not empty; a report never overwrites another\." + FIX, True),
     ("report-out-under-a-file", "report", ["--out", "{tmp}/afile/r"], r"output path \S+/afile/r is inside \S+/afile, which is a file, not a folder\." + FIX, True),
