@@ -113,8 +113,8 @@ def _wav(data: bytes) -> np.ndarray:
 
 
 def test_both_replicas_answer_and_agree(ray_server):
-    """8 concurrent requests through the proxy: all succeed, both replicas serve some, and requests
-    with the same seed give the same audio on either replica."""
+    """8 concurrent requests through the proxy all succeed; requests with the same seed give the same
+    audio on either replica (asked again until both replicas have served one)."""
     c = _client(ray_server.base)
 
     def one(i):
@@ -124,15 +124,17 @@ def test_both_replicas_answer_and_agree(ray_server):
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
-    served = {rid for rid, _ in results}
-    assert served == set(ray_server.ids), (served, ray_server.ids)
+    assert {rid for rid, _ in results} <= set(ray_server.ids)
     same_seed = [(rid, a) for i, (rid, a) in enumerate(results) if i % 2]
+    for _ in range(30):  # the router need not split them: ask again until the other replica answers
+        if len({rid for rid, _ in same_seed}) == 2:
+            break
+        same_seed.append(one(1))
+    assert {rid for rid, _ in same_seed} == set(ray_server.ids)
     ref = same_seed[0][1]
     assert ref.size == 40 * 960
     for _, a in same_seed[1:]:
         assert a.shape == ref.shape and np.abs(a - ref).max() <= 2 / 32768  # 16-bit rounding at most
-    if len({rid for rid, _ in same_seed}) < 2:  # make sure the comparison crossed replicas
-        pytest.fail(f"all same-seed requests went to one replica: {same_seed}")
     assert httpx.get(ray_server.base + "/diagnostics").json()["replica"]["replica_states"] == {"RUNNING": 2}
 
 
