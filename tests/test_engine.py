@@ -183,6 +183,20 @@ def test_bad_requests_fail_before_queueing():
             engine.submit(TEXT, fixed_tokens=100)
 
 
+def test_lm_buckets_end_at_the_engine_rows():
+    """--lm-buckets: the largest bucket is always the engine's row count; a compiled step defaults to
+    buckets 4x apart, an eager one to powers of two; a bucket below 1 is refused."""
+    from runtime.backends.slot_decoder import batch_buckets
+
+    assert batch_buckets(128, 4) == [1, 4, 16, 64, 128] and batch_buckets(8) == [1, 2, 4, 8]
+    with Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=8, max_len=64, lm_buckets=[1, 4, 32]) as engine:
+        assert engine.decoder.buckets == [1, 4, 8]
+        audio = engine.submit(TEXT, seed=1, fixed_tokens=12).audio()
+        assert audio.numel() > 0
+    with pytest.raises(UserError, match=r"LM batch buckets \[0, 4\] must be positive row counts"):
+        Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=8, lm_buckets=[0, 4])
+
+
 def test_engine_refuses_an_lm_backend_without_slots():
     with pytest.raises(UserError, match="the engine runs the llm stage with torch, cudagraph or compile"):
         Engine(load_model("cosyvoice3-tiny"), "llm=ort")
