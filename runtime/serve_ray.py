@@ -118,6 +118,33 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _worker_pythonpath() -> str:
+    """This repository first, then whatever this process has on PYTHONPATH: a runtime environment's
+    variable replaces the worker's, so packages found through PYTHONPATH here must be named again."""
+    parts = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
+    return os.pathsep.join(parts)
+
+
+def check_fits(gpu: bool, replicas: int, replica_cpus: float, local: bool) -> None:
+    """Refuse a deployment Ray could never place: Ray Serve would wait for resources forever, saying
+    so only in its log. A replica needs one node with its CPU cores (and a GPU); on a local cluster,
+    which no autoscaler grows, the first `replicas` must fit in the machine too."""
+    import ray
+
+    what = f"{replica_cpus:g} CPU core(s)" + (" and a GPU" if gpu else "")
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= replica_cpus and (not gpu or n.get("GPU", 0) >= 1) for n in nodes):
+        have = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in nodes) or "no live node"
+        raise UserError(f"no Ray node has {what} for a replica (nodes: {have}).",
+                        "lower --replica-cpus, or add a node that has them")
+    if local:
+        total = ray.cluster_resources()
+        cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+        if replicas * replica_cpus > cpus or (gpu and replicas > gpus):
+            raise UserError(f"{replicas} replica(s) of {what} do not fit this machine's Ray ({cpus:g} CPU core(s), "
+                            f"{gpus:g} GPU(s)).", "lower --replicas or --replica-cpus, or join a cluster with --address")
+
+
 def parse_autoscale(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -141,7 +168,7 @@ def deployment(settings: ReplicaSettings, replicas: int | None, autoscale: tuple
     opts: dict = {
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_gpus": 1 if gpu else 0, "num_cpus": replica_cpus,
-                              "runtime_env": {"env_vars": {"PYTHONPATH": REPO}}},
+                              "runtime_env": {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}},
         # what one engine holds: its streams and its queue; beyond that the proxy queues or refuses
         "max_ongoing_requests": streams + (settings.max_queue if settings.max_queue is not None else 4 * streams),
         "health_check_period_s": 5,
@@ -173,16 +200,20 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
         raise UserError(f"--replicas {replicas} is not a positive count.", "pass --replicas 1 or more")
     if replicas is None and scale is None:
         replicas = 1
+    if replica_cpus < 0:
+        raise UserError(f"--replica-cpus {replica_cpus:g} is negative.", "pass a CPU share of 0 or more, e.g. 1")
     if port == 0:  # Ray's proxy needs a number: take a free one now
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    os.environ["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")  # a local cluster's workers
+    os.environ["PYTHONPATH"] = _worker_pythonpath()  # a local cluster's workers
     ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace="tts")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        check_fits(settings.device.startswith("cuda"), replicas if scale is None else scale[0], replica_cpus,
+                   local=address is None)
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(settings, replicas, scale, replica_cpus), name=APP_NAME, route_prefix="/")
         shown = f"[{host}]" if ":" in host else host

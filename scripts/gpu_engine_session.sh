@@ -4,15 +4,47 @@
 # cv3: the CosyVoice3 load test (engine vs the sequential pipeline); cudagraph: the load tests of all three
 # families with token2wav on the cudagraph backend; switch: the engine's
 # thread switch interval against CPython's default; lm: the compiled LM step in the
-# engine against the eager one; default: the LM steps and the Orpheus load test.
+# engine against the eager one; serve: the CosyVoice3 load test in process and through the HTTP server
+# (runtime.serve, --warmup full timed), same levels; ray: the same through Ray Serve with one replica;
+# default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT="${OUT:-results}"
 PY="${PY:-python3}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 run() { local t=$1 name=$2; shift 2; echo "== $name"; timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? ($SECONDS s)"; tail -n 14 "$OUT/$name.log"; }
+# the HTTP comparisons: one engine configuration, the same levels in process and through a server
+SERVE_ARGS="${SERVE_ARGS:---model cosyvoice3-random --device cuda --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16
+            --max-len 512 --max-streams 128}"
+LEVELS="${LEVELS:---concurrency 1,16,64 --requests 64 --tokens 125}"
+# start a server in the background ($1: log name, rest: its options), wait for GET /ready (the
+# server's own warm-up seconds are in that answer and its log), then load-test it over HTTP
+serve_and_load() {
+  local name=$1 port=$2; shift 2
+  echo "== $name (server)"
+  $PY -m runtime.serve $SERVE_ARGS --port "$port" "$@" > "$OUT/$name-server.log" 2>&1 &
+  local pid=$! t0=$SECONDS
+  until $PY -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/ready').status_code != 200)" 2>/dev/null; do
+    if ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -gt 300 ]; then echo "   server not ready"; tail -n 20 "$OUT/$name-server.log"; kill $pid 2>/dev/null; return; fi
+    sleep 1
+  done
+  echo "   ready after $((SECONDS - t0)) s"
+  $PY -c "import httpx; print(httpx.get('http://127.0.0.1:$port/ready').text)" > "$OUT/$name-ready.json"
+  run 260 "$name" $PY -m runtime.loadtest --url "http://127.0.0.1:$port" $LEVELS --json "$OUT/$name.json"
+  kill -INT $pid; sleep 8; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+}
+if [ "${1:-}" = serve ]; then
+  run 200 loadtest-cv3-inprocess $PY -m runtime.loadtest $SERVE_ARGS $LEVELS --no-baseline \
+      --json "$OUT/loadtest-cv3-inprocess.json"
+  serve_and_load loadtest-cv3-http 8000 --warmup full
+  exit 0
+fi
+if [ "${1:-}" = ray ]; then
+  serve_and_load loadtest-cv3-ray1 8001 --warmup full --ray --replicas 1 --replica-cpus 8
+  exit 0
+fi
 if [ "${1:-}" = cudagraph ]; then
   # token2wav as eager modules replayed as CUDA graphs per (batch, length) bucket (no compile)
   run 230 loadtest-cv3-cudagraph $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \

@@ -204,3 +204,27 @@ def test_a_killed_replica_loses_only_its_requests_and_comes_back(ray_server):
     r = _client(ray_server.base).audio.speech.with_raw_response.create(
         model="tts-1", voice="default", input=TEXT, response_format="pcm", extra_body={"seed": 1, "tokens": 20})
     assert r.status_code == 200 and len(r.content) == 20 * 960 * 2
+
+
+def test_replicas_keep_the_packages_found_through_pythonpath(monkeypatch):
+    # a runtime environment's PYTHONPATH replaces the worker's: the repository goes first, and what the
+    # starting process found through PYTHONPATH (packages installed with pip --target) stays after it
+    from runtime import serve_ray
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/site/a", serve_ray.REPO, "/site/b"]))
+    assert serve_ray._worker_pythonpath() == os.pathsep.join([serve_ray.REPO, "/site/a", "/site/b"])
+    monkeypatch.delenv("PYTHONPATH")
+    assert serve_ray._worker_pythonpath() == serve_ray.REPO
+
+
+def test_a_replica_no_node_can_hold_is_refused_at_once():
+    # Ray Serve would wait for the resources forever, saying so only in its log
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "runtime.serve", "--ray", "--replica-cpus", "4096", "--port", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert re.fullmatch(r"error: no Ray node has 4096 CPU core\(s\) for a replica \(nodes: \d+ CPU, 0 GPU\)\. "
+                        r"Fix: lower --replica-cpus, or add a node that has them", errors[0]), errors[0]
+    assert "Traceback" not in res.stderr
+    assert time.perf_counter() - t0 < 90
