@@ -41,6 +41,10 @@ if [ "${1:-}" = serve ]; then
   serve_and_load loadtest-cv3-http 8000 --warmup full
   exit 0
 fi
+if [ "${1:-}" = http ]; then
+  serve_and_load loadtest-cv3-http 8000 --warmup "${WARMUP:-full}"
+  exit 0
+fi
 if [ "${1:-}" = ray ]; then
   serve_and_load loadtest-cv3-ray1 8001 --warmup full --ray --replicas 1 --replica-cpus 8
   exit 0
