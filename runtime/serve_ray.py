@@ -145,6 +145,22 @@ def check_fits(gpu: bool, replicas: int, replica_cpus: float, local: bool) -> No
                             f"{gpus:g} GPU(s)).", "lower --replicas or --replica-cpus, or join a cluster with --address")
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens at a host:port --address: Ray itself retries for minutes."""
+    if address == "auto" or "://" in address:
+        return  # "auto" reads the local session file; ray:// clients have their own errors
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address {address!r} is not HOST:PORT.",
+                        "pass the head node's GCS address, e.g. --address 10.0.0.1:6379, or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}).",
+                        "start one with `ray start --head` there, or pass the address it printed") from None
+
+
 def parse_autoscale(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -207,7 +223,16 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
             s.bind((host, 0))
             port = s.getsockname()[1]
     os.environ["PYTHONPATH"] = _worker_pythonpath()  # a local cluster's workers
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace="tts")
+    if address is not None:
+        check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace="tts")
+    except Exception as e:  # noqa: BLE001 - Ray raises many types here; the user needs its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        raise UserError(f"could not {where}: {first}",
+                        "check `ray status` on the head node" if address else
+                        "see Ray's log above; `ray stop` ends a stale local cluster") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -138,6 +138,8 @@ CASES = [
     ("serve-ray-autoscale-not-a-range", "serve", ["--ray", "--autoscale", "4"], r"--autoscale '4' is not MIN,MAX\." + FIX, True),
     ("serve-ray-autoscale-upside-down", "serve", ["--ray", "--autoscale", "3,1"], r"--autoscale 3,1 needs 1 <= MIN <= MAX\." + FIX, True),
     ("serve-ray-negative-cpus", "serve", ["--ray", "--replica-cpus=-1"], r"--replica-cpus -1 is negative\." + FIX, True),
+    ("serve-ray-nothing-at-address", "serve", ["--ray", "--address", "127.0.0.1:1"], r"no Ray cluster answers at 127\.0\.0\.1:1 \(Connection refused\)\." + FIX, True),
+    ("serve-ray-address-not-host-port", "serve", ["--ray", "--address", "headnode"], r"--address 'headnode' is not HOST:PORT\." + FIX, True),
     ("serve-ray-both-counts", "serve", ["--ray", "--replicas", "2", "--autoscale", "1,2"], r"--replicas and --autoscale exclude each other\." + FIX, True),
     ("report-out-is-a-file", "report", ["--out", "{tmp}/afile"], r"--out \S+/afile is a file, not a report folder\." + FIX, True),
     ("report-out-not-empty", "report", ["--out", "{tmp}/full"], r"--out \S+/full already exists and is not empty; a report never overwrites another\." + FIX, True),
