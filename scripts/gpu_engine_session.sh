@@ -5,7 +5,8 @@
 # families with token2wav on the cudagraph backend; switch: the engine's
 # thread switch interval against CPython's default; lm: the compiled LM step in the
 # engine against the eager one; serve: the CosyVoice3 load test in process and through the HTTP server
-# (runtime.serve, --warmup full timed), same levels; ray: the same through Ray Serve with one replica;
+# (runtime.serve, --warmup $WARMUP, full by default, timed), same levels; http: the server alone; ray: the
+# same through Ray Serve with one replica;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ serve_and_load() {
 if [ "${1:-}" = serve ]; then
   run 200 loadtest-cv3-inprocess $PY -m runtime.loadtest $SERVE_ARGS $LEVELS --no-baseline \
       --json "$OUT/loadtest-cv3-inprocess.json"
-  serve_and_load loadtest-cv3-http 8000 --warmup full
+  serve_and_load loadtest-cv3-http 8000 --warmup "${WARMUP:-full}"
   exit 0
 fi
 if [ "${1:-}" = http ]; then
@@ -46,7 +47,7 @@ if [ "${1:-}" = http ]; then
   exit 0
 fi
 if [ "${1:-}" = ray ]; then
-  serve_and_load loadtest-cv3-ray1 8001 --warmup full --ray --replicas 1 --replica-cpus 8
+  serve_and_load loadtest-cv3-ray1 8001 --warmup "${WARMUP:-full}" --ray --replicas 1 --replica-cpus 8
   exit 0
 fi
 if [ "${1:-}" = cudagraph ]; then
