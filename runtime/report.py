@@ -252,12 +252,18 @@ def artifacts_used(pipe, model, engines_dir: str | None) -> list[dict]:
 
 # failures that skip one entry of the report instead of ending it: what the user can act on, and
 # running out of device memory (a larger batch or length than the GPU holds)
-SKIPPABLE = (UserError, torch.cuda.OutOfMemoryError)
+# A compiler crash (Inductor / a dynamo backend) is the toolchain's bug, not the report's: the entry
+# records it and the report goes on to the next backend instead of losing what it measured so far.
+SKIPPABLE = (UserError, torch.cuda.OutOfMemoryError, torch._dynamo.exc.BackendCompilerFailed)
 
 
 def skip_reason(error: Exception) -> str:
     if isinstance(error, UserError):
         return str(error)
+    if isinstance(error, torch._dynamo.exc.BackendCompilerFailed):
+        inner = getattr(error, "inner_exception", None) or error
+        first = (str(inner).strip().splitlines() or [""])[0]
+        return f"torch.compile failed ({type(error).__name__}): {type(inner).__name__}: {first[:200]}"
     torch.cuda.empty_cache()  # what the failed call allocated, so the next entry starts clean
     return f"out of device memory: {str(error).splitlines()[0][:160]}"
 

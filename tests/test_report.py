@@ -124,6 +124,23 @@ def test_skipped_entries_carry_their_reasons(run_dir):
     assert reasons[("warp", "backend")].startswith("unknown backend 'warp'")
 
 
+def test_a_compiler_crash_is_recorded_not_fatal():
+    """An Inductor crash (seen on the H200 for Orpheus) becomes the entry's skip reason; the report
+    goes on with the next backend."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    from runtime.report import guarded
+
+    def crash():
+        raise inductor_exc.InductorError(TypeError("list indices must be integers or slices, not NoneType"), None)
+
+    assert guarded(crash) == {"skipped": "torch.compile failed (InductorError): TypeError: list indices must be "
+                                         "integers or slices, not NoneType"}
+    other = dynamo_exc.BackendCompilerFailed(lambda: None, RuntimeError("no kernel\nfor this"), None)
+    assert guarded(lambda: (_ for _ in ()).throw(other))["skipped"].endswith("RuntimeError: no kernel")
+
+
 def test_json_numbers_are_finite_and_positive(run_dir, engines):
     report = _json(run_dir)
     meta = report["meta"]

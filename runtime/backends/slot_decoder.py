@@ -56,14 +56,29 @@ def batch_buckets(rows: int, factor: int = 2) -> list[int]:
 
 class SlotStep(nn.Module):
     """One decode step for rows [0, b) (see the module docstring); forward(ids, lengths, keys, values)
-    -> sampled ids [b]; updates lengths, ids, the caches and the sampler state in place."""
+    -> sampled ids [b]; updates lengths, ids, the caches and the sampler state in place.
 
-    def __init__(self, lm: nn.Module, sampler: SlotSampler, token_offset: int, attend, fused: list | None):
+    compile: torch.compile the forward up to the logits only. The sampler runs eagerly after it, inside
+    the same CUDA graph capture (so its kernels replay with the step at no launch cost): Inductor on
+    the H200 (torch 2.11, Triton) fails to generate code for the split cumsum of a top-p over
+    Orpheus's 156,940-token vocabulary (`InductorError ... get_block_shape`), and a graph break is not
+    an option under fullgraph."""
+
+    def __init__(self, lm: nn.Module, sampler: SlotSampler, token_offset: int, attend, fused: list | None,
+                 compile: bool = False):
         super().__init__()
         self.lm, self.sampler, self.token_offset, self.attend = lm, sampler, token_offset, attend
         self.fused = fused or []
+        self._logits = torch.compile(self.logits, dynamic=False, fullgraph=True) if compile else self.logits
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, keys: list, values: list) -> torch.Tensor:
+        tok = self.sampler(self._logits(ids, lengths, keys, values))
+        lengths.add_(1)
+        ids.copy_(tok + self.token_offset)
+        return tok
+
+    def logits(self, ids: torch.Tensor, lengths: torch.Tensor, keys: list, values: list) -> torch.Tensor:
+        """The step up to float32 logits [b, V]; writes this token's keys and values into the caches."""
         lm = self.lm
         body = lm.body
         b = ids.shape[0]
@@ -97,11 +112,7 @@ class SlotStep(nn.Module):
                 h = h + layer.mlp.down_proj(F.silu(gate) * up)
             else:
                 h = h + layer.mlp(x)
-        logits = lm.head(body.norm(h)[:, -1]).float()
-        tok = self.sampler(logits)
-        lengths.add_(1)
-        ids.copy_(tok + self.token_offset)
-        return tok
+        return lm.head(body.norm(h)[:, -1]).float()
 
 
 class SlotDecoder:
@@ -140,15 +151,12 @@ class SlotDecoder:
             self.lengths = torch.zeros(rows, dtype=torch.int64, device=self.device)
             self.ids = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.host_lengths = [0] * rows
-        step = SlotStep(self.lm, sampler, token_offset, decode_attention.IMPLEMENTATIONS[attention],
-                        fuse_projections(self.lm))
         if compile:
             cfg_dynamo = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg_dynamo, "recompile_limit") else "cache_size_limit"
             setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 64))
-            self._step_fn = torch.compile(step, dynamic=False, fullgraph=True)
-        else:
-            self._step_fn = step
+        self._step_fn = SlotStep(self.lm, sampler, token_offset, decode_attention.IMPLEMENTATIONS[attention],
+                                 fuse_projections(self.lm), compile=compile)
         self.buckets = sorted(set(buckets or batch_buckets(rows, 4 if compile else 2)))
         if self.buckets[-1] != rows:
             raise ValueError(f"the largest batch bucket must be rows={rows}, got {self.buckets}")
