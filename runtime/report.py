@@ -278,10 +278,12 @@ def guarded(fn, *args) -> dict:
 
 def measure_backend(model, choice: str, device: torch.device, requests: list[Request], throughput: Request,
                     batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log,
-                    options: dict | None = None) -> dict:
+                    options: dict | None = None, entry: dict | None = None) -> dict:
+    """Measure one backend choice into `entry` (filled as it goes, so an interrupted run keeps what
+    was measured: see run_report) and return it."""
     from runtime.pipeline import Pipeline
 
-    entry: dict = {"backend": choice}
+    entry = {"backend": choice} if entry is None else entry
     memory = MemoryPeak(device)
     t0 = time.perf_counter()
     try:
@@ -290,19 +292,20 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
     except SKIPPABLE as e:
         reason = skip_reason(e)
         log(f"  skipped: {reason}")
-        return {**entry, "skipped": reason}
+        entry["skipped"] = reason
+        return entry
     entry["load_s"] = time.perf_counter() - t0
     entry["stages"] = {pipe.stage_of[g]: str(x.option) for g, x in pipe.loaded.items()}
     entry["artifacts"] = artifacts_used(pipe, model, engines_dir)
+    entry["memory_gb"] = entry["memory_added_gb"] = None
+    entry["lengths"], entry["batch"], entry["concurrency"] = {}, {}, {}
     memory.sample()
-    entry["lengths"] = {}
     for req in requests:
         r = entry["lengths"][req.name] = guarded(measure_length, pipe, req, device, warmup, reps, seed)
         memory.sample()
         log(f"  {req.name:<10} " + (f"skipped: {r['skipped']}" if "skipped" in r else
                                    f"{r['latency_median_ms']:9.1f} ms  RTF {r['rtf']:.4f}  first chunk "
                                    f"{r['first_chunk_median_ms']:.1f} ms"))
-    entry["batch"] = {}
     for b in batches:  # a batch beyond the graphs' limit runs as several calls (synthesize_batch splits it)
         r = guarded(measure_batch, pipe, throughput, b, device, warmup, reps, seed)
         entry["batch"][str(b)] = r
@@ -312,7 +315,6 @@ def measure_backend(model, choice: str, device: torch.device, requests: list[Req
     # backends that take one request at a time (compile, trt) serve concurrent requests through the
     # engine, which batches them; the others are measured with threads on the pipeline itself
     engine = None
-    entry["concurrency"] = {}
     for c in batches:
         if c == 1 or pipe.concurrent:
             r = guarded(measure_concurrency, pipe, throughput, c, warmup, reps, seed)
@@ -342,11 +344,24 @@ def _start_engine(model, choice, device, engines_dir, options, streams):
 def run_report(model, choices: list[str], device: torch.device, requests: list[Request], throughput: Request,
                batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log,
                options: dict | None = None) -> list[dict]:
+    """One entry per choice, appended before it is measured: on Ctrl-C or SIGTERM (KeyboardInterrupt)
+    the exception carries the entries so far as `e.partial_results` (the last one marked
+    `interrupted`, or skipped if it had not loaded), so main can still write what was measured."""
     results = []
     for choice in choices:
         log(f"{choice}:")
-        results.append(measure_backend(model, choice, device, requests, throughput, batches, engines_dir, warmup,
-                                       reps, seed, log, options))
+        entry = {"backend": choice}
+        results.append(entry)
+        try:
+            measure_backend(model, choice, device, requests, throughput, batches, engines_dir, warmup,
+                            reps, seed, log, options, entry)
+        except KeyboardInterrupt as e:
+            if "stages" in entry:
+                entry["interrupted"] = True
+            else:
+                entry["skipped"] = "interrupted before it loaded"
+            e.partial_results = results
+            raise
         gc.collect()  # drop the pipeline's sessions and modules before the next backend's memory baseline
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -438,6 +453,10 @@ def render_markdown(report: dict) -> str:
     if meta["random_weights"]:
         out += ["**Random weights**: the audio is noise; the numbers are speed only.", ""]
     out += ["```", meta["command"], "```", ""]
+    if meta.get("interrupted"):
+        cut = [b["backend"] for b in report["backends"] if b.get("interrupted")]
+        out += ["**Interrupted** (Ctrl-C or SIGTERM): this report holds what was measured before"
+                + (f"; {', '.join(cut)} stopped part-way" if cut else "") + ".", ""]
     out += [md_table(["what", "value"], [
         ["model", f"{meta['model']} ({meta['family']}, {meta['model_source']})"], ["device", meta["device"]],
         ["GPU", env["gpu"] or "none"], ["CPU", env["cpu"]], ["torch threads", str(env["torch_threads"])],
@@ -747,8 +766,14 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
     levels = parse_counts(batches, "--batches")
     choices = backend_choices(backends)
     env = environment(dev)
-    results = run_report(tts, choices, dev, requests, by_name[throughput_length], levels, engines_dir, warmup, reps,
-                         seed, click.echo, options)
+    interrupted = None
+    try:
+        results = run_report(tts, choices, dev, requests, by_name[throughput_length], levels, engines_dir, warmup,
+                             reps, seed, click.echo, options)
+    except KeyboardInterrupt as e:  # write what was measured, then exit as interrupted (130 / 143)
+        results, interrupted = getattr(e, "partial_results", None), e
+        if not results or not any("stages" in b for b in results):
+            raise
     report = {"meta": {
         "model": tts.name, "model_source": tts.source, "family": tts.family, "random_weights": tts.random_weights,
         "stages": list(tts.stages), "device": str(dev), "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
@@ -758,7 +783,12 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
         "lengths": {r.name: {"tokens": r.tokens, "nominal_audio_s": r.tokens / tts.token_rate(), "text": r.text}
                     for r in requests}},
         "backends": results}
+    if interrupted is not None:
+        report["meta"]["interrupted"] = True
     folder = write_report(report, out or default_folder(tts.name, env), next_free=out is None)
+    if interrupted is not None:
+        interrupted.args = (f"the partial report is in {folder}",)
+        raise interrupted
     click.echo(f"wrote {folder}/report.md, report.json, {', '.join(PLOTS)}")
     check_measured(report, folder)
 

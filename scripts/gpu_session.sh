@@ -3,6 +3,7 @@
 #   scripts/gpu_session.sh export  MODEL   # fp32 ONNX + Polygraphy validation (min/opt/max + audio)
 #   scripts/gpu_session.sh build   MODEL   # fp16 + int8 artifacts (chosen by validation) + validation with audio
 #   scripts/gpu_session.sh bench   MODEL BACKENDS [LENGTHS] [extra bench options]
+#   scripts/gpu_session.sh report  MODEL BACKENDS [extra report options]   # report folder $OUT/MODEL-h200
 # Environment: DEVICE (default cuda), ENGINES (default /tmp/engines), OUT (results folder, default results/),
 # GRAPHS (only these graphs), PRECISIONS (build; default fp16,int8), ALLOW_FALLBACK=1 (build: record a graph that
 # reaches no fp16 / int8 as fp32 instead of failing the step).
@@ -33,6 +34,10 @@ case "$step" in
     tag=$(echo "$backends $*" | tr ',:|= ' '-__--' | tr -d '-' | cut -c1-60)
     $PY -m runtime.bench --model "$model" --device "$DEVICE" --engines-dir "$dir" --backends "$backends" \
       --lengths "$lengths" --json "$OUT/bench-$model-$tag.json" "$@"
+    ;;
+  report)
+    backends="$1"; shift
+    $PY -m runtime.report --model "$model" --device "$DEVICE" --backends "$backends" --out "$OUT/$model-h200" "$@"
     ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

@@ -217,3 +217,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert res.exit_code == 2
     assert res.output.startswith(message) and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_report_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (a GPU call's time limit) in the middle of a backend: the folder is written with
+    every finished measurement, the cut entry marked, and the command still exits as interrupted."""
+    import runtime.report as report_module
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "measure_concurrency", interrupt)
+    out = str(tmp_path / "cut")
+    res = CliRunner().invoke(report_main, ["--model", MODEL, "--backends", "torch", "--lengths", "short",
+                                           "--batches", "1,2", "--reps", "1", "--warmup", "1", "--out", out])
+    assert res.exit_code == 130
+    assert f"error: interrupted (Ctrl-C); the partial report is in {out}." in res.output
+    report = _json(out)
+    assert report["meta"]["interrupted"] is True
+    (entry,) = report["backends"]
+    assert entry["interrupted"] is True and entry["concurrency"] == {}
+    assert entry["lengths"]["short"]["latency_median_ms"] > 0 and set(entry["batch"]) == {"1", "2"}
+    with open(os.path.join(out, "report.md")) as f:
+        assert "**Interrupted** (Ctrl-C or SIGTERM): this report holds what was measured before; torch stopped " \
+               "part-way." in f.read()
