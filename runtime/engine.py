@@ -20,7 +20,8 @@ Three kinds of threads share the work (one process, one GPU):
   have passed), it groups the pending calls by graph and by the shapes that may not differ, pads
   the spec's bucketable dim where the family declared padding exact (`GraphSpec.pad`), runs each
   group in as few calls as the spec's batch limit allows, earliest playback deadline first, and
-  hands every caller its own rows back.
+  hands every caller its own rows back. It runs one batch at a time and then looks at the pending
+  calls again, so a new stream's first chunk waits for at most one running call, not a whole round.
 
 A request's audio does not depend on its neighbours: its tokens come from its own counter-based
 random stream (models/sampling.py `counter_uniforms`), its noise from its own generator, and
@@ -182,16 +183,25 @@ class _Call:
 class GraphBatcher:
     """Runs the workers' graph calls batched (see the module docstring)."""
 
-    def __init__(self, pipe: Pipeline, max_wait: float = 0.004, split_ratio: float = 1.5):
+    POLICIES = ("call", "round")
+
+    def __init__(self, pipe: Pipeline, max_wait: float = 0.004, split_ratio: float = 1.5, policy: str = "call"):
         """max_wait: how long a round waits for workers still running host code to add their calls.
         split_ratio: calls padded into one batch differ in their padded dim by at most this factor
-        (see `_by_length`)."""
+        (see `_by_length`). policy: "call" runs only the most urgent batch (earliest deadline) and
+        then looks at the pending calls again, so a call that arrives mid-round (a new stream's
+        first chunk) waits for at most one running call; "round" runs every batch formed from the
+        calls pending at the start of the round before taking new ones (the first design)."""
+        if policy not in self.POLICIES:
+            raise UserError(f"unknown batcher policy {policy!r}.", f"choose one of {', '.join(self.POLICIES)}")
         self.pipe = pipe
         self.max_wait = max_wait
         self.split_ratio = split_ratio
+        self.policy = policy
         self.graph_calls: dict[str, list] = {}  # graph -> [calls executed, rows, seconds]
         self.cond = threading.Condition()
         self.pending: list[_Call] = []
+        self._carried = False  # the pending list holds calls formed but not run in the last round
         self.busy = 0  # workers running host code (not waiting on a call or on tokens)
         self.running = False
         self.stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
@@ -234,13 +244,19 @@ class GraphBatcher:
                     self.cond.wait(0.1)
                 if not self.running and not self.pending:
                     return
-                deadline = time.perf_counter() + self.max_wait
-                while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
-                    self.cond.wait(max(deadline - time.perf_counter(), 0))
+                if not self._carried:  # with calls left from the last round there is work now: no waiting
+                    deadline = time.perf_counter() + self.max_wait
+                    while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
+                        self.cond.wait(max(deadline - time.perf_counter(), 0))
                 calls, self.pending = self.pending, []
-            self._execute(calls)
+            left = self._execute(calls, first_only=self.policy == "call")
+            with self.cond:
+                self._carried = bool(left)
+                self.pending = left + self.pending
 
-    def _execute(self, calls: list[_Call]) -> None:
+    def _execute(self, calls: list[_Call], first_only: bool = False) -> list[_Call]:
+        """Run the calls batched, earliest deadline first; with first_only, only the most urgent batch
+        and return the calls not run (they go back to the pending list, in front)."""
         groups: dict = {}
         for c in calls:
             try:
@@ -249,6 +265,7 @@ class GraphBatcher:
                 c.error = e
                 c.done.set()
         runs = [part for group in groups.values() for part in self._by_length(group)]
+        batches = []
         for group in sorted(runs, key=lambda g: min(c.deadline for c in g)):
             group = sorted(group, key=lambda c: c.deadline)
             spec = self.pipe.runners[group[0].graph].spec
@@ -258,12 +275,20 @@ class GraphBatcher:
             for c in group:
                 n = self._rows(spec, c.feed)
                 if batch and rows + n > limit:
-                    self._run_batch(spec, batch)
+                    batches.append((spec, batch))
                     batch, rows = [], 0
                 batch.append(c)
                 rows += n
             if batch:
-                self._run_batch(spec, batch)
+                batches.append((spec, batch))
+        if first_only and batches:
+            # the group with the earliest deadline runs first; its first batch holds its most urgent calls
+            spec, batch = batches[0]
+            self._run_batch(spec, batch)
+            return [c for _, b in batches[1:] for c in b]
+        for spec, batch in batches:
+            self._run_batch(spec, batch)
+        return []
 
     def _by_length(self, group: list[_Call]) -> list[list[_Call]]:
         """Split a group whose calls may be padded together into runs whose padded dim differs by at
@@ -389,7 +414,8 @@ class Engine:
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
-                 prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None):
+                 prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
+                 batcher_policy: str = "call"):
         self.model = model
         self.device = torch.device(device)
         choice = BackendChoice.parse(backends, model.stages)
@@ -424,7 +450,7 @@ class Engine:
         # the largest bucket is always the engine's row count (every admitted stream fits a step)
         self.lm_buckets = None if lm_buckets is None else \
             sorted({b for b in lm_buckets if b < self.max_streams} | {self.max_streams})
-        self.batcher = GraphBatcher(self.pipe)
+        self.batcher = GraphBatcher(self.pipe, policy=batcher_policy)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._waiting: deque = deque()  # handles not yet running (admission queue)

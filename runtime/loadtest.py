@@ -341,14 +341,17 @@ def _counts(value: str, what: str) -> list[int]:
                    "default: powers of 2 (eager step) or of 4 (compiled step).")
 @click.option("--switch-interval-ms", default=0.0, show_default=True,
               help="The engine's Python thread switch interval (0: leave CPython's 5 ms).")
+@click.option("--batcher-policy", type=click.Choice(["call", "round"]), default="call", show_default=True,
+              help="call: the token2wav batcher runs the most urgent batch, then looks again (a first chunk waits "
+                   "for one call at most); round: every batch of a round before new calls (the first design).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
 @click.option("--voice", default="default", show_default=True, help="Voice of every request (with --url).")
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
-         with_baseline, baseline_requests, json_path, plot_path, seed, lm_buckets, switch_interval_ms, url,
-         api_key, voice):
+         with_baseline, baseline_requests, json_path, plot_path, seed, lm_buckets, switch_interval_ms, batcher_policy,
+         url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -380,14 +383,16 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         model = load_model(model_name, device=str(dev), seed=seed)
         engine = Engine(model, backends, device=str(dev), max_streams=max_streams, max_len=max_len,
                         switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None,
-                        lm_buckets=_counts(lm_buckets, "--lm-buckets") if lm_buckets else None).start()
+                        lm_buckets=_counts(lm_buckets, "--lm-buckets") if lm_buckets else None,
+                        batcher_policy=batcher_policy).start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
         env = environment(dev)
         meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
-                "switch_interval_ms": switch_interval_ms, "lm_buckets": engine.decoder.buckets}
+                "switch_interval_ms": switch_interval_ms, "lm_buckets": engine.decoder.buckets,
+                "batcher_policy": batcher_policy}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request

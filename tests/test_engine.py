@@ -297,6 +297,54 @@ def test_batcher_splits_calls_of_very_different_lengths():
     for c, w in zip(calls, want):
         assert c.done.is_set() and c.error is None and rel(c.result["mel"], w) < 1e-5
 
+@pytest.mark.parametrize("policy", ["call", "round"])
+def test_a_call_arriving_mid_round_waits_for_one_call(policy):
+    """policy "call": a first chunk that arrives while a long round runs goes right after the running
+    call, before the round's other calls; "round" (the first design) makes it wait for the whole
+    round. Results are the same either way."""
+    import threading
+
+    from runtime.engine import GraphBatcher, _Call
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline(load_model("cosyvoice3-tiny"), "torch").activate()
+    spec = pipe.runners["flow_solver"].spec
+    now = time.perf_counter()
+    long = [_Call("flow_solver", spec.sample_feed({"B": 1, "T": t}, seed=i), now + 1.0)
+            for i, t in enumerate((60, 62, 64, 64))]  # B max 2: two calls of two rows
+    short_feed = spec.sample_feed({"B": 1, "T": 16}, seed=9)
+    for c in long:  # one chunk size for all (a scalar input: calls with different values never share a call)
+        c.feed["chunk_frames"] = short_feed["chunk_frames"]
+    short = _Call("flow_solver", short_feed, now + 0.2)
+    batcher = GraphBatcher(pipe, policy=policy)
+    order = []
+    call = pipe.call
+
+    def spy(graph, feed):
+        order.append(int(feed["mask"].shape[-1]))
+        if len(order) == 1:  # the first chunk of a new stream arrives while the first call runs
+            with batcher.cond:
+                batcher.pending.append(short)
+                batcher.cond.notify_all()
+        return call(graph, feed)
+
+    pipe.call = spy
+    batcher.running = True
+    batcher.pending = list(long)
+    thread = threading.Thread(target=batcher.run)
+    thread.start()
+    assert short.done.wait(30) and all(c.done.wait(30) for c in long)
+    with batcher.cond:
+        batcher.running = False
+        batcher.cond.notify_all()
+    thread.join(5)
+    pipe.call = call
+    assert order == ([62, 16, 64] if policy == "call" else [62, 64, 16])
+    assert rel(short.result["mel"], call("flow_solver", short_feed)["mel"]) < 1e-5
+    with pytest.raises(UserError, match="unknown batcher policy 'fifo'. Fix: choose one of call, round"):
+        GraphBatcher(pipe, policy="fifo")
+
+
 def test_report_measures_concurrency_through_the_engine():
     """runtime.report's concurrency for backends that take one request at a time goes through the
     engine: every request of every round is served and timed."""
