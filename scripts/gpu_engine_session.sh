@@ -6,7 +6,8 @@
 # thread switch interval against CPython's default; lm: the compiled LM step in the
 # engine against the eager one; serve: the CosyVoice3 load test in process and through the HTTP server
 # (runtime.serve, --warmup $WARMUP, full by default, timed), same levels; http: the server alone; ray: the
-# same through Ray Serve with one replica;
+# same through Ray Serve with one replica; batcher: the token2wav batcher's policies (call, round) on
+# CosyVoice3; orpheus-lm: Orpheus with the compiled LM step;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -87,6 +88,23 @@ if [ "${1:-}" = lm ]; then
         --lm-buckets 1,16,64,128 --concurrency 1,16,64,128 --requests 64 --tokens 125 --no-baseline \
         --json "$OUT/loadtest-cv3-lm-$lm.json"
   done
+  exit 0
+fi
+if [ "${1:-}" = batcher ]; then
+  # the token2wav batcher's policies on CosyVoice3, same run, every level 3 times (the median run is kept)
+  for policy in call round; do
+    run 200 loadtest-cv3-batcher-$policy $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,64 --requests 64 --tokens 125 --runs 3 --no-baseline --batcher-policy $policy \
+        --json "$OUT/loadtest-cv3-batcher-$policy.json"
+  done
+  exit 0
+fi
+if [ "${1:-}" = orpheus-lm ]; then
+  # Orpheus with the compiled Llama step (flex attention; buckets 1,16,64), SNAC on cudagraph
+  run 330 loadtest-orpheus-lm-compile $PY -m runtime.loadtest --model orpheus-random --device cuda \
+      --backend llm=compile:bf16,vocoder=cudagraph:bf16 --max-len 640 --max-streams 64 --lm-buckets 1,16,64 \
+      --concurrency 16,64 --requests 64 --tokens 420 --no-baseline --json "$OUT/loadtest-orpheus-lm-compile.json"
   exit 0
 fi
 if [ "${1:-}" = cv3 ]; then
