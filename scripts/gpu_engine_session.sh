@@ -91,11 +91,12 @@ if [ "${1:-}" = lm ]; then
   exit 0
 fi
 if [ "${1:-}" = batcher ]; then
-  # the token2wav batcher's policies on CosyVoice3, same run, every level 3 times (the median run is kept)
+  # the token2wav batcher's policies on CosyVoice3, same run, every level 3 times (the median run is kept);
+  # C=1 is left out: with one stream both policies run the same calls
   for policy in call round; do
     run 200 loadtest-cv3-batcher-$policy $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
-        --concurrency 1,16,64 --requests 64 --tokens 125 --runs 3 --no-baseline --batcher-policy $policy \
+        --concurrency 16,32,64 --requests 64 --tokens 125 --runs 3 --no-baseline --batcher-policy $policy \
         --json "$OUT/loadtest-cv3-batcher-$policy.json"
   done
   exit 0
