@@ -465,6 +465,17 @@ class Engine:
         self.lm_batch_sizes: deque = deque(maxlen=1000)
         self.lm_seconds = 0.0
 
+    def limit_streams(self, n: int) -> None:
+        """Before start: at most `n` active streams (a batch job with fewer requests than the default
+        rows needs no bigger KV cache or more captured buckets)."""
+        if self.running:
+            raise RuntimeError("limit_streams is for an engine that has not started")
+        if n < self.max_streams:
+            self.max_queue = self.max_queue * n // self.max_streams
+            self.max_streams = n
+            if self.lm_buckets is not None:
+                self.lm_buckets = sorted({b for b in self.lm_buckets if b < n} | {n})
+
     def _default_streams(self, dtype: torch.dtype) -> int:
         """As many rows as a fifth of the free device memory holds in KV cache (at most 256); 8 on the CPU."""
         if self.device.type != "cuda":
