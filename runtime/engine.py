@@ -460,6 +460,7 @@ class Engine:
         self._rows: list[_Utterance] = []
         self._threads: list[threading.Thread] = []
         self.running = False
+        self._stopping = False  # set by stop(): submit refuses from then on
         self.lm_steps = 0
         self.lm_rows_total = 0  # rows over all steps (a level's mean batch: its rows / its steps)
         self.lm_batch_sizes: deque = deque(maxlen=1000)
@@ -521,12 +522,14 @@ class Engine:
 
     def stop(self) -> None:
         """Finish: waiting requests fail, running ones are cancelled, threads end."""
+        # one locked step: from here on submit refuses, so no request can be launched after the
+        # snapshot of the active ones (it would never be cancelled nor served: a caller waiting forever)
         with self._lock:
+            self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
+            active = list(self._active.values())
         for h, _ in waiting:
             h._end(EngineFull("the engine is shutting down.", 5.0))
-        with self._lock:
-            active = list(self._active.values())
         for _, h in active:
             h.cancel()
         for t, _ in active:
@@ -565,6 +568,8 @@ class Engine:
         handle = Handle(next(self._ids), self.model.sample_rate)
         job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
         with self._lock:
+            if self._stopping:
+                raise EngineFull("the engine is shutting down.", 5.0)
             self._drop_cancelled()
             if len(self._active) < self.max_streams:
                 self._launch(job)

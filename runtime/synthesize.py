@@ -280,21 +280,33 @@ def _synthesize_lines(model_name, lines, out_dir, concurrency, device, seed, fix
                 raise UserError("the model produced no speech tokens, so there is no audio.",
                                 "check the text, or pass --tokens N to force a length")
             save_wav(line_file(out_dir, line), audio, model.sample_rate)
+            written.append(line)
             return handle.stats
+
+        written: list[int] = []  # lines whose file is in place (appended by the pool's threads)
 
         done, failed = [], []
         start = time.perf_counter()
-        with Progress("synthesize", len(lines)) as bar, ThreadPoolExecutor(engine.max_streams) as pool:
-            futures = {pool.submit(one, i, t): i for i, t in lines}
-            for f in as_completed(futures):
-                line = futures[f]
-                bar.step(f"line {line}")
-                try:
-                    stats = f.result()
-                except UserError as e:
-                    failed.append((line, e))
-                    continue
-                done.append((line, stats))
+        pool = ThreadPoolExecutor(engine.max_streams)
+        try:
+            with Progress("synthesize", len(lines)) as bar:
+                futures = {pool.submit(one, i, t): i for i, t in lines}
+                for f in as_completed(futures):
+                    line = futures[f]
+                    bar.step(f"line {line}")
+                    try:
+                        stats = f.result()
+                    except UserError as e:
+                        failed.append((line, e))
+                        continue
+                    done.append((line, stats))
+        except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: lines not started never start, running ones are cancelled
+            pool.shutdown(wait=False, cancel_futures=True)
+            engine.stop()
+            e.args = (f"{len(written)} of {len(lines)} lines were written to {out_dir}",)
+            raise
+        finally:
+            pool.shutdown(wait=True)
         wall = time.perf_counter() - start
     audio_s = sum(s.audio_seconds for _, s in done)
     firsts = sorted(s.first_audio * 1000 for _, s in done if s.first_audio is not None)

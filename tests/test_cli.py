@@ -113,3 +113,28 @@ def test_a_failing_line_is_named_and_the_others_are_kept(tmp_path, monkeypatch):
     assert "error: --text-file line 2: this line cannot be spoken. (the other lines' files are written) Fix: rewrite it" \
         in res.output
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0001.wav", "0003.wav"]
+
+
+def test_an_interrupted_text_file_run_keeps_the_finished_lines(tmp_path, monkeypatch):
+    """Ctrl-C after the second line is done: the process ends at once (lines not started never start,
+    the running one is cancelled), the written files stay, and the message says how many there are."""
+    import re
+
+    from runtime.progress import Progress
+
+    step = Progress.step
+
+    def step_then_interrupt(self, item=""):
+        step(self, item)
+        if self.done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "step", step_then_interrupt)
+    (tmp_path / "lines.txt").write_text("\n".join(f"Line number {i}." for i in range(1, 7)) + "\n")
+    res = CliRunner().invoke(main, ["--text-file", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "o"),
+                                    "--tokens", "10", "--concurrency", "1"])
+    assert res.exit_code == 130, res.output
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    m = re.search(r"error: interrupted \(Ctrl-C\); (\d) of 6 lines were written to (\S+)\.", res.output)
+    assert m and int(m.group(1)) == len(written) and m.group(2) == str(tmp_path / "o"), res.output
+    assert written[:2] == ["0001.wav", "0002.wav"] and len(written) < 6
