@@ -460,10 +460,22 @@ class Engine:
         self._rows: list[_Utterance] = []
         self._threads: list[threading.Thread] = []
         self.running = False
+        self._stopping = False  # set by stop(): submit refuses from then on
         self.lm_steps = 0
         self.lm_rows_total = 0  # rows over all steps (a level's mean batch: its rows / its steps)
         self.lm_batch_sizes: deque = deque(maxlen=1000)
         self.lm_seconds = 0.0
+
+    def limit_streams(self, n: int) -> None:
+        """Before start: at most `n` active streams (a batch job with fewer requests than the default
+        rows needs no bigger KV cache or more captured buckets)."""
+        if self.running:
+            raise RuntimeError("limit_streams is for an engine that has not started")
+        if n < self.max_streams:
+            self.max_queue = self.max_queue * n // self.max_streams
+            self.max_streams = n
+            if self.lm_buckets is not None:
+                self.lm_buckets = sorted({b for b in self.lm_buckets if b < n} | {n})
 
     def _default_streams(self, dtype: torch.dtype) -> int:
         """As many rows as a fifth of the free device memory holds in KV cache (at most 256); 8 on the CPU."""
@@ -510,12 +522,14 @@ class Engine:
 
     def stop(self) -> None:
         """Finish: waiting requests fail, running ones are cancelled, threads end."""
+        # one locked step: from here on submit refuses, so no request can be launched after the
+        # snapshot of the active ones (it would never be cancelled nor served: a caller waiting forever)
         with self._lock:
+            self._stopping = True
             waiting, self._waiting = list(self._waiting), deque()
+            active = list(self._active.values())
         for h, _ in waiting:
             h._end(EngineFull("the engine is shutting down.", 5.0))
-        with self._lock:
-            active = list(self._active.values())
         for _, h in active:
             h.cancel()
         for t, _ in active:
@@ -554,6 +568,8 @@ class Engine:
         handle = Handle(next(self._ids), self.model.sample_rate)
         job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
         with self._lock:
+            if self._stopping:
+                raise EngineFull("the engine is shutting down.", 5.0)
             self._drop_cancelled()
             if len(self._active) < self.max_streams:
                 self._launch(job)

@@ -65,6 +65,11 @@ def bad(tmp_path_factory):
     (root / "full").mkdir()
     (root / "full" / "report.md").write_text("an earlier report")
     (root / "adir.wav").mkdir()
+    (root / "lines.txt").write_text("Hello there.\n\nA second line.\n")
+    (root / "blank.txt").write_text("\n   \n\n")
+    (root / "latin1.txt").write_bytes("one line\ncaf\u00e9\n".encode("latin-1"))
+    (root / "taken").mkdir()
+    (root / "taken" / "0003.wav").write_bytes(b"RIFF an earlier take")
     orpheus = make_orpheus_folder(root / "orpheus")
     with open(os.path.join(orpheus, "model.safetensors"), "r+b") as f:
         f.truncate(os.path.getsize(f.name) // 2)  # a download cut short
@@ -104,6 +109,21 @@ CASES = [
     ("tokens-negative", "synthesize", ["--text", "hi", "--tokens", "-3"], r"--tokens -3 is not a positive count\." + FIX, True),
     ("warmup-negative", "synthesize", ["--text", "hi", "--warmup", "-1"], r"--warmup -1 is negative\." + FIX, True),
     ("device-unknown", "synthesize", ["--text", "hi", "--device", "tpu"], r"unknown device 'tpu'\." + FIX, True),
+    # synthesize --text-file: a file of lines through the engine, checked before any work
+    ("no-text-at-all", "synthesize", [], r"nothing to synthesize: pass --text, or --text-file with one text per line\." + FIX, True),
+    ("text-and-text-file", "synthesize", ["--text", "hi", "--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/o1"], r"--text and --text-file both given\." + FIX, True),
+    ("text-file-with-out", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out", "{tmp}/x.wav"], r"--out names one file; with --text-file each line gets its own file in --out-dir\." + FIX, True),
+    ("text-file-no-out-dir", "synthesize", ["--text-file", "{tmp}/lines.txt"], r"--text-file needs --out-dir, the folder its lines' audio goes to\." + FIX, True),
+    ("text-file-stream", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/o2", "--stream"], r"--stream writes one file as it is produced; with --text-file every line is its own file \(the engine streams internally\)\." + FIX, True),
+    ("text-file-missing", "synthesize", ["--text-file", "{tmp}/nope.txt", "--out-dir", "{tmp}/o3"], r"--text-file \S+/nope\.txt does not exist\." + FIX, True),
+    ("text-file-folder", "synthesize", ["--text-file", "{tmp}/taken", "--out-dir", "{tmp}/o3"], r"--text-file \S+/taken is a folder, not a text file\." + FIX, True),
+    ("text-file-blank", "synthesize", ["--text-file", "{tmp}/blank.txt", "--out-dir", "{tmp}/o4"], r"--text-file \S+/blank\.txt has no text \(every line is empty\)\." + FIX, True),
+    ("text-file-not-utf8", "synthesize", ["--text-file", "{tmp}/latin1.txt", "--out-dir", "{tmp}/o5"], r"--text-file \S+/latin1\.txt is not valid UTF-8 \(byte 0xe9 on line 2\)\." + FIX, True),
+    ("text-file-out-dir-taken", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/taken"], r"--out-dir \S+/taken already holds 0003\.wav; earlier audio is never overwritten\." + FIX, True),
+    ("text-file-out-dir-is-a-file", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/afile"], r"--out-dir \S+/afile is a file, not a folder\." + FIX, True),
+    ("text-file-concurrency-zero", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/o6", "--concurrency", "0"], r"--concurrency 0 is not a positive count\." + FIX, True),
+    ("out-dir-without-text-file", "synthesize", ["--text", "hi", "--out-dir", "{tmp}/o7"], r"--out-dir goes with --text-file; one --text writes the one file --out names\." + FIX, True),
+    ("text-file-llm-ort", "synthesize", ["--text-file", "{tmp}/lines.txt", "--out-dir", "{tmp}/o8", "--backend", "llm=ort"], r"the engine runs the llm stage with torch, cudagraph or compile \(its continuous batching needs the static slot cache\), not ort\." + FIX, False),
     # synthesize: the output, checked before any work
     ("out-mp3", "synthesize", ["--text", "hi", "--out", "{tmp}/x.mp3"], r"output path \S+/x\.mp3 has the extension \.mp3; audio is written as \.wav, \.flac, \.ogg \(by extension\)\." + FIX, True),
     ("out-no-extension", "synthesize", ["--text", "hi", "--out", "{tmp}/x"], r"output path \S+/x has no extension; audio is written as \.wav, \.flac, \.ogg \(by extension\)\." + FIX, True),
@@ -170,7 +190,7 @@ CASES = [
 @pytest.mark.parametrize("cli,args,message,before_work", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(bad, tmp_path, monkeypatch, cli, args, message, before_work):
     args = [a.format(**bad) for a in args]
-    if cli == "synthesize" and "--out" not in args:
+    if cli == "synthesize" and "--out" not in args and "--text-file" not in args:
         args += ["--out", str(tmp_path / "out.wav")]
     deny_writes(monkeypatch, os.path.join(bad["tmp"], "ro"))
     deny_writes(monkeypatch, os.path.join(bad["tmp"], "rofs"), errno.EROFS)

@@ -5,6 +5,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
+from models.errors import UserError
 from runtime.synthesize import main
 from tests.conftest import deny_writes
 
@@ -65,3 +66,75 @@ def test_output_inside_a_file_is_refused(tmp_path):
     blocker.write_text("x")
     res = _run("--text", "hi", "--out", str(blocker / "x.wav"))
     assert res.exit_code == 2 and "which is a file, not a folder" in res.output
+
+
+def _line_audio(folder, line):
+    audio, sr = sf.read(folder / f"{line:04d}.wav", dtype="float32")
+    assert sr == 24000 and len(audio) > 0
+    return torch.from_numpy(audio)
+
+
+@pytest.mark.parametrize("model", ["cosyvoice3-tiny", "orpheus-tiny"])
+def test_text_file_lines_run_together_and_sound_as_alone(tmp_path, model):
+    """--text-file: every non-empty line is one engine request, its file named by its line number;
+    a line's audio is the same whether it ran among the others or alone (same seed)."""
+    lines = ["Hello there.", "", "A second line, a little longer than the first.", "And a third one!"]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    res = _run("--model", model, "--text-file", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "all"),
+               "--tokens", "20", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]
+    assert "3 of 3 lines" in res.output and "audio s per s" in res.output and "3 lines at once" in res.output
+    (tmp_path / "one.txt").write_text("\n\nA second line, a little longer than the first.\n")
+    res = _run("--model", model, "--text-file", str(tmp_path / "one.txt"), "--out-dir", str(tmp_path / "alone"),
+               "--tokens", "20", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    together, alone = _line_audio(tmp_path / "all", 3), _line_audio(tmp_path / "alone", 3)
+    assert together.shape == alone.shape
+    assert (together - alone).abs().max().item() <= 2 / 32767  # one step of 16-bit rounding at most
+    assert not torch.equal(_line_audio(tmp_path / "all", 1), _line_audio(tmp_path / "all", 4))
+
+
+def test_a_failing_line_is_named_and_the_others_are_kept(tmp_path, monkeypatch):
+    from runtime.engine import Engine
+
+    submit = Engine.submit
+
+    def picky(self, text, **kwargs):
+        if text.startswith("Bad"):
+            raise UserError("this line cannot be spoken.", "rewrite it")
+        return submit(self, text, **kwargs)
+
+    monkeypatch.setattr(Engine, "submit", picky)
+    (tmp_path / "lines.txt").write_text("Good one.\nBad one.\nGood two.\n")
+    res = CliRunner().invoke(main, ["--text-file", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "o"),
+                                    "--tokens", "10"])
+    assert res.exit_code == 2
+    assert "error: --text-file line 2: this line cannot be spoken. (the other lines' files are written) Fix: rewrite it" \
+        in res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0001.wav", "0003.wav"]
+
+
+def test_an_interrupted_text_file_run_keeps_the_finished_lines(tmp_path, monkeypatch):
+    """Ctrl-C after the second line is done: the process ends at once (lines not started never start,
+    the running one is cancelled), the written files stay, and the message says how many there are."""
+    import re
+
+    from runtime.progress import Progress
+
+    step = Progress.step
+
+    def step_then_interrupt(self, item=""):
+        step(self, item)
+        if self.done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "step", step_then_interrupt)
+    (tmp_path / "lines.txt").write_text("\n".join(f"Line number {i}." for i in range(1, 7)) + "\n")
+    res = CliRunner().invoke(main, ["--text-file", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "o"),
+                                    "--tokens", "10", "--concurrency", "1"])
+    assert res.exit_code == 130, res.output
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    m = re.search(r"error: interrupted \(Ctrl-C\); (\d) of 6 lines were written to (\S+)\.", res.output)
+    assert m and int(m.group(1)) == len(written) and m.group(2) == str(tmp_path / "o"), res.output
+    assert written[:2] == ["0001.wav", "0002.wav"] and len(written) < 6
