@@ -94,6 +94,9 @@ class ServeConfig:
     # set when the app runs as one of several replicas (runtime/serve_ray.py): facts about this replica
     # ({"replica_id", "pid", ...}), shown in /diagnostics; the id is sent as X-TTS-Replica on every answer
     replica_facts: object = None
+    # set with replica_facts: a callable returning {replica id: its /metrics text} for every live
+    # replica; GET /metrics?scope=cluster merges them (each sample labelled with its replica)
+    cluster_metrics: object = None
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -838,9 +841,21 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         return {"status": "ready", "model": srv.model.name, "warmup": srv.warm_facts}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(scope: str = "replica"):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        from runtime.telemetry import merge_expositions
+
+        if scope not in ("replica", "cluster"):
+            raise ApiError(400, f"unknown metrics scope {scope!r}. Fix: pass scope=replica (this server, the default) "
+                                "or scope=cluster (every replica).", "scope", "invalid_scope")
+        if scope == "cluster":
+            if not cfg.cluster_metrics:
+                raise ApiError(400, "scope=cluster needs a server with replicas; this one runs alone. Fix: use /metrics "
+                                    "(or start it with --ray).", "scope", "no_replicas")
+            texts = await run_in_threadpool(cfg.cluster_metrics)
+            data = await run_in_threadpool(merge_expositions, texts)
+            return Response(data.encode(), media_type=CONTENT_TYPE_LATEST)
         data = await run_in_threadpool(generate_latest, srv.telemetry.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 

@@ -15,9 +15,12 @@ routes requests across replicas and restarts one that dies; a request held by a 
 - Voices: the on-disk bundles under `--voices-dir` are shared by every replica on a machine (on a
   cluster, give it a shared folder); a voice made through one replica is found by the others.
 - Metrics: `/metrics` is answered by whichever replica the proxy picks (its own counters; the
-  `X-TTS-Replica` header and `/diagnostics`' `replica` say which). Ray exports its own per-deployment
-  request counts and latencies from every node (`ray start --metrics-export-port`), which is where
-  a Prometheus server aggregates a cluster.
+  `X-TTS-Replica` header and `/diagnostics`' `replica` say which). `/metrics?scope=cluster` is every
+  live replica's, each sample labelled `replica`: replicas push their metrics text every
+  `METRICS_PUSH_S` to one small Ray actor (`MetricsBoard`, owned by this command's process), and the
+  replica that answers merges what the board holds (a replica silent for `METRICS_MAX_AGE_S`, e.g. a
+  dead one, drops out). Ray also exports its own per-deployment request counts and latencies from
+  every node (`ray start --metrics-export-port`).
 - Code: replicas import this repository, so every node needs it at the same path (workers get it on
   their PYTHONPATH through the deployment's runtime environment).
 
@@ -38,6 +41,10 @@ from models.errors import UserError
 
 APP_NAME = "tts"
 DEPLOYMENT = "speech"
+NAMESPACE = "tts"  # the driver's Ray namespace (Serve's replicas live in their own)
+BOARD = "tts-metrics-board"
+METRICS_PUSH_S = 2.0
+METRICS_MAX_AGE_S = 10.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,8 +84,33 @@ class SpeechReplica:
                         precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
                         max_len=settings.max_len, queue_timeout=settings.queue_timeout)
         self.replica_id, self.started = _replica_id(), time.time()
+        self.board = _metrics_board()
         # `app` is a name Ray Serve's wrapper uses for itself
-        self.speech_app = create_app(engine, ServeConfig(**settings.serve, replica_facts=self.facts))
+        self.speech_app = create_app(engine, ServeConfig(**settings.serve, replica_facts=self.facts,
+                                                         cluster_metrics=self.cluster_metrics if self.board else None))
+        if self.board is not None:
+            threading.Thread(target=self._push_metrics, name="metrics-push", daemon=True).start()
+
+    def _own_metrics(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.speech_app.state.server.telemetry.registry).decode()
+
+    def _push_metrics(self) -> None:
+        while True:
+            try:
+                self.board.put.remote(self.replica_id, self._own_metrics())
+            except Exception:  # noqa: BLE001 - the board went with its driver: this replica is going too
+                return
+            time.sleep(METRICS_PUSH_S)
+
+    def cluster_metrics(self) -> dict[str, str]:
+        """{replica id: metrics text} of every replica heard from lately, this one's fresh."""
+        import ray
+
+        texts = ray.get(self.board.recent.remote(METRICS_MAX_AGE_S), timeout=10)
+        texts[self.replica_id] = self._own_metrics()
+        return texts
 
     def __serve_build_asgi_app__(self):
         return self.speech_app
@@ -107,6 +139,31 @@ class SpeechReplica:
             raise RuntimeError(f"the replica failed to start: {srv.failed}")
         if srv.ready.is_set() and not srv.engine.running:
             raise RuntimeError("the replica's engine stopped")
+
+
+class MetricsBoard:
+    """A Ray actor holding each replica's latest metrics text (see the module docstring)."""
+
+    def __init__(self):
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def put(self, replica: str, text: str) -> None:
+        self.texts[replica] = (time.time(), text)
+
+    def recent(self, max_age: float) -> dict[str, str]:
+        now = time.time()
+        self.texts = {r: (t, x) for r, (t, x) in self.texts.items() if now - t <= max_age}
+        return {r: x for r, (_, x) in self.texts.items()}
+
+
+def _metrics_board():
+    """The driver's MetricsBoard, or None (outside Ray, or a driver that made none)."""
+    try:
+        import ray
+
+        return ray.get_actor(BOARD, namespace=NAMESPACE)
+    except Exception:  # noqa: BLE001 - no board: /metrics?scope=cluster says so
+        return None
 
 
 def _replica_id() -> str:
@@ -226,7 +283,7 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
     if address is not None:
         check_reachable(address)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace="tts")
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, namespace=NAMESPACE)
     except Exception as e:  # noqa: BLE001 - Ray raises many types here; the user needs its first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
@@ -239,6 +296,9 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
     try:
         check_fits(settings.device.startswith("cuda"), replicas if scale is None else scale[0], replica_cpus,
                    local=address is None)
+        # the replicas' metrics meet here; the actor lives as long as this process (not detached)
+        _board = ray.remote(num_cpus=0)(MetricsBoard).options(name=BOARD, namespace=NAMESPACE,
+                                                               get_if_exists=True).remote()
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(settings, replicas, scale, replica_cpus), name=APP_NAME, route_prefix="/")
         shown = f"[{host}]" if ":" in host else host

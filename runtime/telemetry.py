@@ -275,6 +275,32 @@ class _Gauges:
                 yield GaugeMetricFamily("tts_gpu_sm_clock_mhz", "GPU SM clock", value=g["clocks_mhz"]["sm"])
 
 
+def merge_expositions(texts: dict[str, str], label: str = "replica") -> str:
+    """Several servers' /metrics texts as one exposition: every sample keeps its labels and gains
+    `label`="<its server>", families keep their type and help. One scrape then sees every replica,
+    and Prometheus adds them up (`sum without (replica) (...)`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.utils import floatToGoString
+
+    def escaped(v: str, quotes: bool = True) -> str:  # the text format's escapes (label values, help)
+        v = v.replace("\\", "\\\\").replace("\n", "\\n")
+        return v.replace('"', '\\"') if quotes else v
+
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for server, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text):
+            _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
+            for sample in fam.samples:
+                labels = {**sample.labels, label: server}
+                body = ",".join(f'{k}="{escaped(str(v))}"' for k, v in labels.items())
+                lines.append(f"{sample.name}{{{body}}} {floatToGoString(sample.value)}")
+    out = []
+    for name, (kind, doc, lines) in families.items():
+        shown = f"{name}_total" if kind == "counter" else name  # as prometheus_client writes (and reads) counters
+        out += [f"# HELP {shown} {escaped(doc, quotes=False)}", f"# TYPE {shown} {kind}", *lines]
+    return "\n".join(out) + "\n"
+
+
 # -- the profiler ---------------------------------------------------------------------------------------------
 class Profiler:
     """A torch profiler trace of the next N requests (every engine thread), for download as a Chrome

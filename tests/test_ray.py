@@ -7,7 +7,8 @@ Claims: both replicas answer (Ray Serve's status, read by a replica, says 2 RUNN
 header names two replicas); the same request gives the same audio whichever replica serves it; a voice
 cloned through one replica is used by the other (the on-disk bundles); killing a replica in the middle
 of requests cuts only the requests it held (their streams end broken, not as short files that look
-whole), the others complete, and Ray brings a new replica up.
+whole), the others complete, and Ray brings a new replica up; /metrics?scope=cluster holds both
+replicas' samples.
 """
 
 from __future__ import annotations
@@ -155,6 +156,40 @@ def test_a_voice_cloned_on_one_replica_is_used_by_the_other(ray_server):
     audio = _client(ray_server.base).audio.speech.create(model="tts-1", voice=vid, input="hello world",
                                                          response_format="pcm", extra_body={"seed": 3, "tokens": 20})
     assert len(audio.content) == 20 * 960 * 2
+
+
+def test_cluster_metrics_hold_every_replica(ray_server):
+    """/metrics is the answering replica's own; /metrics?scope=cluster holds both replicas' samples,
+    each labelled with its replica id (the ids X-TTS-Replica names), whichever replica answers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def speak(_):
+        r = httpx.post(ray_server.base + "/v1/audio/speech", timeout=60,
+                       json={"model": "tts-1", "input": TEXT, "voice": "default", "tokens": 10})
+        assert r.status_code == 200, r.text
+        return r.headers["x-tts-replica"]
+
+    answered = set()
+    for _ in range(10):  # speech through both replicas: 8 at once, again until the router used both
+        with ThreadPoolExecutor(8) as pool:
+            answered |= set(pool.map(speak, range(8)))
+        if answered == set(ray_server.ids):
+            break
+    deadline, seen, served = time.time() + 30, {}, set()
+    while time.time() < deadline:  # replicas push every 2 s: the other replica's speech shows within seconds
+        r = httpx.get(ray_server.base + "/metrics?scope=cluster", timeout=10)
+        assert r.status_code == 200, r.text
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        seen = {s.labels["replica"]: s.value for s in families["tts_max_streams"].samples}
+        served = {s.labels["replica"] for s in families["tts_requests"].samples
+                  if s.labels.get("endpoint") == "/v1/audio/speech"}
+        if set(seen) == served == set(ray_server.ids):
+            break
+        time.sleep(0.5)
+    assert seen == {rid: 6.0 for rid in ray_server.ids}
+    assert served == set(ray_server.ids)
+    own = {f.name: f for f in text_string_to_metric_families(httpx.get(ray_server.base + "/metrics").text)}
+    assert all("replica" not in s.labels for s in own["tts_max_streams"].samples)
 
 
 def test_a_killed_replica_loses_only_its_requests_and_comes_back(ray_server):

@@ -418,6 +418,36 @@ def test_metrics_parse(cv3):
     assert all(samples[("tts_stage_seconds_total", (("stage", s),))] > 0 for s in stages)
     assert {s.labels["stage"] for s in families["tts_batch_size"].samples} == stages
     assert "tts_gpu_utilization_percent" not in families  # no GPU here: no made-up numbers
+    # one server alone has no cluster scope; an unknown scope is named
+    r = httpx.get(cv3 + "/metrics?scope=cluster", headers=auth())
+    assert r.status_code == 400 and r.json()["error"]["message"] == ("scope=cluster needs a server with replicas; this "
+                                                                      "one runs alone. Fix: use /metrics (or start it with --ray).")
+    r = httpx.get(cv3 + "/metrics?scope=everything", headers=auth())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "scope"
+
+
+def test_merged_metrics_label_every_replica():
+    """merge_expositions (what /metrics?scope=cluster serves under Ray): each replica's samples keep
+    their labels and values and gain `replica`; counters and histograms keep their types."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from runtime.telemetry import merge_expositions
+
+    texts = {}
+    for replica, n in (("r1", 3), ("r2", 5)):
+        reg = CollectorRegistry()
+        Counter("tts_requests", 'HTTP "requests"\\ by endpoint', ["endpoint"], registry=reg).labels('/a"b').inc(n)
+        Histogram("tts_time_to_first_audio_seconds", "first audio", buckets=[0.1, 1.0], registry=reg).observe(0.1 * n)
+        texts[replica] = generate_latest(reg).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merge_expositions(texts))}
+    assert families["tts_requests"].type == "counter" and families["tts_requests"].documentation == 'HTTP "requests"\\ by endpoint'
+    assert {(s.labels["replica"], s.labels["endpoint"], s.value) for s in families["tts_requests"].samples} == \
+        {("r1", '/a"b', 3.0), ("r2", '/a"b', 5.0)}
+    hist = families["tts_time_to_first_audio_seconds"]
+    assert hist.type == "histogram"
+    assert {(s.labels["replica"], s.labels["le"], s.value) for s in hist.samples if s.name.endswith("_bucket")} == \
+        {("r1", "0.1", 0.0), ("r1", "1.0", 1.0), ("r1", "+Inf", 1.0), ("r2", "0.1", 0.0), ("r2", "1.0", 1.0), ("r2", "+Inf", 1.0)}
 
 
 def test_diagnostics_and_profile(cv3):
