@@ -341,9 +341,9 @@ def _counts(value: str, what: str) -> list[int]:
                    "default: powers of 2 (eager step) or of 4 (compiled step).")
 @click.option("--switch-interval-ms", default=0.0, show_default=True,
               help="The engine's Python thread switch interval (0: leave CPython's 5 ms).")
-@click.option("--batcher-policy", type=click.Choice(["call", "round"]), default="call", show_default=True,
-              help="call: the token2wav batcher runs the most urgent batch, then looks again (a first chunk waits "
-                   "for one call at most); round: every batch of a round before new calls (the first design).")
+@click.option("--batcher-policy", type=click.Choice(["call", "round"]), default="round", show_default=True,
+              help="round: the token2wav batcher runs every batch of a round before new calls (measured best); "
+                   "call: the most urgent batch, then it looks again (a first chunk waits for one call at most).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
