@@ -413,13 +413,21 @@ class Engine:
     `compile` (continuous batching needs the static slot cache; its step is one captured CUDA graph
     either way, `compile` also compiles it); flow and vocoder take any backend."""
 
+    # CUDA stream priority of the LM's steps against the token2wav batcher's calls: "high" lets a step's
+    # kernels take the SMs ahead of a long flow call's pending blocks (the step is every stream's
+    # critical path; the flow call has the chunk's playback time as slack)
+    LM_PRIORITIES = ("normal", "high")
+
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
-                 batcher_policy: str = "round"):
+                 batcher_policy: str = "round", lm_priority: str = "normal"):
         self.model = model
+        if lm_priority not in self.LM_PRIORITIES:
+            raise UserError(f"unknown LM stream priority {lm_priority!r}.", f"choose one of {', '.join(self.LM_PRIORITIES)}")
+        self.lm_priority = lm_priority
         self.device = torch.device(device)
         choice = BackendChoice.parse(backends, model.stages)
         lm_stage = model.graph_specs()[model.lm.graph].stage
@@ -510,7 +518,9 @@ class Engine:
                                    attention=attention, buckets=self.lm_buckets)
         self.running = True
         self.batcher.running = True
-        lm_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority
+        lm_stream = torch.cuda.Stream(self.device, priority=-1 if self.lm_priority == "high" else 0) \
+            if self.device.type == "cuda" else None
         self._threads = [threading.Thread(target=self._lm_loop, args=(lm_stream, warm), name="engine-lm", daemon=True),
                          threading.Thread(target=self.batcher.run, name="engine-batcher", daemon=True)]
         self._ready = threading.Event()

@@ -7,7 +7,7 @@
 # engine against the eager one; serve: the CosyVoice3 load test in process and through the HTTP server
 # (runtime.serve, --warmup $WARMUP, full by default, timed), same levels; http: the server alone; ray: the
 # same through Ray Serve with one replica; batcher: the token2wav batcher's policies (call, round) on
-# CosyVoice3; orpheus-lm: Orpheus with the compiled LM step;
+# CosyVoice3; orpheus-lm: Orpheus with the compiled LM step; priority (CosyVoice3), priority-orpheus: the LM stream's CUDA priority;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -98,6 +98,27 @@ if [ "${1:-}" = batcher ]; then
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
         --concurrency 16,32,64 --requests 64 --tokens 125 --runs 3 --no-baseline --batcher-policy $policy \
         --json "$OUT/loadtest-cv3-batcher-$policy.json"
+  done
+  exit 0
+fi
+if [ "${1:-}" = priority ]; then
+  # the LM stream's CUDA priority (high: decode steps ahead of the flow's pending blocks) against normal on
+  # CosyVoice3, same call, 3 runs per level (median kept); with high, the batcher's "call" policy too (it lost
+  # to "round" through GPU contention with the LM, which the priority removes)
+  for cfg in normal-round high-round high-call; do
+    run 200 loadtest-cv3-prio-$cfg $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 16,32,64 --requests 64 --tokens 125 --runs 3 --no-baseline --lm-priority ${cfg%-*} \
+        --batcher-policy ${cfg#*-} --json "$OUT/loadtest-cv3-prio-$cfg.json"
+  done
+  exit 0
+fi
+if [ "${1:-}" = priority-orpheus ]; then
+  for prio in normal high; do
+    run 150 loadtest-orpheus-prio-$prio $PY -m runtime.loadtest --model orpheus-random --device cuda \
+        --backend llm=torch:bf16,vocoder=cudagraph:bf16 --max-len 640 --max-streams 64 \
+        --concurrency 16,64 --requests 64 --tokens 420 --no-baseline --lm-priority $prio \
+        --json "$OUT/loadtest-orpheus-prio-$prio.json"
   done
   exit 0
 fi
