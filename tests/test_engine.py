@@ -197,6 +197,11 @@ def test_lm_buckets_end_at_the_engine_rows():
         Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=8, lm_buckets=[0, 4])
 
 
+def test_engine_refuses_an_unknown_lm_priority():
+    with pytest.raises(UserError, match="unknown LM stream priority 'urgent'. Fix: choose one of normal, high"):
+        Engine(load_model("cosyvoice3-tiny"), "torch", lm_priority="urgent")
+
+
 def test_engine_refuses_an_lm_backend_without_slots():
     with pytest.raises(UserError, match="the engine runs the llm stage with torch, cudagraph or compile"):
         Engine(load_model("cosyvoice3-tiny"), "llm=ort")
