@@ -184,7 +184,7 @@ class _Call:
 class GraphBatcher:
     """Runs the workers' graph calls batched (see the module docstring)."""
 
-    POLICIES = ("call", "round")
+    POLICIES = ("call", "round", "urgent")
 
     def __init__(self, pipe: Pipeline, max_wait: float = 0.004, split_ratio: float = 1.5, policy: str = "round"):
         """max_wait: how long a round waits for workers still running host code to add their calls.
@@ -194,7 +194,10 @@ class GraphBatcher:
         first chunk) waits for at most one running call; "round" runs every batch formed from the
         calls pending at the start of the round before taking new ones. "round" is the default: on the
         H200 (CosyVoice3, same run, median of 3) it served 64.2 / 85.4 audio s/s at C=16 / 32 with no
-        underrun against 40.1 / 79.5 for "call" (docs/serving.md, 2026-12-05)."""
+        underrun against 40.1 / 79.5 for "call" (docs/serving.md, 2026-12-05). "urgent" runs rounds,
+        but before each of the round's batches it runs the calls that arrived since with an earlier
+        deadline than that batch's (a new stream's first chunk), so those wait for one call, not the
+        round, while everything else keeps the round's order and pace."""
         if policy not in self.POLICIES:
             raise UserError(f"unknown batcher policy {policy!r}.", f"choose one of {', '.join(self.POLICIES)}")
         self.pipe = pipe
@@ -290,8 +293,20 @@ class GraphBatcher:
             self._run_batch(spec, batch)
             return [c for _, b in batches[1:] for c in b]
         for spec, batch in batches:
+            if self.policy == "urgent":
+                urgent = self._take_pending_before(min(c.deadline for c in batch))
+                if urgent:
+                    self._execute(urgent)
             self._run_batch(spec, batch)
         return []
+
+    def _take_pending_before(self, deadline: float) -> list[_Call]:
+        """Remove and return the pending calls due before `deadline`."""
+        with self.cond:
+            due = [c for c in self.pending if c.deadline < deadline]
+            if due:
+                self.pending = [c for c in self.pending if c.deadline >= deadline]
+        return due
 
     def _by_length(self, group: list[_Call]) -> list[list[_Call]]:
         """Split a group whose calls may be padded together into runs whose padded dim differs by at

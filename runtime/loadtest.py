@@ -341,9 +341,10 @@ def _counts(value: str, what: str) -> list[int]:
                    "default: powers of 2 (eager step) or of 4 (compiled step).")
 @click.option("--switch-interval-ms", default=0.0, show_default=True,
               help="The engine's Python thread switch interval (0: leave CPython's 5 ms).")
-@click.option("--batcher-policy", type=click.Choice(["call", "round"]), default="round", show_default=True,
+@click.option("--batcher-policy", type=click.Choice(["call", "round", "urgent"]), default="round", show_default=True,
               help="round: the token2wav batcher runs every batch of a round before new calls (measured best); "
-                   "call: the most urgent batch, then it looks again (a first chunk waits for one call at most).")
+                   "call: the most urgent batch, then it looks again (a first chunk waits for one call at most); "
+                   "urgent: rounds, but calls due earlier than the next batch (first chunks) go first.")
 @click.option("--lm-priority", type=click.Choice(["normal", "high"]), default="normal", show_default=True,
               help="CUDA stream priority of the LM's decode steps against the token2wav calls (GPU only).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "

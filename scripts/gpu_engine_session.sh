@@ -103,10 +103,10 @@ if [ "${1:-}" = batcher ]; then
 fi
 if [ "${1:-}" = priority ]; then
   # the LM stream's CUDA priority (high: decode steps ahead of the flow's pending blocks) against normal on
-  # CosyVoice3, same call, 3 runs per level (median kept); with high, the batcher's "call" policy too (it lost
-  # to "round" through GPU contention with the LM, which the priority removes)
-  for cfg in normal-round high-round high-call; do
-    run 200 loadtest-cv3-prio-$cfg $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+  # CosyVoice3, same call, 3 runs per level (median kept), crossed with the batcher's "urgent" policy (first
+  # chunks jump the round); last "call" with high (it lost to "round" through GPU contention with the LM)
+  for cfg in ${CONFIGS:-normal-round high-round normal-urgent high-urgent high-call}; do
+    run 115 loadtest-cv3-prio-$cfg $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
         --concurrency 16,32,64 --requests 64 --tokens 125 --runs 3 --no-baseline --lm-priority ${cfg%-*} \
         --batcher-policy ${cfg#*-} --json "$OUT/loadtest-cv3-prio-$cfg.json"

@@ -302,11 +302,11 @@ def test_batcher_splits_calls_of_very_different_lengths():
     for c, w in zip(calls, want):
         assert c.done.is_set() and c.error is None and rel(c.result["mel"], w) < 1e-5
 
-@pytest.mark.parametrize("policy", ["call", "round"])
+@pytest.mark.parametrize("policy", ["call", "round", "urgent"])
 def test_a_call_arriving_mid_round_waits_for_one_call(policy):
-    """policy "call": a first chunk that arrives while a long round runs goes right after the running
-    call, before the round's other calls; "round" (the first design) makes it wait for the whole
-    round. Results are the same either way."""
+    """policies "call" and "urgent": a first chunk that arrives while a long round runs goes right
+    after the running call, before the round's other calls; "round" (the first design) makes it wait
+    for the whole round. Results are the same either way."""
     import threading
 
     from runtime.engine import GraphBatcher, _Call
@@ -344,9 +344,9 @@ def test_a_call_arriving_mid_round_waits_for_one_call(policy):
         batcher.cond.notify_all()
     thread.join(5)
     pipe.call = call
-    assert order == ([62, 16, 64] if policy == "call" else [62, 64, 16])
+    assert order == ([62, 64, 16] if policy == "round" else [62, 16, 64])
     assert rel(short.result["mel"], call("flow_solver", short_feed)["mel"]) < 1e-5
-    with pytest.raises(UserError, match="unknown batcher policy 'fifo'. Fix: choose one of call, round"):
+    with pytest.raises(UserError, match="unknown batcher policy 'fifo'. Fix: choose one of call, round, urgent"):
         GraphBatcher(pipe, policy="fifo")
 
 
