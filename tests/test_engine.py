@@ -439,6 +439,9 @@ def test_token2wav_role_fails_a_request_whose_tokens_do_not_come():
         t2w.token_source = lambda r: iter([(0, [1, 2], False)])  # ends early
         with pytest.raises(UserError, match="the token source ended before every sentence's tokens arrived"):
             t2w.submit(TEXT, seed=1).audio()
+        deadline = time.time() + 10  # a worker ends its handle just before it leaves the active set
+        while t2w.stats()["active_streams"] and time.time() < deadline:
+            time.sleep(0.01)
         assert t2w.stats()["active_streams"] == 0
     with Engine(model, "torch", max_streams=2, max_len=64, role="token2wav", token_source=broken) as t2w:
         with pytest.raises(UserError, match=r"more than the 64 cache columns of this engine"):  # before any work
