@@ -34,6 +34,20 @@ the KV cache memory); up to `max_queue` more wait, and beyond that `submit` rais
 (with a retry hint) instead of growing without bound. A request that waits longer than
 `queue_timeout` fails with `EngineFull` too; `handle.cancel()` (or a client that goes away) frees its
 row at the next step.
+
+Roles (a disaggregated placement, runtime/serve_ray.py): `role="full"` (the default) is all of the
+above. `role="lm"` loads only the LM stage and runs only the LM thread: `tokens(...)` returns a
+handle whose items are messages `(utterance index, new token ids, done)`, sent every `token_batch`
+tokens and at the end of each utterance (the worker forwards tokens instead of decoding them).
+`role="token2wav"` loads every stage but the LM and allocates no KV cache: a request's worker takes
+its tokens from `token_source(request)` (request: {"text", "speaker", "seed", "fixed_tokens"},
+plain data; the source returns an iterator of those messages, with `cancel()` if it can be
+stopped), fed by a reader thread into the same per-utterance jobs the LM thread fills in a full
+engine, so the stream decoders run exactly as there; `max_streams` then bounds token2wav streams.
+Both sides split the text with the same `model.split_text` / `make_utterance`, the LM side samples
+with the same per-utterance counter seeds and the token2wav side draws noise from the request seed,
+so a request gives the full engine's tokens and audio. Cancelling a token2wav request cancels its
+token source (the LM request, whose row is then freed).
 """
 
 from __future__ import annotations
@@ -51,7 +65,7 @@ import torch
 from models.errors import UserError
 from models.family import TTSModel
 from runtime.backends import BackendChoice
-from runtime.backends.slot_decoder import SlotDecoder
+from runtime.backends.slot_decoder import SlotDecoder, check_room
 from runtime.pipeline import Pipeline, capped_warning
 
 
@@ -127,6 +141,10 @@ class Handle:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    def _put_message(self, message: tuple) -> None:
+        """An LM-role request's item: (utterance index, new token ids, done)."""
+        self._chunks.put(message)
+
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
@@ -158,7 +176,7 @@ class _Utterance:
     """One utterance's LM work, shared by its worker and the LM thread."""
 
     prompt: list[int]
-    sampler: object
+    sampler: object  # None on the token2wav side (the LM side samples)
     seed: int
     max_new: int
     fixed: bool
@@ -168,6 +186,70 @@ class _Utterance:
     done: bool = False
     error: UserError | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+class _TokenFeed:
+    """token2wav role: one request's tokens, read from the token source by a thread of its own and
+    delivered to the request's utterance jobs as the LM thread delivers them in a full engine."""
+
+    def __init__(self, token_source, request: dict, jobs: list[_Utterance], handle: Handle):
+        self.jobs, self.handle = jobs, handle
+        self._lock = threading.Lock()
+        self._source = None
+        self._closed = False
+        self.finished = False  # the source ended (every message read, or an error)
+        threading.Thread(target=self._read, args=(token_source, request), name=f"engine-tokens-{handle.id}",
+                         daemon=True).start()
+
+    def _read(self, token_source, request: dict) -> None:
+        try:
+            source = token_source(request)
+            with self._lock:
+                self._source, closed = source, self._closed
+            if closed:
+                _cancel_source(source)
+                return
+            for k, ids, done in source:
+                job = self.jobs[k]
+                with job.cond:
+                    job.tokens += ids
+                    job.done = job.done or bool(done)
+                    if job.done or len(job.tokens) >= job.wake_at:
+                        job.cond.notify_all()
+            if not all(j.done for j in self.jobs) and not self.handle.cancelled:
+                raise UserError("the token source ended before every sentence's tokens arrived.",
+                                "see the LM replicas' log")
+        except BaseException as e:  # noqa: BLE001 - the request fails with one line, the engine goes on
+            if isinstance(e, UserError):
+                error = e
+            else:
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                error = UserError(f"the request's speech tokens did not arrive ({type(e).__name__}: {first}).",
+                                  "see the LM replicas' log; other requests are not affected")
+            for job in self.jobs:
+                with job.cond:
+                    if not job.done:
+                        job.done, job.error = True, error
+                        job.cond.notify_all()
+        finally:
+            self.finished = True
+
+    def close(self) -> None:
+        """Stop the source (a cancelled or failed request): the LM side frees the request's row."""
+        with self._lock:
+            self._closed = True
+            source = self._source
+        if source is not None and not self.finished:
+            _cancel_source(source)
+
+
+def _cancel_source(source) -> None:
+    try:
+        cancel = getattr(source, "cancel", None) or getattr(source, "close", None)
+        if cancel is not None:
+            cancel()
+    except Exception:  # noqa: BLE001 - best effort: a source that cannot stop ends on its own
+        pass
 
 
 # -- the batcher ---------------------------------------------------------------------------------------
@@ -432,14 +514,27 @@ class Engine:
     # kernels take the SMs ahead of a long flow call's pending blocks (the step is every stream's
     # critical path; the flow call has the chunk's playback time as slack)
     LM_PRIORITIES = ("normal", "high")
+    ROLES = ("full", "lm", "token2wav")
 
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
                  max_streams: int | None = None, max_queue: int | None = None, max_len: int | None = None,
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
-                 batcher_policy: str = "round", lm_priority: str = "normal"):
+                 batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
+                 token_source=None, token_batch: int = 4):
+        """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
+        `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
+        the lm role sends a request's new tokens every this many tokens (and at each utterance's end)."""
         self.model = model
+        if role not in self.ROLES:
+            raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
+        if (role == "token2wav") != (token_source is not None):
+            raise UserError("a token2wav engine needs a token source, and only it takes one.",
+                            "pass token_source with role='token2wav' only")
+        if token_batch < 1:
+            raise UserError(f"token_batch {token_batch} is not a positive count.", "pass 1 or more")
+        self.role, self.token_source, self.token_batch = role, token_source, token_batch
         if lm_priority not in self.LM_PRIORITIES:
             raise UserError(f"unknown LM stream priority {lm_priority!r}.", f"choose one of {', '.join(self.LM_PRIORITIES)}")
         self.lm_priority = lm_priority
@@ -448,13 +543,16 @@ class Engine:
         lm_stage = model.graph_specs()[model.lm.graph].stage
         lm_option = choice.first(lm_stage).resolved(precision)
         self._lm_stage = lm_stage
-        if lm_option.kind not in ("torch", "cudagraph", "compile") or len(choice.stages[lm_stage]) > 1:
+        if role != "token2wav" and (lm_option.kind not in ("torch", "cudagraph", "compile")
+                                    or len(choice.stages[lm_stage]) > 1):
             raise UserError(f"the engine runs the {lm_stage} stage with torch, cudagraph or compile (its continuous batching "
                             f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
                             f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
-        # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends
+        # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends (a
+        # role loads its own stages only: the LM's backend casts the weights the slot decoder runs)
+        stages = {"full": None, "lm": (lm_stage,), "token2wav": tuple(s for s in model.stages if s != lm_stage)}[role]
         self.pipe = Pipeline(model, BackendChoice({**choice.stages, lm_stage: (choice.first(lm_stage),)}), device=device,
-                             engines_dir=engines_dir, precision=precision, options=options)
+                             engines_dir=engines_dir, precision=precision, options=options, stages=stages)
         self.options = self.pipe.options
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[lm_option.precision]
         lm_spec = model.graph_specs()[model.lm.graph]
@@ -521,22 +619,28 @@ class Engine:
             # it back, longer than a step. A shorter interval bounds that wait (process-wide). Off by
             # default: 0.5 ms gave no consistent gain on the H200 (docs/serving.md).
             sys.setswitchinterval(min(sys.getswitchinterval(), self.switch_interval))
-        option, dtype, attention = self._lm_spec
-        lm = self.model.graph_module(self.model.lm.graph)
-        vocab = self.model.graph_specs()[self.model.lm.graph].outputs[0].shape[1]
-        spk = self.model.make_speaker(None, None)
-        probe = self.model.make_sampler(self.model.make_utterance("a", spk), torch.Generator(), None)
-        compile_step = option.kind == "compile"
-        self.pipe.activate()
-        self.decoder = SlotDecoder(lm, probe.slots(self.max_streams, vocab, self.device), self.model.lm.token_offset,
-                                   self.max_streams, self.max_len, self.device, dtype, compile=compile_step,
-                                   attention=attention, buckets=self.lm_buckets)
+        if self.role == "token2wav":  # no LM here: no slot decoder, no KV cache
+            self.pipe.activate()
+        else:
+            option, dtype, attention = self._lm_spec
+            lm = self.model.graph_module(self.model.lm.graph)
+            vocab = self.model.graph_specs()[self.model.lm.graph].outputs[0].shape[1]
+            spk = self.model.make_speaker(None, None)
+            probe = self.model.make_sampler(self.model.make_utterance("a", spk), torch.Generator(), None)
+            compile_step = option.kind == "compile"
+            self.pipe.activate()
+            self.decoder = SlotDecoder(lm, probe.slots(self.max_streams, vocab, self.device), self.model.lm.token_offset,
+                                       self.max_streams, self.max_len, self.device, dtype, compile=compile_step,
+                                       attention=attention, buckets=self.lm_buckets)
         self.running = True
         self.batcher.running = True
         # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority
         lm_stream = torch.cuda.Stream(self.device, priority=-1 if self.lm_priority == "high" else 0) \
             if self.device.type == "cuda" else None
-        self._threads = [threading.Thread(target=self._lm_loop, args=(lm_stream, warm), name="engine-lm", daemon=True),
+        first = threading.Thread(target=self._lm_loop, args=(lm_stream, warm), name="engine-lm", daemon=True) \
+            if self.decoder is not None else threading.Thread(target=self._admission_loop, name="engine-admission",
+                                                              daemon=True)
+        self._threads = [first,
                          threading.Thread(target=self.batcher.run, name="engine-batcher", daemon=True)]
         self._ready = threading.Event()
         for t in self._threads:
@@ -584,6 +688,22 @@ class Engine:
                prompt_text: str | None = None) -> Handle:
         """Queue a request; its audio arrives on the returned handle. Bad input raises UserError now
         (nothing is queued); a full engine raises EngineFull."""
+        if self.role == "lm":
+            raise UserError("this engine generates speech tokens only (role lm).",
+                            "call Engine.tokens(), or start an engine of role full or token2wav")
+        return self._submit(text, voice, speaker, seed, fixed_tokens, stream, prompt_wav, prompt_text, False)
+
+    def tokens(self, text: str, voice: str | None = None, speaker: dict | None = None, seed: int = 0,
+               fixed_tokens: int | None = None) -> Handle:
+        """Queue a request for its speech tokens only: the handle's items are messages
+        (utterance index, new token ids, done), every `token_batch` tokens and at each utterance's
+        end; the same seed gives the tokens `submit` would. Admission as for `submit`."""
+        if self.role == "token2wav":
+            raise UserError("this engine has no LM (role token2wav).", "ask its token source, or an lm or full engine")
+        return self._submit(text, voice, speaker, seed, fixed_tokens, True, None, None, True)
+
+    def _submit(self, text, voice, speaker, seed, fixed_tokens, stream, prompt_wav, prompt_text,
+                tokens_only: bool) -> Handle:
         if not self.running:
             raise UserError("the engine is not running.", "call Engine.start() first")
         sentences = self.model.split_text(text)
@@ -592,9 +712,12 @@ class Engine:
         utts = [self.model.make_utterance(s, speaker) for s in sentences]
         for u in utts:
             u.check_fixed(fixed_tokens)
-            self.decoder.room(len(u.prompt_ids), fixed_tokens or min(u.max_tokens, self.max_len - len(u.prompt_ids)))
+            check_room(len(u.prompt_ids), fixed_tokens or min(u.max_tokens, self.max_len - len(u.prompt_ids)),
+                       self.max_len)
         handle = Handle(next(self._ids), self.model.sample_rate)
-        job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream))
+        job = (handle, dict(utts=utts, seed=seed, fixed_tokens=fixed_tokens, stream=stream, tokens_only=tokens_only))
+        if self.role == "token2wav":  # what the LM side needs to make the same utterances: plain data
+            job[1]["request"] = {"text": text, "speaker": speaker, "seed": seed, "fixed_tokens": fixed_tokens}
         with self._lock:
             if self._stopping:
                 raise EngineFull("the engine is shutting down.", 5.0)
@@ -622,10 +745,11 @@ class Engine:
         tokens = tokens or max(8, int(round(2 * self.model.token_rate())))
         if levels is None:
             levels = [1 << i for i in range(max(min(self.max_streams, 64), 1).bit_length())]
+        start = self.tokens if self.role == "lm" else self.submit
         for n in levels:
-            handles = [self.submit(text, seed=i, fixed_tokens=tokens) for i in range(min(n, self.max_streams))]
+            handles = [start(text, seed=i, fixed_tokens=tokens) for i in range(min(n, self.max_streams))]
             for h in handles:
-                h.audio()
+                list(h)
         return time.perf_counter() - t0
 
     def _retry_after(self) -> float:
@@ -634,7 +758,8 @@ class Engine:
     def _launch(self, job) -> None:
         handle, spec = job
         handle.stats.admitted = time.perf_counter() - handle.stats.submitted
-        t = threading.Thread(target=self._serve, args=(handle, spec), name=f"engine-req-{handle.id}", daemon=True)
+        target = self._serve_tokens if spec["tokens_only"] else self._serve
+        t = threading.Thread(target=target, args=(handle, spec), name=f"engine-req-{handle.id}", daemon=True)
         self._active[handle.id] = (t, handle)
         self.batcher.worker_started()
         t.start()
@@ -692,22 +817,33 @@ class Engine:
         stream = self.batcher.stream
         if stream is not None:
             torch.cuda.set_stream(stream)
+        feed = None
         try:
             generator = torch.Generator().manual_seed(spec["seed"])
             runner = _Runner(self.batcher, self.options, lambda: self._deadline(handle))
+            if self.role == "token2wav":  # the tokens come from the token source, not from an LM thread here
+                fixed = spec["fixed_tokens"]
+                jobs = [_Utterance(u.prompt_ids, None, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF,
+                                   fixed if fixed is not None else min(u.max_tokens, self.max_len - len(u.prompt_ids)),
+                                   fixed is not None, handle) for k, u in enumerate(spec["utts"])]
+                feed = _TokenFeed(self.token_source, spec["request"], jobs, handle)
             for k, utt in enumerate(spec["utts"]):
                 if handle.cancelled:
                     break
                 fixed = spec["fixed_tokens"]
                 max_new = fixed if fixed is not None else min(utt.max_tokens, self.max_len - len(utt.prompt_ids))
-                sampler = self.model.make_sampler(utt, torch.Generator(), fixed)
-                job = _Utterance(utt.prompt_ids, sampler, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF, max_new,
-                                 fixed is not None, handle)
+                if feed is None:
+                    sampler = self.model.make_sampler(utt, torch.Generator(), fixed)
+                    job = _Utterance(utt.prompt_ids, sampler, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF, max_new,
+                                     fixed is not None, handle)
+                else:
+                    job = feed.jobs[k]
                 decoder = self.model.stream_decoder(utt, runner, generator, self.device) if spec["stream"] else None
                 job.wake_at = decoder.tokens_for_next_chunk() if decoder is not None else max_new
-                with self._lm_cond:
-                    self._lm_queue.append(job)
-                    self._lm_cond.notify_all()
+                if feed is None:
+                    with self._lm_cond:
+                        self._lm_queue.append(job)
+                        self._lm_cond.notify_all()
                 tokens = self._consume(job, decoder, handle)
                 handle.stats.tokens.append(tokens)
                 if handle.cancelled:
@@ -721,6 +857,58 @@ class Engine:
                         handle._put(c.float().cpu())
                 capped_warning(utt, tokens, fixed)
                 handle.stats.warnings += [f"sentence {k + 1}: {w}" for w in utt.warnings]
+            handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
+        except UserError as e:
+            handle._end(e)
+        except Exception as e:  # noqa: BLE001 - the request fails with one line, the engine goes on
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            handle._end(UserError(f"the request failed inside the engine ({type(e).__name__}: {first}).",
+                                  "report it with the request; other requests are not affected"))
+        finally:
+            if feed is not None and (handle.cancelled or handle.error is not None):
+                feed.close()
+            with self.batcher.cond:
+                self.batcher.busy -= 1
+                self.batcher.cond.notify_all()
+            self._finished(handle)
+
+    def _serve_tokens(self, handle: Handle, spec: dict) -> None:
+        """An LM-only request's worker: each utterance's new tokens go on the handle as messages
+        (utterance index, new token ids, done), every `token_batch` tokens and at the utterance's end."""
+        try:
+            for k, utt in enumerate(spec["utts"]):
+                if handle.cancelled:
+                    break
+                fixed = spec["fixed_tokens"]
+                max_new = fixed if fixed is not None else min(utt.max_tokens, self.max_len - len(utt.prompt_ids))
+                sampler = self.model.make_sampler(utt, torch.Generator(), fixed)
+                job = _Utterance(utt.prompt_ids, sampler, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF, max_new,
+                                 fixed is not None, handle)
+                job.wake_at = self.token_batch
+                with self._lm_cond:
+                    self._lm_queue.append(job)
+                    self._lm_cond.notify_all()
+                sent = 0
+                while True:
+                    with job.cond:
+                        self.batcher.worker_waiting(1)
+                        while not job.done and len(job.tokens) < job.wake_at and not handle.cancelled:
+                            job.cond.wait(0.5)
+                        self.batcher.worker_waiting(-1)
+                        tokens, done = list(job.tokens), job.done
+                    if handle.cancelled:
+                        break
+                    if job.error is not None:
+                        raise job.error
+                    if len(tokens) > sent or done:
+                        handle._put_message((k, tokens[sent:], done))
+                        sent = len(tokens)
+                    job.wake_at = len(tokens) + self.token_batch
+                    if done:
+                        break
+                handle.stats.tokens.append(tokens)
+                if handle.cancelled:
+                    break
             handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
         except UserError as e:
             handle._end(e)
@@ -764,6 +952,13 @@ class Engine:
         return s.submitted + s.chunk_times[0] + s.audio_seconds
 
     # -- the LM thread --------------------------------------------------------------------------------------
+    def _admission_loop(self) -> None:
+        """The token2wav role's stand-in for the LM thread: it only fails requests that waited too long."""
+        self._ready.set()
+        while self.running:
+            self._expire_waiting()
+            time.sleep(0.1)
+
     def _lm_loop(self, stream, warm: bool) -> None:
         if stream is not None:
             torch.cuda.set_stream(stream)

@@ -125,7 +125,9 @@ class GraphCalls:
 class Pipeline:
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
                  engines_dir: str | None = None, precision: str = "fp32", options: dict | None = None,
-                 observer: PipelineObserver | None = None):
+                 observer: PipelineObserver | None = None, stages: tuple[str, ...] | None = None):
+        """stages: load only these stages' backends (default every one); a serving engine that runs
+        one side of a disaggregated placement loads the LM alone, or everything but the LM."""
         self.model = model
         self.device = torch.device(device)
         self.options = model.resolve_options(options)
@@ -134,6 +136,8 @@ class Pipeline:
         specs = model.graph_specs()
         self.loaded: dict[str, Loaded] = {}
         for stage, graphs in model.stage_graphs(self.options).items():
+            if stages is not None and stage not in stages:
+                continue
             for g in graphs:
                 self.loaded[g] = load_backend(self.choice.stages[stage], model, specs[g], self.device, engines_dir,
                                               precision)

@@ -1022,10 +1022,14 @@ def _is_loopback(host: str) -> bool:
 @click.option("--autoscale", default=None, help="With --ray: MIN,MAX replicas, scaled on ongoing requests.")
 @click.option("--address", default=None, help="With --ray: a running Ray cluster (HEAD:6379); default: start one here.")
 @click.option("--replica-cpus", default=1.0, show_default=True, help="With --ray: CPU cores per replica.")
+@click.option("--placement", default=None, type=click.Choice(["replicated", "disaggregated"]),
+              help="With --ray: replicated (default): one full engine per replica; disaggregated: --lm-replicas LM "
+                   "replicas streaming tokens to --replicas token2wav replicas (the HTTP ingress).")
+@click.option("--lm-replicas", default=None, type=int, help="With --placement disaggregated: LM replicas (default 1).")
 @exit_on_user_error
 def main(model_name, backends, device, engines_dir, precision, host, port, api_key, voices_dir, max_streams,
          max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, threads, seed, log_level,
-         use_ray, replicas, autoscale, address, replica_cpus):
+         use_ray, replicas, autoscale, address, replica_cpus, placement, lm_replicas):
     import sys
 
     import torch
@@ -1045,8 +1049,12 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
     device = check_device(device)
     if not use_ray and (replicas is not None or autoscale is not None or address is not None):
         raise UserError("--replicas, --autoscale and --address are options of --ray.", "add --ray, or leave them out")
+    if not use_ray and (placement is not None or lm_replicas is not None):
+        raise UserError("--placement and --lm-replicas are options of --ray.", "add --ray, or leave them out")
     if use_ray:
-        from runtime.serve_ray import ReplicaSettings, run
+        from runtime.serve_ray import ReplicaSettings, check_placement, run
+
+        check_placement(placement or "replicated", lm_replicas, autoscale)
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not _is_loopback(host) and not api_key:
@@ -1055,8 +1063,8 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
                                    max_len, queue_timeout, threads,
                                    dict(voices_dir=os.path.abspath(voices_dir), api_key=api_key,
                                         max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                                        warmup=warmup))
-        run(settings, host, port, replicas, autoscale, address, replica_cpus)
+                                        warmup=warmup), placement or "replicated")
+        run(settings, host, port, replicas, autoscale, address, replica_cpus, lm_replicas)
         return
     sock = bind(host, port)
     bound = sock.getsockname()

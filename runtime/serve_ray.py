@@ -26,6 +26,19 @@ routes requests across replicas and restarts one that dies; a request held by a 
 
 A cluster: `ray start --head --port 6379` on one machine, `ray start --address HEAD:6379` on each other,
 then this command with `--address HEAD:6379` on any of them.
+
+Placement (`--placement`): `replicated` (the default) is the above, one full engine per replica.
+`disaggregated` runs two deployments: `--lm-replicas N` of `LMReplica` (deployment `speech-lm`, not an
+ingress: an engine of role "lm", one GPU each on CUDA) and `--replicas M` of `SpeechReplica` (the
+HTTP ingress, an engine of role "token2wav"). A request's worker on the ingress asks the LM
+deployment, through a streaming DeploymentHandle call (`handle.options(stream=True).tokens.remote`),
+for its tokens: (utterance index, new token ids, done) every few tokens; Ray routes each call to an
+LM replica. The ingress sends plain data (text, the speaker conditioning, seed, fixed token count)
+and both sides split the text the same way, so a seed gives the replicated placement's audio. A
+request cancelled on the ingress (a client that went away) cancels its handle call, and the LM
+replica frees the row. LM replicas push their metrics to the board too (labelled `lm:<id>` in
+`/metrics?scope=cluster`) with their engine counts, which `/diagnostics` shows under `replica`.
+Which placement is faster is not measured yet (it needs GPUs): docs/serving.md.
 """
 
 from __future__ import annotations
@@ -41,6 +54,8 @@ from models.errors import UserError
 
 APP_NAME = "tts"
 DEPLOYMENT = "speech"
+LM_DEPLOYMENT = "speech-lm"
+PLACEMENTS = ("replicated", "disaggregated")
 NAMESPACE = "tts"  # the driver's Ray namespace (Serve's replicas live in their own)
 BOARD = "tts-metrics-board"
 METRICS_PUSH_S = 2.0
@@ -64,25 +79,34 @@ class ReplicaSettings:
     queue_timeout: float = 30.0
     threads: int | None = None
     serve: dict = field(default_factory=dict)  # ServeConfig fields
+    placement: str = "replicated"  # or "disaggregated" (the module docstring)
+
+
+def _engine(settings: ReplicaSettings, **role):
+    import torch
+
+    from models.registry import load_model
+    from runtime.engine import Engine
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model = load_model(settings.model_name, device=settings.device, seed=settings.seed)
+    return Engine(model, settings.backends, device=settings.device, engines_dir=settings.engines_dir,
+                  precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
+                  max_len=settings.max_len, queue_timeout=settings.queue_timeout, **role)
 
 
 class SpeechReplica:
-    """One replica: its engine and the server's app (Ray Serve calls `__serve_build_asgi_app__`)."""
+    """One replica: its engine and the server's app (Ray Serve calls `__serve_build_asgi_app__`).
+    With `lm` (the LM deployment's handle: the disaggregated placement) its engine is a token2wav
+    one whose tokens come from that deployment."""
 
-    def __init__(self, settings: ReplicaSettings):
-        import torch
-
-        from models.registry import load_model
-        from runtime.engine import Engine
+    def __init__(self, settings: ReplicaSettings, lm=None):
         from runtime.serve import ServeConfig, create_app
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
         self.settings = settings
-        model = load_model(settings.model_name, device=settings.device, seed=settings.seed)
-        engine = Engine(model, settings.backends, device=settings.device, engines_dir=settings.engines_dir,
-                        precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
-                        max_len=settings.max_len, queue_timeout=settings.queue_timeout)
+        role = {} if lm is None else {"role": "token2wav", "token_source": RayTokenSource(lm)}
+        engine = _engine(settings, **role)
         self.replica_id, self.started = _replica_id(), time.time()
         self.board = _metrics_board()
         # `app` is a name Ray Serve's wrapper uses for itself
@@ -118,7 +142,7 @@ class SpeechReplica:
     def facts(self) -> dict:
         """Which replica this is, and what Ray Serve says about the deployment's replicas."""
         out = {"replica_id": self.replica_id, "pid": os.getpid(), "node": socket.gethostname(),
-               "up_seconds": round(time.time() - self.started, 1)}
+               "up_seconds": round(time.time() - self.started, 1), "placement": self.settings.placement}
         try:
             from ray import serve
 
@@ -128,8 +152,18 @@ class SpeechReplica:
                 out["deployment_status"] = str(dep.status.value if hasattr(dep.status, "value") else dep.status)
                 out["replica_states"] = {str(k.value if hasattr(k, "value") else k): v
                                          for k, v in dep.replica_states.items()}
+            lm = app.deployments.get(LM_DEPLOYMENT) if app else None
+            if lm is not None:
+                out["lm_deployment_status"] = str(lm.status.value if hasattr(lm.status, "value") else lm.status)
+                out["lm_replica_states"] = {str(k.value if hasattr(k, "value") else k): v
+                                            for k, v in lm.replica_states.items()}
         except Exception as e:  # noqa: BLE001 - facts for a diagnostics page; say why they are missing
             out["status_error"] = f"{type(e).__name__}: {e}"[:200]
+        if self.settings.placement == "disaggregated" and self.board is not None:
+            try:  # the LM replicas' engine counts, as last pushed (every METRICS_PUSH_S)
+                out["lm_replicas"] = ray_get(self.board.recent_facts.remote(METRICS_MAX_AGE_S))
+            except Exception as e:  # noqa: BLE001
+                out["lm_replicas_error"] = f"{type(e).__name__}: {e}"[:200]
         return out
 
     def check_health(self) -> None:
@@ -141,19 +175,155 @@ class SpeechReplica:
             raise RuntimeError("the replica's engine stopped")
 
 
+class LMReplica:
+    """One replica of the LM deployment (the disaggregated placement): an engine of role "lm" whose
+    `tokens` streams a request's token messages to the ingress that asked (see the module docstring)."""
+
+    # engine counts pushed to the board with the metrics (what /diagnostics shows of LM replicas)
+    FACTS = ("active_streams", "queued", "max_streams", "lm_rows", "lm_steps", "lm_batch_mean")
+
+    def __init__(self, settings: ReplicaSettings):
+        from runtime.telemetry import Telemetry
+
+        self.settings = settings
+        self.engine = _engine(settings, role="lm").start()
+        self.telemetry = Telemetry(self.engine)  # its on_batch hook counts the LM steps
+        if settings.serve.get("warmup", "full") != "none":
+            self.engine.warm_up(levels=sorted({1, self.engine.max_streams}))
+        self.telemetry.ready = True
+        self.replica_id = _replica_id()
+        self.board = _metrics_board()
+        if self.board is not None:
+            threading.Thread(target=self._push_metrics, name="metrics-push", daemon=True).start()
+
+    def _push_metrics(self) -> None:
+        from prometheus_client import generate_latest
+
+        while True:
+            try:
+                stats = self.engine.stats()
+                self.board.put.remote(f"lm:{self.replica_id}", generate_latest(self.telemetry.registry).decode(),
+                                      {k: stats[k] for k in self.FACTS})
+            except Exception:  # noqa: BLE001 - the board went with its driver: this replica is going too
+                return
+            time.sleep(METRICS_PUSH_S)
+
+    async def tokens(self, request: dict):
+        """A request's token messages (utterance index, new token ids, done) as the engine makes them;
+        an error is the last message, ("error", {...}) (exceptions do not cross Ray intact). A call
+        cancelled by its caller ends here (CancelledError at the await), and the engine frees the row."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            handle = self.engine.tokens(**request)
+        except Exception as e:  # noqa: BLE001 - said to the caller as a message
+            yield error_message(e)
+            return
+        box: asyncio.Queue = asyncio.Queue()
+
+        def pump():  # the handle blocks: a thread per request moves its messages onto this loop
+            try:
+                for message in handle:
+                    loop.call_soon_threadsafe(box.put_nowait, message)
+                loop.call_soon_threadsafe(box.put_nowait, None)
+            except BaseException as e:  # noqa: BLE001
+                loop.call_soon_threadsafe(box.put_nowait, e)
+
+        threading.Thread(target=pump, name=f"lm-pump-{handle.id}", daemon=True).start()
+        try:
+            while True:
+                message = await box.get()
+                if message is None:
+                    return
+                if isinstance(message, BaseException):
+                    yield error_message(message)
+                    return
+                yield message
+        finally:
+            handle.cancel()  # a no-op once it ended; else the caller went away: free the row
+
+    def stats(self) -> dict:
+        return {"replica_id": self.replica_id, **self.engine.stats()}
+
+    def check_health(self) -> None:
+        if not self.engine.running:
+            raise RuntimeError("the LM replica's engine stopped")
+
+
+def error_message(e: BaseException) -> tuple:
+    """An exception as a token message that pickles (EngineFull's retry hint included)."""
+    from models.errors import UserError
+    from runtime.engine import EngineFull
+
+    if isinstance(e, UserError):
+        return ("error", {"problem": e.problem, "fix": e.fix, "param": e.param,
+                          "retry_after": e.retry_after if isinstance(e, EngineFull) else None})
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return ("error", {"problem": f"the LM replica failed ({type(e).__name__}: {first}).",
+                      "fix": "see the LM replica's log", "param": None, "retry_after": None})
+
+
+def raise_message(info: dict):
+    from runtime.engine import EngineFull
+
+    if info.get("retry_after") is not None:
+        raise EngineFull(info["problem"], info["retry_after"])
+    raise UserError(info["problem"], info.get("fix"), param=info.get("param"))
+
+
+class RayTokenSource:
+    """The token2wav engine's token source: a streaming call to the LM deployment per request."""
+
+    def __init__(self, lm_handle):
+        self.handle = lm_handle.options(stream=True)
+
+    def __call__(self, request: dict) -> "RayTokenStream":
+        return RayTokenStream(self.handle.tokens.remote(request))
+
+
+class RayTokenStream:
+    def __init__(self, response):
+        self.response = response  # a DeploymentResponseGenerator
+
+    def __iter__(self):
+        for message in self.response:  # blocks in the engine's reader thread (not an event loop)
+            if message[0] == "error":
+                raise_message(message[1])
+            yield message
+
+    def cancel(self) -> None:
+        self.response.cancel()  # Ray cancels the LM replica's call: its `tokens` ends, the row is freed
+
+
+def ray_get(ref, timeout: float = 10):
+    import ray
+
+    return ray.get(ref, timeout=timeout)
+
+
 class MetricsBoard:
-    """A Ray actor holding each replica's latest metrics text (see the module docstring)."""
+    """A Ray actor holding each replica's latest metrics text (see the module docstring), and the LM
+    replicas' engine counts."""
 
     def __init__(self):
         self.texts: dict[str, tuple[float, str]] = {}
+        self.facts: dict[str, tuple[float, dict]] = {}
 
-    def put(self, replica: str, text: str) -> None:
+    def put(self, replica: str, text: str, facts: dict | None = None) -> None:
         self.texts[replica] = (time.time(), text)
+        if facts is not None:
+            self.facts[replica] = (time.time(), facts)
 
     def recent(self, max_age: float) -> dict[str, str]:
         now = time.time()
         self.texts = {r: (t, x) for r, (t, x) in self.texts.items() if now - t <= max_age}
         return {r: x for r, (_, x) in self.texts.items()}
+
+    def recent_facts(self, max_age: float) -> dict[str, dict]:
+        now = time.time()
+        self.facts = {r: (t, x) for r, (t, x) in self.facts.items() if now - t <= max_age}
+        return {r: x for r, (_, x) in self.facts.items()}
 
 
 def _metrics_board():
@@ -182,10 +352,11 @@ def _worker_pythonpath() -> str:
     return os.pathsep.join(parts)
 
 
-def check_fits(gpu: bool, replicas: int, replica_cpus: float, local: bool) -> None:
+def check_fits(gpu: bool, replicas: int, replica_cpus: float, local: bool, lm_replicas: int = 0) -> None:
     """Refuse a deployment Ray could never place: Ray Serve would wait for resources forever, saying
     so only in its log. A replica needs one node with its CPU cores (and a GPU); on a local cluster,
-    which no autoscaler grows, the first `replicas` must fit in the machine too."""
+    which no autoscaler grows, the first `replicas` (plus the disaggregated placement's `lm_replicas`,
+    which take the same) must fit in the machine too."""
     import ray
 
     what = f"{replica_cpus:g} CPU core(s)" + (" and a GPU" if gpu else "")
@@ -197,7 +368,12 @@ def check_fits(gpu: bool, replicas: int, replica_cpus: float, local: bool) -> No
     if local:
         total = ray.cluster_resources()
         cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-        if replicas * replica_cpus > cpus or (gpu and replicas > gpus):
+        n = replicas + lm_replicas
+        if n * replica_cpus > cpus or (gpu and n > gpus):
+            if lm_replicas:
+                raise UserError(f"{replicas} replica(s) and {lm_replicas} LM replica(s) of {what} each do not fit this "
+                                f"machine's Ray ({cpus:g} CPU core(s), {gpus:g} GPU(s)).",
+                                "lower --replicas, --lm-replicas or --replica-cpus, or join a cluster with --address")
             raise UserError(f"{replicas} replica(s) of {what} do not fit this machine's Ray ({cpus:g} CPU core(s), "
                             f"{gpus:g} GPU(s)).", "lower --replicas or --replica-cpus, or join a cluster with --address")
 
@@ -231,9 +407,10 @@ def parse_autoscale(value: str | None) -> tuple[int, int] | None:
 
 
 def deployment(settings: ReplicaSettings, replicas: int | None, autoscale: tuple[int, int] | None,
-               replica_cpus: float):
+               replica_cpus: float, lm_replicas: int | None = None):
     """The Ray Serve application: `replicas` copies (or autoscaled between the two counts) of
-    SpeechReplica, one GPU each on CUDA."""
+    SpeechReplica, one GPU each on CUDA; with `lm_replicas` (the disaggregated placement) those are
+    token2wav ingresses in front of `lm_replicas` copies of LMReplica, one GPU each too."""
     from ray import serve
 
     gpu = settings.device.startswith("cuda")
@@ -253,11 +430,29 @@ def deployment(settings: ReplicaSettings, replicas: int | None, autoscale: tuple
                                       "target_ongoing_requests": max(1, int(streams * 0.75))}
     else:
         opts["num_replicas"] = replicas
+    if lm_replicas is not None:
+        lm = serve.deployment(**{**opts, "name": LM_DEPLOYMENT, "num_replicas": lm_replicas})(LMReplica).bind(settings)
+        return serve.deployment(**opts)(serve.ingress()(SpeechReplica)).bind(settings, lm)
     return serve.deployment(**opts)(serve.ingress()(SpeechReplica)).bind(settings)
 
 
+def check_placement(placement: str, lm_replicas: int | None, autoscale: str | None) -> None:
+    if placement not in PLACEMENTS:
+        raise UserError(f"unknown --placement {placement!r}.", f"choose one of {', '.join(PLACEMENTS)}")
+    if placement != "disaggregated":
+        if lm_replicas is not None:
+            raise UserError("--lm-replicas is an option of --placement disaggregated.",
+                            "add --placement disaggregated, or leave it out")
+        return
+    if autoscale is not None:
+        raise UserError("--placement disaggregated takes fixed replica counts, not --autoscale.",
+                        "pass --replicas and --lm-replicas, or use --placement replicated with --autoscale")
+    if lm_replicas is not None and lm_replicas < 1:
+        raise UserError(f"--lm-replicas {lm_replicas} is not a positive count.", "pass --lm-replicas 1 or more")
+
+
 def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, autoscale: str | None,
-        address: str | None, replica_cpus: float) -> None:
+        address: str | None, replica_cpus: float, lm_replicas: int | None = None) -> None:
     """Start (or join) Ray, deploy, print where it serves, and block until Ctrl-C / SIGTERM."""
     import sys
 
@@ -266,6 +461,9 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
         from ray import serve
     except ImportError:
         raise UserError("--ray needs Ray Serve, which is not installed.", "run make setup (it installs ray[serve])") from None
+    check_placement(settings.placement, lm_replicas, autoscale)
+    if settings.placement == "disaggregated" and lm_replicas is None:
+        lm_replicas = 1
     scale = parse_autoscale(autoscale)
     if scale is not None and replicas is not None:
         raise UserError("--replicas and --autoscale exclude each other.", "pass one of them")
@@ -295,14 +493,16 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
         signal.signal(sig, lambda *_: stop.set())
     try:
         check_fits(settings.device.startswith("cuda"), replicas if scale is None else scale[0], replica_cpus,
-                   local=address is None)
+                   local=address is None, lm_replicas=lm_replicas or 0)
         # the replicas' metrics meet here; the actor lives as long as this process (not detached)
         _board = ray.remote(num_cpus=0)(MetricsBoard).options(name=BOARD, namespace=NAMESPACE,
                                                                get_if_exists=True).remote()
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(settings, replicas, scale, replica_cpus), name=APP_NAME, route_prefix="/")
+        serve.run(deployment(settings, replicas, scale, replica_cpus, lm_replicas), name=APP_NAME, route_prefix="/")
         shown = f"[{host}]" if ":" in host else host
         count = f"{replicas} replica(s)" if scale is None else f"{scale[0]}-{scale[1]} replicas (autoscaled)"
+        if lm_replicas is not None:
+            count = f"disaggregated: {lm_replicas} LM replica(s) and {replicas} token2wav replica(s)"
         print(f"serving {settings.model_name} on http://{shown}:{port} through Ray Serve, {count}, "
               f"{settings.device}; GET /ready says when a replica is warmed up", file=sys.stderr, flush=True)
         while not stop.wait(0.5):

@@ -371,3 +371,82 @@ def test_queue_timeout_fails_waiting_requests_while_streams_run():
             waiting.audio()
         assert time.perf_counter() - t0 < 5 and not running.stats.finished  # the long one still runs
         running.cancel()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_lm_and_token2wav_roles_give_the_full_engines_tokens_and_audio(name):
+    """A disaggregated request (an lm-role engine's tokens, fed through a plain Python token source to
+    a token2wav-role engine) gives the full engine's tokens and audio for the same seed: bit-equal alone
+    (measured: 0.0 on every tiny preset), within float tolerance among concurrent requests (batch
+    composition differs; measured at most 4.3e-7 absolute, under 1e-6 relative); each role loads only
+    its own stages; cancelling the token2wav request frees the LM's row."""
+    with Engine(load_model(name), "torch", max_streams=8) as full, \
+            Engine(load_model(name), "torch", max_streams=8, role="lm", token_batch=4) as lm, \
+            Engine(load_model(name), "torch", max_streams=8, role="token2wav", token_source=lambda r: lm.tokens(**r)) as t2w:
+        lm_stage = full.model.graph_specs()[full.model.lm.graph].stage
+        assert set(lm.pipe.runners) == {full.model.lm.graph} and t2w.decoder is None
+        assert set(t2w.pipe.runners) == set(full.pipe.runners) - {full.model.lm.graph}
+        assert all(full.pipe.stage_of[g] != lm_stage for g in t2w.pipe.runners)
+        # a fixed count, and stop tokens (on one preset: random weights stop late, Orpheus at its 1200-token limit)
+        for kw in (dict(seed=7, fixed_tokens=40),) + ((dict(seed=3),) if name == "cosyvoice3-tiny" else ()):
+            ref, got = full.submit(TWO, **kw), t2w.submit(TWO, **kw)
+            a, b = ref.audio(), got.audio()
+            assert got.stats.tokens == ref.stats.tokens and len(ref.stats.tokens) == 2
+            assert a.numel() > 0 and torch.equal(a, b)
+        pairs = [(full.submit(TWO, seed=s, fixed_tokens=30 + s), t2w.submit(TWO, seed=s, fixed_tokens=30 + s))
+                 for s in range(6)]
+        for ref, got in pairs:
+            a, b = ref.audio(), got.audio()
+            assert got.stats.tokens == ref.stats.tokens and a.shape == b.shape and rel(b, a) < 1e-5
+        # the LM side's messages: every utterance ends with done, its tokens in batches of token_batch
+        msgs = list(lm.tokens(TWO, seed=7, fixed_tokens=10))
+        ref = full.submit(TWO, seed=7, fixed_tokens=10)
+        ref.audio()
+        assert [m[0] for m in msgs if m[2]] == [0, 1] and [m[0] for m in msgs] == sorted(m[0] for m in msgs)
+        assert [sum((m[1] for m in msgs if m[0] == k), []) for k in (0, 1)] == ref.stats.tokens
+        with pytest.raises(UserError, match=r"role lm.*Fix: call Engine.tokens\(\)"):
+            lm.submit(TEXT)
+        with pytest.raises(UserError, match="this engine has no LM"):
+            t2w.tokens(TEXT)
+        long = t2w.submit(TEXT, seed=1, fixed_tokens=400)
+        assert long.get(timeout=30) is not None  # it is running
+        long.cancel()
+        with pytest.raises(UserError, match="the request was cancelled"):
+            list(long)
+        deadline = time.time() + 10
+        while (lm.stats()["lm_rows"] or lm.stats()["active_streams"]) and time.time() < deadline:
+            time.sleep(0.01)
+        assert lm.stats()["lm_rows"] == 0 and lm.stats()["active_streams"] == 0 and t2w.stats()["active_streams"] == 0
+
+
+def test_token2wav_role_fails_a_request_whose_tokens_do_not_come():
+    """The token source's errors fail the request with one line (its own UserError as it is; an
+    EngineFull stays an EngineFull); bad options are refused."""
+    def broken(request):
+        raise RuntimeError("the LM is gone\nmore")
+
+    def full_lm(request):
+        raise EngineFull("the engine is full (8 streams running, 32 waiting).", 3.0)
+
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=2, role="token2wav", token_source=broken) as t2w:
+        with pytest.raises(UserError, match=r"speech tokens did not arrive \(RuntimeError: the LM is gone\)"):
+            t2w.submit(TEXT, seed=1).audio()
+        t2w.token_source = full_lm
+        with pytest.raises(EngineFull, match="the engine is full") as err:
+            t2w.submit(TEXT, seed=1).audio()
+        assert err.value.retry_after == 3.0
+        t2w.token_source = lambda r: iter([(0, [1, 2], False)])  # ends early
+        with pytest.raises(UserError, match="the token source ended before every sentence's tokens arrived"):
+            t2w.submit(TEXT, seed=1).audio()
+        deadline = time.time() + 10  # a worker ends its handle just before it leaves the active set
+        while t2w.stats()["active_streams"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert t2w.stats()["active_streams"] == 0
+    with Engine(model, "torch", max_streams=2, max_len=64, role="token2wav", token_source=broken) as t2w:
+        with pytest.raises(UserError, match=r"more than the 64 cache columns of this engine"):  # before any work
+            t2w.submit(TEXT, fixed_tokens=100)
+    with pytest.raises(UserError, match=r"unknown engine role 'both'\. Fix: choose one of full, lm, token2wav"):
+        Engine(model, "torch", role="both")
+    with pytest.raises(UserError, match="a token2wav engine needs a token source"):
+        Engine(model, "torch", role="token2wav")

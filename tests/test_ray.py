@@ -44,12 +44,12 @@ def _free_port() -> int:
 
 
 class RayServer:
-    def __init__(self, folder: str, voices: str):
+    def __init__(self, folder: str, voices: str, placement: tuple[str, ...] = ("--replicas", "2")):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.serve", "--ray", "--replicas", "2", "--port", str(self.port),
+            [sys.executable, "-m", "runtime.serve", "--ray", *placement, "--port", str(self.port),
              "--model", folder, "--max-streams", "6", "--threads", "1", "--warmup", "none",
              "--voices-dir", voices, "--log-level", "warning"],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -59,9 +59,9 @@ class RayServer:
         for line in self.proc.stderr:
             self.log.append(line)
 
-    def replicas(self, want: int = 2, timeout: float = 180.0) -> dict[str, int]:
-        """Poll /diagnostics until Ray says `want` replicas run and that many distinct replicas have
-        answered; {replica id: pid}."""
+    def replicas(self, want: int = 2, timeout: float = 180.0, lm: int | None = None) -> dict[str, int]:
+        """Poll /diagnostics until Ray says `want` replicas run (and `lm` LM replicas, which have
+        pushed their counts) and that many distinct replicas have answered; {replica id: pid}."""
         seen: dict[str, int] = {}
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -71,7 +71,9 @@ class RayServer:
                 r = httpx.get(self.base + "/diagnostics", timeout=5)
                 if r.status_code == 200 and r.json().get("ready"):
                     rep = r.json()["replica"]
-                    if rep.get("replica_states") == {"RUNNING": want}:
+                    lm_ok = lm is None or (rep.get("lm_replica_states") == {"RUNNING": lm}
+                                           and len(rep.get("lm_replicas", {})) == lm)
+                    if rep.get("replica_states") == {"RUNNING": want} and lm_ok:
                         seen[rep["replica_id"]] = rep["pid"]
                         if len(seen) >= want:
                             return seen
@@ -87,18 +89,22 @@ class RayServer:
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory):
-    from tests.conftest import make_upstream_folder, write_fake_frontend_onnx
-
     root = tmp_path_factory.mktemp("ray-server")
-    folder = make_upstream_folder(root, "cosyvoice3")
-    write_fake_frontend_onnx(folder, "v3")
-    s = RayServer(str(folder), str(root / "voices"))
+    s = RayServer(_upstream_folder(root), str(root / "voices"))
     try:
         s.ids = s.replicas(2)
         yield s
     finally:
         code = s.stop()
     assert code == 0, "".join(s.log[-40:])
+
+
+def _upstream_folder(root) -> str:
+    from tests.conftest import make_upstream_folder, write_fake_frontend_onnx
+
+    folder = make_upstream_folder(root, "cosyvoice3")
+    write_fake_frontend_onnx(folder, "v3")
+    return str(folder)
 
 
 def _client(base: str):
@@ -111,6 +117,111 @@ def _wav(data: bytes) -> np.ndarray:
     audio, rate = sf.read(io.BytesIO(data), dtype="float32")
     assert rate == 24000
     return audio
+
+
+class TestDisaggregated:
+    """`--placement disaggregated --lm-replicas 1 --replicas 1`: an LM deployment streaming tokens to a
+    token2wav ingress. Its server lives only for this class (a class fixture, ended before the
+    replicated server of the tests below starts: two Ray clusters at once would crowd 2 cores)."""
+
+    @pytest.fixture(scope="class")
+    def server(self, tmp_path_factory):
+        root = tmp_path_factory.mktemp("ray-disaggregated")
+        s = RayServer(_upstream_folder(root), str(root / "voices"),
+                      ("--placement", "disaggregated", "--lm-replicas", "1", "--replicas", "1"))
+        s.folder = s.proc.args[s.proc.args.index("--model") + 1]
+        try:
+            s.ids = s.replicas(1, lm=1)
+            yield s
+        finally:
+            code = s.stop()
+        assert code == 0, "".join(s.log[-40:])
+
+    def test_it_speaks_the_full_engines_audio(self, server):
+        """Ray runs both deployments; 6 concurrent requests through the official client give, seed for
+        seed, the audio of a full engine in this process (measured: within 0.6 of one 16-bit step);
+        a cloned voice's conditioning reaches the LM replica too."""
+        import torch
+
+        from models.registry import load_model
+        from runtime.engine import Engine
+        from tests.test_server import prompt_wav
+
+        rep = httpx.get(server.base + "/diagnostics").json()["replica"]
+        assert rep["placement"] == "disaggregated" and rep["replica_states"] == {"RUNNING": 1}
+        assert rep["deployment_status"] == rep["lm_deployment_status"] == "HEALTHY"
+        assert rep["lm_replica_states"] == {"RUNNING": 1} and len(rep["lm_replicas"]) == 1
+        c = _client(server.base)
+
+        def one(seed):
+            return _wav(c.audio.speech.create(model="tts-1", voice="default", input=TEXT, response_format="wav",
+                                              extra_body={"seed": seed, "tokens": 30 + seed}).content)
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(one, range(6)))
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with Engine(load_model(server.folder), "torch", max_streams=6) as engine:
+                refs = [engine.submit(TEXT, seed=s, fixed_tokens=30 + s) for s in range(6)]
+                refs = [h.audio().numpy() for h in refs]
+        finally:
+            torch.set_num_threads(n)
+        for seed, (a, ref) in enumerate(zip(got, refs)):
+            assert a.shape == ref.shape == ((30 + seed) * 960,)
+            assert np.abs(a - ref).max() <= 2 / 32768, seed  # 16-bit rounding at most
+        up = {"audio_sample": ("prompt.wav", prompt_wav(), "audio/wav")}
+        r = httpx.post(server.base + "/v1/audio/voices", files=up, data={"transcript": "hello world"}, timeout=60)
+        assert r.status_code in (200, 201), r.text
+        audio = c.audio.speech.create(model="tts-1", voice=r.json()["id"], input="hello world", response_format="pcm",
+                                      extra_body={"seed": 3, "tokens": 20})
+        assert len(audio.content) == 20 * 960 * 2
+
+    def test_lm_metrics_join_the_cluster_scope(self, server):
+        """The LM stage's time is counted on the LM replica (labelled lm:<id>), token2wav's on the ingress."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = httpx.post(server.base + "/v1/audio/speech", timeout=60,
+                       json={"model": "tts-1", "input": TEXT, "voice": "default", "tokens": 10})
+        assert r.status_code == 200, r.text
+        (ingress,) = server.ids
+        deadline, stages = time.time() + 30, {}
+        while time.time() < deadline:
+            text = httpx.get(server.base + "/metrics?scope=cluster", timeout=10).text
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            stages = {(s.labels["stage"], s.labels["replica"].split(":")[0]) for s in families["tts_stage_seconds"].samples
+                      if s.name.endswith("_total") and s.value > 0}
+            if ("llm", "lm") in stages:
+                break
+            time.sleep(0.5)
+        assert stages == {("llm", "lm"), ("flow", ingress), ("vocoder", ingress)}
+
+    def test_a_client_that_goes_away_frees_the_lm_row(self, server):
+        """A long request (3 sentences of 800 tokens: 2400 LM steps) whose client leaves after its first
+        audio: the ingress cancels its call to the LM deployment, whose engine stops that request within
+        its first sentence (measured: about 250 steps; without the cancel, 800 or more) and frees the row."""
+        def lm():
+            (facts,) = httpx.get(server.base + "/diagnostics", timeout=10).json()["replica"]["lm_replicas"].values()
+            return facts
+
+        def settled(timeout=30):  # the LM replica pushes its counts every 2 s: wait for two equal idle pushes
+            deadline, last = time.time() + timeout, None
+            while time.time() < deadline:
+                f = lm()
+                if f["active_streams"] == 0 and f["lm_rows"] == 0 and last is not None and f["lm_steps"] == last:
+                    return f
+                last = f["lm_steps"] if f["active_streams"] == 0 and f["lm_rows"] == 0 else None
+                time.sleep(1.0)
+            raise AssertionError(f"the LM replica did not settle: {lm()}")
+
+        steps0 = settled()["lm_steps"]
+        body = {"model": "tts-1", "input": "This is a long request. It has three sentences. The client will not wait.",
+                "voice": "default", "response_format": "pcm", "seed": 1, "tokens": 800}
+        with httpx.stream("POST", server.base + "/v1/audio/speech", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            assert next(r.iter_bytes())  # the first audio, then the client goes
+        after = settled()
+        assert 0 < after["lm_steps"] - steps0 < 800, (steps0, after)
 
 
 def test_both_replicas_answer_and_agree(ray_server):
@@ -263,3 +374,23 @@ def test_a_replica_no_node_can_hold_is_refused_at_once():
                         r"Fix: lower --replica-cpus, or add a node that has them", errors[0]), errors[0]
     assert "Traceback" not in res.stderr
     assert time.perf_counter() - t0 < 90
+
+
+def test_a_disaggregated_placement_that_does_not_fit_is_refused(monkeypatch):
+    # the LM replicas take a GPU (or their CPU cores) each too: both counts must fit a local cluster
+    import ray
+
+    from models.errors import UserError
+    from runtime.serve_ray import check_fits
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 4.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
+    check_fits(True, 2, 1.0, local=True, lm_replicas=2)
+    with pytest.raises(UserError) as err:
+        check_fits(True, 3, 1.0, local=True, lm_replicas=2)
+    assert str(err.value) == ("3 replica(s) and 2 LM replica(s) of 1 CPU core(s) and a GPU each do not fit this machine's "
+                              "Ray (16 CPU core(s), 4 GPU(s)). Fix: lower --replicas, --lm-replicas or --replica-cpus, "
+                              "or join a cluster with --address")
+    with pytest.raises(UserError, match=r"^5 replica\(s\) of 1 CPU core\(s\) and a GPU do not fit"):
+        check_fits(True, 5, 1.0, local=True)  # the replicated placement's message is as it was
+    check_fits(True, 3, 1.0, local=False, lm_replicas=2)  # a cluster may grow: only one replica must fit a node

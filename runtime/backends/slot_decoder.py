@@ -209,11 +209,7 @@ class SlotDecoder:
 
     # -- requests ---------------------------------------------------------------------------------------
     def room(self, prompt_len: int, max_new: int) -> None:
-        if prompt_len + max_new > self.max_len:
-            raise UserError(f"a request needs {prompt_len} prompt + up to {max_new} generated tokens, more than the "
-                            f"{self.max_len} cache columns of this engine.",
-                            "split the text into shorter sentences, or start the engine with a larger --max-len",
-                            param="tokens")
+        check_room(prompt_len, max_new, self.max_len)
 
     def prefill(self, start: int, prompts: list[list[int]], samplers: list, seeds: list[int]) -> torch.Tensor:
         """Rows start..start+k-1 take these prompts; returns their first sampled tokens [k] (device)."""
@@ -297,3 +293,13 @@ class SlotDecoder:
                 "dtype": str(self.dtype).replace("torch.", ""), "attention": self.attention, "compiled": self.compiled,
                 "graph": self.graph_mode, "graphs": len(self._graphs),
                 "compile_seconds": round(self.compile_seconds, 3), "capture_seconds": round(self.capture_seconds, 3)}
+
+
+def check_room(prompt_len: int, max_new: int, max_len: int) -> None:
+    """Refuse a request whose prompt and generated tokens cannot fit `max_len` cache columns (also
+    checked by an engine without a decoder of its own: the token2wav side of a disaggregated placement)."""
+    if prompt_len + max_new > max_len:
+        raise UserError(f"a request needs {prompt_len} prompt + up to {max_new} generated tokens, more than the "
+                        f"{max_len} cache columns of this engine.",
+                        "split the text into shorter sentences, or start the engine with a larger --max-len",
+                        param="tokens")
