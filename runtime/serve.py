@@ -451,7 +451,10 @@ class AudioStream(StreamingResponse):
                     tg.cancel_scope.cancel()
 
             async def watch():
-                await self.listen_for_disconnect(receive)
+                try:
+                    await self.listen_for_disconnect(receive)
+                except Exception:  # noqa: BLE001 - Ray Serve's receive raises once its client left: gone
+                    pass
                 self.on_disconnect()
                 tg.cancel_scope.cancel()
 
