@@ -204,14 +204,18 @@ class TestDisaggregated:
             (facts,) = httpx.get(server.base + "/diagnostics", timeout=10).json()["replica"]["lm_replicas"].values()
             return facts
 
-        def settled(timeout=30):  # the LM replica pushes its counts every 2 s: wait for two equal idle pushes
+        def settled(since=None, timeout=40):
+            """The LM replica idle, its counts past `since` steps and equal in two reads more than one
+            push interval apart (its counts reach the board every 2 s: two quick reads can both be a
+            push older than the request)."""
             deadline, last = time.time() + timeout, None
             while time.time() < deadline:
                 f = lm()
-                if f["active_streams"] == 0 and f["lm_rows"] == 0 and last is not None and f["lm_steps"] == last:
+                idle = f["active_streams"] == 0 and f["lm_rows"] == 0 and (since is None or f["lm_steps"] > since)
+                if idle and last is not None and f["lm_steps"] == last:
                     return f
-                last = f["lm_steps"] if f["active_streams"] == 0 and f["lm_rows"] == 0 else None
-                time.sleep(1.0)
+                last = f["lm_steps"] if idle else None
+                time.sleep(2.5)
             raise AssertionError(f"the LM replica did not settle: {lm()}")
 
         steps0 = settled()["lm_steps"]
@@ -220,8 +224,8 @@ class TestDisaggregated:
         with httpx.stream("POST", server.base + "/v1/audio/speech", json=body, timeout=60) as r:
             assert r.status_code == 200
             assert next(r.iter_bytes())  # the first audio, then the client goes
-        after = settled()
-        assert 0 < after["lm_steps"] - steps0 < 800, (steps0, after)
+        after = settled(since=steps0)
+        assert after["lm_steps"] - steps0 < 800, (steps0, after)
 
 
 def test_both_replicas_answer_and_agree(ray_server):
