@@ -589,6 +589,12 @@ class Engine:
         self.lm_rows_total = 0  # rows over all steps (a level's mean batch: its rows / its steps)
         self.lm_batch_sizes: deque = deque(maxlen=1000)
         self.lm_seconds = 0.0
+        # where an LM step's time goes (seconds summed over steps): `launch` (the graph replay call),
+        # `wait` (host read: waiting for the device), `device` (the step's own GPU time, CUDA events,
+        # slowed by whatever shares the SMs), `deliver` (handing tokens to the workers), `between` (the
+        # loop's other host time: locks, admission, the GIL), and prefills apart (`prefill`, `prefills`)
+        self.lm_timing = dict.fromkeys(("launch", "wait", "device", "deliver", "between", "prefill"), 0.0)
+        self.lm_prefills = 0
 
     def limit_streams(self, n: int) -> None:
         """Before start: at most `n` active streams (a batch job with fewer requests than the default
@@ -809,6 +815,7 @@ class Engine:
                 "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
                 "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds},
+                "lm_timing": dict(self.lm_timing), "lm_prefills": self.lm_prefills,
                 "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
                                 for g, (n, r, t) in self.batcher.graph_calls.items()}}
 
@@ -970,13 +977,18 @@ class Engine:
             self.running = False
         self._ready.set()
         dec = self.decoder
+        timing = self.lm_timing
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+            if stream is not None else None
         expired_at = time.perf_counter()
+        last_end = None  # when the previous step's tokens were delivered
         while self.running:
             if time.perf_counter() - expired_at > 0.1:
                 self._expire_waiting()
                 expired_at = time.perf_counter()
             with self._lm_cond:
                 while self.running and not self._rows and not self._lm_queue:
+                    last_end = None  # idle: the wait is not the loop's overhead
                     self._lm_cond.wait(0.1)
                 arrivals = []
                 while self._lm_queue and len(self._rows) + len(arrivals) < dec.rows and len(arrivals) < self.prefill_limit:
@@ -984,6 +996,7 @@ class Engine:
             if not self.running:
                 break
             t0 = time.perf_counter()
+            prefill_s = 0.0
             if arrivals:
                 start = len(self._rows)
                 try:
@@ -995,13 +1008,32 @@ class Engine:
                     continue
                 self._rows += arrivals
                 self._deliver(first, range(start, start + len(arrivals)))
+                prefill_s = time.perf_counter() - t0
+                timing["prefill"] += prefill_s
+                self.lm_prefills += 1
             n = len(self._rows)
             if n:
-                ids = dec.read(dec.step(n))
+                t1 = time.perf_counter()
+                if last_end is not None:
+                    timing["between"] += t1 - last_end - prefill_s
+                if events is not None:
+                    events[0].record()
+                tok = dec.step(n)
+                if events is not None:
+                    events[1].record()
+                t2 = time.perf_counter()
+                ids = dec.read(tok)
+                t3 = time.perf_counter()
                 self.lm_steps += 1
                 self.lm_rows_total += n
                 self.lm_batch_sizes.append(n)
                 self._deliver(ids, range(n))
+                last_end = time.perf_counter()
+                timing["launch"] += t2 - t1
+                timing["wait"] += t3 - t2
+                timing["deliver"] += last_end - t3
+                if events is not None:  # both recorded before the read's sync: complete now
+                    timing["device"] += events[0].elapsed_time(events[1]) / 1e3
             dt = time.perf_counter() - t0
             self.lm_seconds += dt
             if n and self.batcher.on_batch is not None:

@@ -191,6 +191,13 @@ def _level_counters(after: dict, before: dict) -> dict:
     out = {"lm_steps": steps, "lm_batch_mean": round(rows / steps, 2) if steps else 0.0,
            "stage_seconds": {k: round(v - before["stage_seconds"].get(k, 0.0), 4)
                              for k, v in after["stage_seconds"].items()}, "graph_calls": {}}
+    if "lm_timing" in after and "lm_timing" in before:
+        # ms per LM step of each part of its time (prefill: ms per prefill call)
+        dt = {k: v - before["lm_timing"].get(k, 0.0) for k, v in after["lm_timing"].items()}
+        prefills = after["lm_prefills"] - before["lm_prefills"]
+        out["lm_step_ms"] = {k: round(1e3 * v / steps, 3) if steps else 0.0 for k, v in dt.items() if k != "prefill"}
+        out["lm_prefill_ms"] = round(1e3 * dt["prefill"] / prefills, 3) if prefills else 0.0
+        out["lm_prefills"] = prefills
     for g, now in after.get("graph_calls", {}).items():
         was = before.get("graph_calls", {}).get(g, {"calls": 0, "rows": 0, "seconds": 0.0})
         calls = now["calls"] - was["calls"]
@@ -421,6 +428,12 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         log(f"{kind} {value}: {lv['audio_s_per_s']:.1f} audio-s/s, first audio p50 {p50 or 0:.1f} / "
             f"p99 {p99 or 0:.1f} ms, underruns {lv['underruns']}, failed {lv['failed']}"
             + (f" ({lv['errors'][0]})" if lv["errors"] else ""))
+        split = lv["engine_during_level"].get("lm_step_ms")
+        if split:
+            d = lv["engine_during_level"]
+            log(f"  LM step at a mean batch of {d['lm_batch_mean']}: launch {split['launch']:.2f} + wait "
+                f"{split['wait']:.2f} (device {split['device']:.2f}) + deliver {split['deliver']:.2f} + between "
+                f"{split['between']:.2f} ms; {d['lm_prefills']} prefills of {d['lm_prefill_ms']:.1f} ms")
     base = None
     if engine is not None:
         engine.stop()

@@ -8,6 +8,8 @@
 # (runtime.serve, --warmup $WARMUP, full by default, timed), same levels; http: the server alone; ray: the
 # same through Ray Serve with one replica; batcher: the token2wav batcher's policies (call, round) on
 # CosyVoice3; orpheus-lm: Orpheus with the compiled LM step; priority (CosyVoice3), priority-orpheus: the LM stream's CUDA priority;
+# lmsplit: where an LM step's time goes under load (launch, wait, device, deliver; CosyVoice3 at the default
+# switch interval and at 0.5 ms, Orpheus);
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -111,6 +113,19 @@ if [ "${1:-}" = priority ]; then
         --concurrency 16,32,64 --requests 64 --tokens 125 --runs 3 --no-baseline --lm-priority ${cfg%-*} \
         --batcher-policy ${cfg#*-} --json "$OUT/loadtest-cv3-prio-$cfg.json"
   done
+  exit 0
+fi
+if [ "${1:-}" = lmsplit ]; then
+  # the engine's LM step split into host and device time per level (loadtest logs and JSON: lm_step_ms)
+  for ms in 0 0.5; do
+    run 150 loadtest-cv3-split-$ms $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,64 --requests 64 --tokens 125 --no-baseline --switch-interval-ms $ms \
+        --json "$OUT/loadtest-cv3-split-$ms.json"
+  done
+  run 170 loadtest-orpheus-split $PY -m runtime.loadtest --model orpheus-random --device cuda \
+      --backend llm=torch:bf16,vocoder=cudagraph:bf16 --max-len 640 --max-streams 64 \
+      --concurrency 16,64 --requests 64 --tokens 420 --no-baseline --json "$OUT/loadtest-orpheus-split.json"
   exit 0
 fi
 if [ "${1:-}" = priority-orpheus ]; then

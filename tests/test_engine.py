@@ -272,6 +272,13 @@ def test_loadtest_json(tmp_path):
     assert set(one["graph_calls"]) == {"flow_encoder", "flow_solver", "vocoder"}
     assert all(c["calls"] > 0 and c["ms_per_call"] > 0 for c in one["graph_calls"].values())
     assert one["graph_calls"]["flow_solver"]["rows_per_call"] == 1.0
+    # the LM step's split: one prefill per request at C=1, no device time on the CPU (no CUDA events),
+    # and the timed parts of the steps fit inside the LM stage's own seconds
+    split = one["lm_step_ms"]
+    assert set(split) == {"launch", "wait", "device", "deliver", "between"} and one["lm_prefills"] == 3
+    assert split["device"] == 0.0 and split["launch"] > 0 and one["lm_prefill_ms"] > 0
+    parts_ms = (split["launch"] + split["wait"] + split["deliver"]) * one["lm_steps"]
+    assert parts_ms <= 1e3 * one["stage_seconds"]["llm"] + 1.0
 
 
 def test_batcher_splits_calls_of_very_different_lengths():
