@@ -522,10 +522,12 @@ class Engine:
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
-                 token_source=None, token_batch: int = 4):
+                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
-        the lm role sends a request's new tokens every this many tokens (and at each utterance's end)."""
+        the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
+        lm_reserved_sms: run the token2wav calls on a CUDA green context that leaves this many SMs to
+        the LM alone (0: both share every SM; see `_green_stream`)."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
@@ -539,6 +541,11 @@ class Engine:
             raise UserError(f"unknown LM stream priority {lm_priority!r}.", f"choose one of {', '.join(self.LM_PRIORITIES)}")
         self.lm_priority = lm_priority
         self.device = torch.device(device)
+        if lm_reserved_sms < 0 or (lm_reserved_sms and self.device.type != "cuda"):
+            raise UserError(f"cannot reserve {lm_reserved_sms} SMs for the LM on {self.device.type}.",
+                            "reserve SMs (a positive count) on a CUDA device only; 0 turns it off")
+        self.lm_reserved_sms = lm_reserved_sms
+        self._green = None  # the token2wav side's green context (kept alive while its stream is used)
         choice = BackendChoice.parse(backends, model.stages)
         lm_stage = model.graph_specs()[model.lm.graph].stage
         lm_option = choice.first(lm_stage).resolved(precision)
@@ -625,6 +632,8 @@ class Engine:
             # it back, longer than a step. A shorter interval bounds that wait (process-wide). Off by
             # default: 0.5 ms gave no consistent gain on the H200 (docs/serving.md).
             sys.setswitchinterval(min(sys.getswitchinterval(), self.switch_interval))
+        if self.lm_reserved_sms:
+            self.batcher.stream = self._green_stream(self.lm_reserved_sms)
         if self.role == "token2wav":  # no LM here: no slot decoder, no KV cache
             self.pipe.activate()
         else:
@@ -657,6 +666,29 @@ class Engine:
         return self
 
     _start_error: BaseException | None = None
+
+    def _green_stream(self, reserved: int) -> torch.cuda.Stream:
+        """A stream of a green context holding all SMs but `reserved`: the token2wav batcher's calls
+        (flow, vocoder) run there, so the LM's steps, on an ordinary stream, always find `reserved`
+        idle SMs. Measured under load, an LM step's device time grows 2-3x while flow calls share its
+        SMs (docs/serving.md, "Where an LM step's time goes"), and a stream priority did not help."""
+        from torch.cuda import green_contexts
+
+        total = torch.cuda.get_device_properties(self.device).multi_processor_count
+        if reserved >= total:
+            raise UserError(f"cannot reserve {reserved} of the GPU's {total} SMs for the LM.",
+                            f"reserve fewer than {total} (e.g. 16)")
+        if not green_contexts.SUPPORTED or not hasattr(green_contexts.GreenContext, "Stream"):
+            raise UserError(f"this torch ({torch.__version__}) has no CUDA green-context streams.",
+                            "use a torch built with CUDA 12.8+ green contexts, or drop the SM reservation")
+        try:
+            self._green = green_contexts.GreenContext.create(num_sms=total - reserved,
+                                                             device_id=self.device.index or 0)
+            return self._green.Stream()
+        except RuntimeError as e:  # the driver's SM split has granularity rules (e.g. multiples of 8)
+            first = str(e).strip().splitlines()[0][:160]
+            raise UserError(f"no green context of {total - reserved} SMs ({first}).",
+                            "try another reserved count, e.g. a multiple of 8") from None
 
     def stop(self) -> None:
         """Finish: waiting requests fail, running ones are cancelled, threads end."""

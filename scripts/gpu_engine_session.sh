@@ -10,6 +10,7 @@
 # CosyVoice3; orpheus-lm: Orpheus with the compiled LM step; priority (CosyVoice3), priority-orpheus: the LM stream's CUDA priority;
 # lmsplit: where an LM step's time goes under load (launch, wait, device, deliver; CosyVoice3 at the default
 # switch interval and at 0.5 ms, Orpheus);
+# green: the token2wav calls on a CUDA green context leaving SMs to the LM (the probe, then CosyVoice3);
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -126,6 +127,17 @@ if [ "${1:-}" = lmsplit ]; then
   run 170 loadtest-orpheus-split $PY -m runtime.loadtest --model orpheus-random --device cuda \
       --backend llm=torch:bf16,vocoder=cudagraph:bf16 --max-len 640 --max-streams 64 \
       --concurrency 16,64 --requests 64 --tokens 420 --no-baseline --json "$OUT/loadtest-orpheus-split.json"
+  exit 0
+fi
+if [ "${1:-}" = green ]; then
+  # a synthetic probe of the mechanism, then CosyVoice3 with 0 (off), 12 and 36 SMs kept from the flow/vocoder
+  run 60 green-probe $PY scripts/green_probe.py --free-sms 4,12,36 --json "$OUT/green-probe.json"
+  for sms in ${RESERVED:-0 12 36}; do
+    run 130 loadtest-cv3-green-$sms $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,64 --requests 32 --runs 3 --tokens 125 --no-baseline --lm-reserved-sms $sms \
+        --json "$OUT/loadtest-cv3-green-$sms.json"
+  done
   exit 0
 fi
 if [ "${1:-}" = priority-orpheus ]; then

@@ -197,6 +197,14 @@ def test_lm_buckets_end_at_the_engine_rows():
         Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=8, lm_buckets=[0, 4])
 
 
+def test_engine_refuses_reserved_sms_off_cuda():
+    with pytest.raises(UserError, match=r"cannot reserve 16 SMs for the LM on cpu. Fix: reserve SMs \(a positive "
+                                        r"count\) on a CUDA device only; 0 turns it off"):
+        Engine(load_model("cosyvoice3-tiny"), "torch", lm_reserved_sms=16)
+    with pytest.raises(UserError, match="cannot reserve -1 SMs"):
+        Engine(load_model("cosyvoice3-tiny"), "torch", lm_reserved_sms=-1)
+
+
 def test_engine_refuses_an_unknown_lm_priority():
     with pytest.raises(UserError, match="unknown LM stream priority 'urgent'. Fix: choose one of normal, high"):
         Engine(load_model("cosyvoice3-tiny"), "torch", lm_priority="urgent")
