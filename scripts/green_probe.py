@@ -69,8 +69,8 @@ def main():
                 e.synchronize()  # the engine reads every step's tokens before the next one
         return sum(s.elapsed_time(e) for s, e in ev) / len(ev)
 
-    def with_load(stream) -> tuple[float, float]:
-        g = make_graph(load, stream)
+    def with_load(stream, capture_stream=None) -> tuple[float, float]:
+        g = make_graph(load, capture_stream or stream)
         stop = threading.Event()
         done = [0]
 
@@ -99,6 +99,14 @@ def main():
             rows.append({"case": f"load on a green context of {total - free} SMs", "step_ms": ms, "load_calls_per_s": rate})
         except Exception as e:  # noqa: BLE001 - a probe: report what failed and go on
             rows.append({"case": f"green context of {total - free} SMs", "error": f"{type(e).__name__}: {e}"[:300]})
+    # the same green stream replaying a graph captured on an ordinary stream: where do its kernels run?
+    free = max(int(v) for v in args.free_sms.split(","))
+    try:
+        gc = gcs.GreenContext.create(num_sms=total - free, device_id=dev.index or 0)
+        ms, rate = with_load(gc.Stream(), capture_stream=torch.cuda.Stream(dev))
+        rows.append({"case": f"captured elsewhere, replayed on {total - free} SMs", "step_ms": ms, "load_calls_per_s": rate})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"case": "captured elsewhere", "error": f"{type(e).__name__}: {e}"[:300]})
     for r in rows:
         print(f"{r['case']:<42} " + (f"step {r['step_ms']:.3f} ms" if "step_ms" in r else r["error"])
               + (f", load {r['load_calls_per_s']:.1f} calls/s" if "load_calls_per_s" in r else ""), flush=True)

@@ -76,9 +76,15 @@ def capture(fn, args, device: torch.device, mode: str, pool=None, warmup: int = 
     if after_warmup is not None:
         after_warmup()
     graph = torch.cuda.CUDAGraph()
+    # capture on the caller's own stream when it has one: a stream of a CUDA green context (the
+    # engine's token2wav side with SMs reserved for the LM) confines the graph's kernels to its SMs
+    # only when the graph is captured there; replayed on it after a capture on an ordinary side stream
+    # they spread over every SM (measured: docs/serving.md). The default stream cannot capture.
+    current = torch.cuda.current_stream(device)
+    own = None if current == torch.cuda.default_stream(device) else current
     # thread_local: other threads of the process (a serving engine runs the LM and token2wav on
     # separate threads and streams) may keep launching work while this thread captures
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=own, capture_error_mode="thread_local"):
         outs = fn(*args)
     torch.cuda.synchronize(device)
     return graph, outs, t1 - t0, time.perf_counter() - t1
