@@ -522,12 +522,13 @@ class Engine:
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
-                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0):
+                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
         the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
         lm_reserved_sms: run the token2wav calls on a CUDA green context that leaves this many SMs to
-        the LM alone (0: both share every SM; see `_green_stream`)."""
+        the LM alone (0: both share every SM; see `_green_stream`); lm_prefill_graphs: on CUDA, run
+        prefills as captured graphs (runtime/backends/slot_decoder.py; False: eager, for comparison)."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
@@ -572,7 +573,10 @@ class Engine:
         self.max_queue = self.max_streams * 4 if max_queue is None else max_queue
         self.queue_timeout = queue_timeout
         self.first_audio_target = first_audio_target
+        if prefill_limit < 1:
+            raise UserError(f"prefill_limit {prefill_limit} is not a positive count.", "pass 1 or more (default 16)")
         self.prefill_limit = prefill_limit
+        self.lm_prefill_graphs = lm_prefill_graphs
         self.switch_interval = switch_interval
         self._lm_spec = (lm_option, dtype, attention)
         self.decoder: SlotDecoder | None = None
@@ -646,7 +650,9 @@ class Engine:
             self.pipe.activate()
             self.decoder = SlotDecoder(lm, probe.slots(self.max_streams, vocab, self.device), self.model.lm.token_offset,
                                        self.max_streams, self.max_len, self.device, dtype, compile=compile_step,
-                                       attention=attention, buckets=self.lm_buckets)
+                                       attention=attention, buckets=self.lm_buckets,
+                                       prefill_graphs=self.lm_prefill_graphs,
+                                       prefill_rows=1 << (self.prefill_limit - 1).bit_length())
         self.running = True
         self.batcher.running = True
         # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority

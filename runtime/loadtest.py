@@ -356,6 +356,8 @@ def _counts(value: str, what: str) -> list[int]:
               help="CUDA stream priority of the LM's decode steps against the token2wav calls (GPU only).")
 @click.option("--lm-reserved-sms", default=0, show_default=True,
               help="Run flow and vocoder calls on a CUDA green context that leaves this many SMs to the LM (0: off).")
+@click.option("--prefill", "prefill", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
+              help="The LM's prefills on CUDA: captured graphs per (rows, width) bucket, or eager (for comparison).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
@@ -363,7 +365,7 @@ def _counts(value: str, what: str) -> list[int]:
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
          with_baseline, baseline_requests, json_path, plot_path, seed, lm_buckets, switch_interval_ms, batcher_policy,
-         lm_priority, lm_reserved_sms, url, api_key, voice):
+         lm_priority, lm_reserved_sms, prefill, url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -397,7 +399,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                         switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None,
                         lm_buckets=_counts(lm_buckets, "--lm-buckets") if lm_buckets else None,
                         batcher_policy=batcher_policy, lm_priority=lm_priority,
-                        lm_reserved_sms=lm_reserved_sms).start()
+                        lm_reserved_sms=lm_reserved_sms, lm_prefill_graphs=prefill == "graph").start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
@@ -405,7 +407,8 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
         meta = {"model": model.name, "random_weights": model.random_weights, "backend": backends, "device": str(dev),
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
                 "switch_interval_ms": switch_interval_ms, "lm_buckets": engine.decoder.buckets,
-                "batcher_policy": batcher_policy, "lm_priority": lm_priority, "lm_reserved_sms": lm_reserved_sms}
+                "batcher_policy": batcher_policy, "lm_priority": lm_priority, "lm_reserved_sms": lm_reserved_sms,
+                "prefill": prefill}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request

@@ -11,6 +11,8 @@
 # lmsplit: where an LM step's time goes under load (launch, wait, device, deliver; CosyVoice3 at the default
 # switch interval and at 0.5 ms, Orpheus);
 # green: the token2wav calls on a CUDA green context leaving SMs to the LM (the probe, then CosyVoice3);
+# prefill: the LM's prefills eager against captured (CosyVoice3, same call), then the green probe;
+# flowcompile: CosyVoice3 with flow and vocoder compiled (compile:bf16) instead of cudagraph;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -138,6 +140,24 @@ if [ "${1:-}" = green ]; then
         --concurrency 1,16,64 --requests 32 --runs 3 --tokens 125 --no-baseline --lm-reserved-sms $sms \
         --json "$OUT/loadtest-cv3-green-$sms.json"
   done
+  exit 0
+fi
+if [ "${1:-}" = prefill ]; then
+  for mode in eager graph; do
+    run 170 loadtest-cv3-prefill-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,64 --requests 64 --tokens 125 --no-baseline --prefill $mode \
+        --json "$OUT/loadtest-cv3-prefill-$mode.json"
+  done
+  run 60 green-probe $PY scripts/green_probe.py --free-sms 4,12,36 --json "$OUT/green-probe.json"
+  exit 0
+fi
+if [ "${1:-}" = flowcompile ]; then
+  # the DiT and the causal HiFT compiled (inductor, automatic dynamic shapes: one static and one
+  # dynamic compile each, then a CUDA graph capture per (rows, length) key met in the warm-up round)
+  run ${LIMIT:-560} loadtest-cv3-flow-compile $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+      --backend llm=torch:bf16,flow=compile:bf16,vocoder=compile:bf16 --max-len 512 --max-streams 128 \
+      --concurrency 1,16,64 --requests 64 --tokens 125 --no-baseline --json "$OUT/loadtest-cv3-flow-compile.json"
   exit 0
 fi
 if [ "${1:-}" = priority-orpheus ]; then

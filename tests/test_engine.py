@@ -55,20 +55,26 @@ def test_counter_uniforms_are_per_row_and_uniform():
     assert (hist - 0.1).abs().max() < 5e-3
 
 
-@pytest.mark.parametrize("name", ["cosyvoice3-tiny", "orpheus-tiny"])
-def test_slot_decoder_matches_explicit_cache(name):
+@pytest.mark.parametrize("name,graphs,prefill_rows", [("cosyvoice3-tiny", None, 16), ("orpheus-tiny", None, 16),
+                                                      ("cosyvoice3-tiny", "emulate", 4), ("orpheus-tiny", "emulate", 2)])
+def test_slot_decoder_matches_explicit_cache(name, graphs, prefill_rows):
     """Logits of every row equal the explicit-cache graph's for the same prompts and tokens, with
-    rows of different prompt lengths prefilled together (right-padded) and compacted mid-way."""
+    rows of different prompt lengths prefilled together (right-padded) and compacted mid-way; also
+    with the steps and prefills as (emulated) graphs: 3 prompts padded to a prefill of 4 rows (the
+    first prompt again) and 16 columns, or split into prefills of 2 and 1 rows."""
     m, ref_m = load_model(name), load_model(name)
     spec = ref_m.graph_specs()["llm"]
     vocab = spec.outputs[0].shape[1]
     utt = m.make_utterance("x", m.make_speaker(None, None))
     sampler = m.make_sampler(utt, torch.Generator(), 8)
     logits_seen = {}
-    dec = SlotDecoder(m.graph_module("llm"), sampler.slots(4, vocab, "cpu"), m.lm.token_offset, 4, 64, "cpu")
+    dec = SlotDecoder(m.graph_module("llm"), sampler.slots(4, vocab, "cpu"), m.lm.token_offset, 4, 64, "cpu",
+                      cuda_graphs=graphs, prefill_rows=prefill_rows)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 9, 3)]
     first = dec.read(dec.prefill(0, prompts, [sampler] * 3, [11, 12, 13]))
+    captured = {(4, 16)} if prefill_rows == 4 else {(2, 16), (1, 16)} if graphs else set()
+    assert set(dec._prefills) == captured and dec.metadata()["prefill_graphs"] == len(captured)
     fed = [p + [m.lm.next_input_id(t)] for p, t in zip(prompts, first)]
     # capture the step's logits by wrapping the head
     head = dec.lm.head
