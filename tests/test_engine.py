@@ -61,7 +61,8 @@ def test_slot_decoder_matches_explicit_cache(name, graphs, prefill_rows):
     """Logits of every row equal the explicit-cache graph's for the same prompts and tokens, with
     rows of different prompt lengths prefilled together (right-padded) and compacted mid-way; also
     with the steps and prefills as (emulated) graphs: 3 prompts padded to a prefill of 4 rows (the
-    first prompt again) and 16 columns, or split into prefills of 2 and 1 rows."""
+    first prompt again) and 16 columns after the warm start's captures, or split into prefills of 2
+    and 1 rows."""
     m, ref_m = load_model(name), load_model(name)
     spec = ref_m.graph_specs()["llm"]
     vocab = spec.outputs[0].shape[1]
@@ -72,8 +73,12 @@ def test_slot_decoder_matches_explicit_cache(name, graphs, prefill_rows):
                       cuda_graphs=graphs, prefill_rows=prefill_rows)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    if prefill_rows == 4:  # the warm start's captures (one-prompt prefills in row 0) change nothing after
+        dec.capture_all()
     first = dec.read(dec.prefill(0, prompts, [sampler] * 3, [11, 12, 13]))
-    captured = {(4, 16)} if prefill_rows == 4 else {(2, 16), (1, 16)} if graphs else set()
+    widths = (16, 20, 24, 28, 32, 40, 48, 56, 64)  # bucket_size up to max_len 64
+    captured = {(4, 16)} | {(1, w) for w in widths} if prefill_rows == 4 else \
+        {(2, 16), (1, 16)} if graphs else set()
     assert set(dec._prefills) == captured and dec.metadata()["prefill_graphs"] == len(captured)
     fed = [p + [m.lm.next_input_id(t)] for p, t in zip(prompts, first)]
     # capture the step's logits by wrapping the head

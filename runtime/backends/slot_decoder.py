@@ -299,10 +299,11 @@ class SlotDecoder:
         if entry is None:
             if host_inputs is None:
                 host_inputs = self._prefill_inputs(0, [[0]], rows, width)
-            inputs = tuple(t.to(self.device) for t in host_inputs)
             sync_if_cuda(self.device)
-            graph, logits, first, rest = capture(self._prefill_fn, inputs, self.device, self.graph_mode,
-                                                 self._prefill_pool, warmup=1)
+            with torch.inference_mode():  # the cache is an inference tensor (capture_all runs outside prefill)
+                inputs = tuple(t.to(self.device) for t in host_inputs)
+                graph, logits, first, rest = capture(self._prefill_fn, inputs, self.device, self.graph_mode,
+                                                     self._prefill_pool, warmup=1)
             self.compile_seconds += first
             self.capture_seconds += rest
             entry = self._prefills[(rows, width)] = (graph, inputs, logits)
