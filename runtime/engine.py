@@ -522,13 +522,14 @@ class Engine:
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
-                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True):
+                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = False):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
         the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
         lm_reserved_sms: run the token2wav calls on a CUDA green context that leaves this many SMs to
         the LM alone (0: both share every SM; see `_green_stream`); lm_prefill_graphs: on CUDA, run
-        prefills as captured graphs (runtime/backends/slot_decoder.py; False: eager, for comparison)."""
+        prefills as captured graphs (runtime/backends/slot_decoder.py). Off by default until measured on
+        a GPU: tested on the CPU only, with emulated graphs."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")

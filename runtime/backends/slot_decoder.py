@@ -20,8 +20,10 @@ model's own body in one call (positions follow the mask, so padding at the end c
 the real tokens), their keys / values copied into the rows' first columns, the logits at each
 row's last real token sampled as its first token. Several arrivals cost one forward. On CUDA the
 forward and the cache writes are one captured graph per (rows bucket, width bucket): eager, a
-Qwen2-0.5B prefill is ~700 kernel launches from Python, which cost 27.6 ms of the LM thread for one
-short prompt on an H100 while every running stream's next step waited (docs/serving.md). Widths
+Qwen2-0.5B prefill is ~700 kernel launches from Python; an eager prefill of one short prompt took
+27.6 ms of the LM thread on an H100 while every running stream's next step waited (docs/serving.md;
+the captured prefill is tested on the CPU with emulated graphs and not yet measured on a GPU, so the
+engine keeps it off by default). Widths
 round up to `bucket_size` (at most 25 % padding; the padded columns are written but lie past the
 row's length, where a step overwrites them before any step reads them); rows round up to a power of
 two by repeating the first prompt into its own row again (the same values written twice), and more
