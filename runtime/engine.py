@@ -65,6 +65,7 @@ import torch
 from models.errors import UserError
 from models.family import TTSModel
 from runtime.backends import BackendChoice
+from runtime.backends.cuda_graphs import capture_stream
 from runtime.backends.slot_decoder import SlotDecoder, check_room
 from runtime.pipeline import Pipeline, capped_warning
 
@@ -293,6 +294,10 @@ class GraphBatcher:
         self.busy = 0  # workers running host code (not waiting on a call or on tokens)
         self.running = False
         self.stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
+        # where this thread captures new graphs (None: a side stream of its own, never `stream`, on
+        # which the request threads enqueue their inputs; a green context's second stream when
+        # `stream` is a green one, so the graphs keep to its SMs)
+        self.capture_stream = None
         self.stage_seconds: dict[str, float] = {s: 0.0 for s in pipe.model.stages}
         self.batch_sizes: deque = deque(maxlen=1000)  # rows per executed call
         # f(stage, rows, seconds) after every executed call (the server's metrics); set by the engine
@@ -326,6 +331,10 @@ class GraphBatcher:
     def run(self) -> None:
         if self.stream is not None:
             torch.cuda.set_stream(self.stream)
+        with capture_stream(self.capture_stream):
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self.cond:
                 while self.running and not self.pending:
@@ -639,6 +648,7 @@ class Engine:
             sys.setswitchinterval(min(sys.getswitchinterval(), self.switch_interval))
         if self.lm_reserved_sms:
             self.batcher.stream = self._green_stream(self.lm_reserved_sms)
+            self.batcher.capture_stream = self._green.Stream()
         if self.role == "token2wav":  # no LM here: no slot decoder, no KV cache
             self.pipe.activate()
         else:

@@ -11,7 +11,8 @@
 # lmsplit: where an LM step's time goes under load (launch, wait, device, deliver; CosyVoice3 at the default
 # switch interval and at 0.5 ms, Orpheus);
 # green: the token2wav calls on a CUDA green context leaving SMs to the LM (the probe, then CosyVoice3);
-# prefill: the LM's prefills eager against captured (CosyVoice3, same call), then the green probe;
+# prefill: the GPU capture tests, the LM's prefills eager against captured (CosyVoice3, same call, $RUNS
+# runs per level, 3 by default), then the green probe;
 # flowcompile: CosyVoice3 with flow and vocoder compiled (compile:bf16) instead of cudagraph;
 # default: the LM steps and the Orpheus load test.
 set -u
@@ -143,10 +144,12 @@ if [ "${1:-}" = green ]; then
   exit 0
 fi
 if [ "${1:-}" = prefill ]; then
+  run 120 pytest-capture $PY -m pytest -q -p no:cacheprovider tests/test_compiled.py -m gpu \
+      -k "capture or decoder_cuda_graph"
   for mode in eager graph; do
-    run 170 loadtest-cv3-prefill-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+    run 280 loadtest-cv3-prefill-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
-        --concurrency 1,16,64 --requests 64 --tokens 125 --no-baseline --prefill $mode \
+        --concurrency 1,16,64 --requests 64 --tokens 125 --runs "${RUNS:-3}" --no-baseline --prefill $mode \
         --json "$OUT/loadtest-cv3-prefill-$mode.json"
   done
   run 60 green-probe $PY scripts/green_probe.py --free-sms 4,12,36 --json "$OUT/green-probe.json"

@@ -107,6 +107,15 @@ def main():
         rows.append({"case": f"captured elsewhere, replayed on {total - free} SMs", "step_ms": ms, "load_calls_per_s": rate})
     except Exception as e:  # noqa: BLE001
         rows.append({"case": "captured elsewhere", "error": f"{type(e).__name__}: {e}"[:300]})
+    # captured on a second stream of the same green context (what the engine's batcher does: its
+    # own stream carries the request threads' copies and must not capture)
+    try:
+        gc = gcs.GreenContext.create(num_sms=total - free, device_id=dev.index or 0)
+        ms, rate = with_load(gc.Stream(), capture_stream=gc.Stream())
+        rows.append({"case": f"captured on a sibling green stream, {total - free} SMs", "step_ms": ms,
+                     "load_calls_per_s": rate})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"case": "captured on a sibling green stream", "error": f"{type(e).__name__}: {e}"[:300]})
     for r in rows:
         print(f"{r['case']:<42} " + (f"step {r['step_ms']:.3f} ms" if "step_ms" in r else r["error"])
               + (f", load {r['load_calls_per_s']:.1f} calls/s" if "load_calls_per_s" in r else ""), flush=True)

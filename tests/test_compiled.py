@@ -657,3 +657,44 @@ def test_every_graph_compiles_in_low_precision(name, dtype):
             if p.is_floating_point():
                 # RoPE frequency tables keep float32 by their module's own rule (DecoderBody._apply)
                 assert (p.dtype == torch.float32) == spec.in_fp32_scope(pname) or "rope" in pname, (graph, pname)
+
+
+@gpu
+@needs_cuda
+def test_gpu_capture_while_other_threads_copy_onto_the_callers_stream():
+    """The engine's request threads enqueue their input copies (pageable host memory) on the
+    token2wav thread's stream while that thread captures a new graph: the capture must not happen
+    on that stream (it did once, and every request in flight failed with 'operation not permitted
+    when stream is capturing'); each captured graph still replays its function exactly."""
+    import threading
+
+    from runtime.backends.cuda_graphs import capture
+
+    dev = torch.device("cuda")
+    shared = torch.cuda.Stream(dev)
+    stop, errors = threading.Event(), []
+
+    def copier():
+        torch.cuda.set_stream(shared)
+        try:
+            while not stop.is_set():
+                (torch.randn(64, 64).to(dev) * 2).sum().item()
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(e))
+
+    t = threading.Thread(target=copier)
+    t.start()
+    try:
+        torch.cuda.set_stream(shared)
+        w = torch.randn(256, 256, device=dev)
+        for i in range(20):
+            x = torch.randn(8, 256, device=dev)
+            graph, out, _, _ = capture(lambda a: torch.tanh(a @ w) + i, (x,), dev, "cuda")
+            x.copy_(torch.randn(8, 256, device=dev))
+            graph.replay()
+            torch.testing.assert_close(out, torch.tanh(x @ w) + i)
+    finally:
+        stop.set()
+        t.join()
+        torch.cuda.set_stream(torch.cuda.default_stream(dev))
+    assert errors == []

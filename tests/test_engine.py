@@ -61,8 +61,8 @@ def test_slot_decoder_matches_explicit_cache(name, graphs, prefill_rows):
     """Logits of every row equal the explicit-cache graph's for the same prompts and tokens, with
     rows of different prompt lengths prefilled together (right-padded) and compacted mid-way; also
     with the steps and prefills as (emulated) graphs: 3 prompts padded to a prefill of 4 rows (the
-    first prompt again) and 16 columns after the warm start's captures, or split into prefills of 2
-    and 1 rows."""
+    first prompt again) and 16 columns after the warm start's captures (every pair a request can
+    meet), or split into prefills of 2 and 1 rows captured on first use."""
     m, ref_m = load_model(name), load_model(name)
     spec = ref_m.graph_specs()["llm"]
     vocab = spec.outputs[0].shape[1]
@@ -76,9 +76,9 @@ def test_slot_decoder_matches_explicit_cache(name, graphs, prefill_rows):
     if prefill_rows == 4:  # the warm start's captures (one-prompt prefills in row 0) change nothing after
         dec.capture_all()
     first = dec.read(dec.prefill(0, prompts, [sampler] * 3, [11, 12, 13]))
-    widths = (16, 20, 24, 28, 32, 40, 48, 56, 64)  # bucket_size up to max_len 64
-    captured = {(4, 16)} | {(1, w) for w in widths} if prefill_rows == 4 else \
-        {(2, 16), (1, 16)} if graphs else set()
+    widths = (16, 20, 24, 28, 32, 40, 48, 56, 64)  # one prompt: bucket_size up to max_len 64
+    captured = {(1, w) for w in widths} | {(r, w) for r in (2, 4) for w in (16, 32, 64)} if prefill_rows == 4 \
+        else {(2, 16), (1, 16)} if graphs else set()
     assert set(dec._prefills) == captured and dec.metadata()["prefill_graphs"] == len(captured)
     fed = [p + [m.lm.next_input_id(t)] for p, t in zip(prompts, first)]
     # capture the step's logits by wrapping the head

@@ -9,6 +9,8 @@ logic without a GPU) or 'off'.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import torch
@@ -16,8 +18,44 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 
 def sync_if_cuda(device: torch.device) -> None:
+    """Wait for this thread's current stream (not the whole device: in a serving engine other
+    threads keep long calls running on their own streams, and a capture must not wait for them)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
+
+
+# Each thread captures on a stream of its own. Never the caller's current stream: an engine's
+# request threads enqueue their input copies on the token2wav thread's stream, and a copy landing
+# on a stream while it captures breaks the capture (seen on an H100: "operation not permitted when
+# stream is capturing", then every later capture fails). Nor one stream shared by all threads
+# (torch.cuda.graph's default): two threads capturing at once would record into each other's graph.
+_capture_streams = threading.local()
+
+
+@contextlib.contextmanager
+def capture_stream(stream):
+    """Graphs this thread captures inside go on `stream` (None: the thread's own side stream). A
+    stream of a CUDA green context confines a graph's kernels to the context's SMs only when the
+    graph is captured on a stream of that context (measured: docs/serving.md), so a thread that
+    replays on a green stream captures on a second stream of the same context."""
+    before = getattr(_capture_streams, "override", None)
+    _capture_streams.override = stream
+    try:
+        yield
+    finally:
+        _capture_streams.override = before
+
+
+def _thread_capture_stream(device: torch.device) -> torch.cuda.Stream:
+    override = getattr(_capture_streams, "override", None)
+    if override is not None:
+        return override
+    own = getattr(_capture_streams, "by_device", None)
+    if own is None:
+        own = _capture_streams.by_device = {}
+    if device not in own:
+        own[device] = torch.cuda.Stream(device)
+    return own[device]
 
 
 def graph_mode(cuda_graphs, device: torch.device) -> str:
@@ -52,9 +90,10 @@ class EmulatedGraph:
 def capture(fn, args, device: torch.device, mode: str, pool=None, warmup: int = 3, after_warmup=None):
     """Warm `fn(*args)` up and capture it: (graph, static outputs, first-call seconds, rest seconds).
 
-    CUDA: `warmup` calls on a side stream (the first one compiles; timed separately), then
-    `after_warmup()` (e.g. reset state the warm-up mutated), then one capture with torch.cuda.graph
-    into `pool`. Emulated: one call, `after_warmup()`, outputs cloned as the static outputs."""
+    CUDA: `warmup` calls on the thread's capture stream (the first one compiles; timed
+    separately), then `after_warmup()` (e.g. reset state the warm-up mutated) on the caller's
+    stream, then one capture with torch.cuda.graph into `pool` on the capture stream. Emulated: one
+    call, `after_warmup()`, outputs cloned as the static outputs."""
     t0 = time.perf_counter()
     if mode == "emulate":
         outs = fn(*args)
@@ -63,28 +102,27 @@ def capture(fn, args, device: torch.device, mode: str, pool=None, warmup: int = 
             after_warmup()
         outs = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, outs)
         return EmulatedGraph(fn, args, outs), outs, t1 - t0, 0.0
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    # warm-up and capture on this thread's capture stream (see `capture_stream`), ordered after
+    # the caller's work; the caller's stream then waits for it, and replays go on the caller's stream
+    side = _thread_capture_stream(device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
     t1 = t0
     with torch.cuda.stream(side):
         for i in range(max(warmup, 1)):
             fn(*args)
             if i == 0:
-                torch.cuda.synchronize(device)
+                side.synchronize()
                 t1 = time.perf_counter()
-    torch.cuda.current_stream(device).wait_stream(side)
+    current.wait_stream(side)
     if after_warmup is not None:
         after_warmup()
+    side.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
-    # capture on the caller's own stream when it has one: a stream of a CUDA green context (the
-    # engine's token2wav side with SMs reserved for the LM) confines the graph's kernels to its SMs
-    # only when the graph is captured there; replayed on it after a capture on an ordinary side stream
-    # they spread over every SM (measured: docs/serving.md). The default stream cannot capture.
-    current = torch.cuda.current_stream(device)
-    own = None if current == torch.cuda.default_stream(device) else current
     # thread_local: other threads of the process (a serving engine runs the LM and token2wav on
     # separate threads and streams) may keep launching work while this thread captures
-    with torch.cuda.graph(graph, pool=pool, stream=own, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
         outs = fn(*args)
-    torch.cuda.synchronize(device)
+    current.wait_stream(side)
+    side.synchronize()
     return graph, outs, t1 - t0, time.perf_counter() - t1

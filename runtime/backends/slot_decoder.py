@@ -21,14 +21,14 @@ the real tokens), their keys / values copied into the rows' first columns, the l
 row's last real token sampled as its first token. Several arrivals cost one forward. On CUDA the
 forward and the cache writes are one captured graph per (rows bucket, width bucket): eager, a
 Qwen2-0.5B prefill is ~700 kernel launches from Python; an eager prefill of one short prompt took
-27.6 ms of the LM thread on an H100 while every running stream's next step waited (docs/serving.md;
-the captured prefill is tested on the CPU with emulated graphs and not yet measured on a GPU, so the
-engine keeps it off by default). Widths
-round up to `bucket_size` (at most 25 % padding; the padded columns are written but lie past the
-row's length, where a step overwrites them before any step reads them); rows round up to a power of
-two by repeating the first prompt into its own row again (the same values written twice), and more
-than `prefill_rows` arrivals go in pieces. Sampling stays eager (a few kernels, and the sampler's
-rows start at `start`).
+27.6 ms of the LM thread on an H100 while every running stream's next step waited (docs/serving.md).
+One prompt's width rounds up to `bucket_size` (at most 25 % padding), several prompts' to a power of
+two (the padded columns are written but lie past each row's length, where a step overwrites them
+before any step reads them): `capture_all` captures every (rows, width) pair a request can meet, so
+no capture happens in service (one would hold the LM thread for a compile and a capture). Rows round
+up to a power of two by repeating the first prompt into its own row again (the same values written
+twice), and more than `prefill_rows` arrivals go in pieces. Sampling stays eager (a few kernels, and
+the sampler's rows start at `start`).
 
 `move(dst, src)`: a row's cache columns, length, next id and sampler state copied to another row
 (compaction when a request leaves). The host keeps every row's length (`host_lengths`) without
@@ -197,16 +197,24 @@ class SlotDecoder:
         return (self.ids[:b], self.lengths[:b], [k[:b] for k in self.keys], [v[:b] for v in self.values])
 
     def capture_all(self) -> "SlotDecoder":
-        """Compile and capture every step bucket now, and the one-prompt prefill at every width (a
-        server warms up before it says it is ready; at low load a lone arrival is the common case).
-        The prefill captures write zeros' keys into row 0: call this before any request holds a row."""
+        """Compile and capture every step bucket and every prefill (rows, width) pair now (a server
+        warms up before it says it is ready). The prefill captures write zeros' keys into row 0:
+        call this before any request holds a row."""
         for b in self.buckets:
             self._graph(b)
         if self.prefill_graphs:
-            widths = sorted({min(bucket_size(w), self.max_len) for w in range(1, self.max_len + 1)})
-            for w in widths:
-                self._prefill_graph(1, w)
+            for rows in (1 << i for i in range(self.prefill_rows.bit_length())):
+                for w in sorted({self.prefill_width(rows, n) for n in range(1, self.max_len + 1)}):
+                    self._prefill_graph(rows, w)
         return self
+
+    def prefill_width(self, rows: int, longest: int) -> int:
+        """The captured prefill's width for `rows` prompts whose longest has `longest` tokens: the
+        lone prompt (the common arrival at low load, where its time is first-audio latency) pads at
+        most 25 %, a group up to 2x, which keeps the captures to ~4 per doubling of max_len per
+        rows bucket (a group's prefill is a small part of the step time it saves)."""
+        width = bucket_size(longest) if rows == 1 else max(16, 1 << (longest - 1).bit_length())
+        return min(width, self.max_len)
 
     def _graph(self, b: int):
         entry = self._graphs.get(b)
@@ -316,7 +324,7 @@ class SlotDecoder:
         replay of the same graph overwrites its output)."""
         k = len(prompts)
         rows = 1 << (k - 1).bit_length()
-        width = min(bucket_size(max(len(p) for p in prompts)), self.max_len)
+        width = self.prefill_width(rows, max(len(p) for p in prompts))
         host = self._prefill_inputs(start, prompts, rows, width)
         graph, inputs, logits = self._prefill_graph(rows, width, host)
         for dst, src in zip(inputs, host):
