@@ -343,10 +343,12 @@ def _start_engine(model, choice, device, engines_dir, options, streams):
 
 def run_report(model, choices: list[str], device: torch.device, requests: list[Request], throughput: Request,
                batches: list[int], engines_dir: str | None, warmup: int, reps: int, seed: int, log,
-               options: dict | None = None) -> list[dict]:
+               options: dict | None = None, on_backend_done=None) -> list[dict]:
     """One entry per choice, appended before it is measured: on Ctrl-C or SIGTERM (KeyboardInterrupt)
     the exception carries the entries so far as `e.partial_results` (the last one marked
-    `interrupted`, or skipped if it had not loaded), so main can still write what was measured."""
+    `interrupted`, or skipped if it had not loaded), so main can still write what was measured.
+    `on_backend_done(results)` after each choice: main writes the folder then, so that a forced kill
+    (SIGKILL, which no handler sees) leaves every backend measured before it."""
     results = []
     for choice in choices:
         log(f"{choice}:")
@@ -362,6 +364,8 @@ def run_report(model, choices: list[str], device: torch.device, requests: list[R
                 entry["skipped"] = "interrupted before it loaded"
             e.partial_results = results
             raise
+        if on_backend_done is not None:
+            on_backend_done(results)
         gc.collect()  # drop the pipeline's sessions and modules before the next backend's memory baseline
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -453,6 +457,10 @@ def render_markdown(report: dict) -> str:
     if meta["random_weights"]:
         out += ["**Random weights**: the audio is noise; the numbers are speed only.", ""]
     out += ["```", meta["command"], "```", ""]
+    if meta.get("in_progress"):
+        done = meta["in_progress"]
+        out += [f"**Incomplete**: written after {done['backends_done']} of {done['backends']} backends while the run "
+                "went on; a run that ends rewrites it, so this one was stopped (e.g. killed) before the rest.", ""]
     if meta.get("interrupted"):
         cut = [b["backend"] for b in report["backends"] if b.get("interrupted")]
         out += ["**Interrupted** (Ctrl-C or SIGTERM): this report holds what was measured before"
@@ -589,6 +597,15 @@ def write_report(report: dict, folder: str, next_free: bool = False) -> str:
         write_text(os.path.join(tmp, "report.md"), render_markdown(report))
         write_plots(report, tmp)
     return target.path
+
+
+def update_report(report: dict, folder: str) -> None:
+    """Rewrite a report folder this run created (each file replaced whole, never half-written)."""
+    from models.files import write_text
+
+    write_text(os.path.join(folder, "report.json"), json.dumps(report, indent=1, default=str))
+    write_text(os.path.join(folder, "report.md"), render_markdown(report))
+    write_plots(report, folder)
 
 
 def check_out_folder(out: str | None, option: str = "--out") -> None:
@@ -767,25 +784,46 @@ def main(ctx, model, device, backends, lengths, batches, throughput_length, reps
     choices = backend_choices(backends)
     env = environment(dev)
     interrupted = None
+
+    def assemble(results: list[dict]) -> dict:
+        return {"meta": {
+            "model": tts.name, "model_source": tts.source, "family": tts.family, "random_weights": tts.random_weights,
+            "stages": list(tts.stages), "device": str(dev), "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
+            "environment": env, "token_rate": tts.token_rate(),
+            "settings": {"reps": reps, "warmup": warmup, "batches": levels, "throughput_length": throughput_length,
+                         "seed": seed, "options": options, "engines_dir": engines_dir},
+            "lengths": {r.name: {"tokens": r.tokens, "nominal_audio_s": r.tokens / tts.token_rate(), "text": r.text}
+                        for r in requests}},
+            "backends": results}
+
+    written = []  # the folder, once the first backend's results are in it
+
+    def save(report: dict) -> str:
+        if written:
+            update_report(report, written[0])
+        else:
+            written.append(write_report(report, out or default_folder(tts.name, env), next_free=out is None))
+        return written[0]
+
+    def checkpoint(results: list[dict]) -> None:
+        if len(results) < len(choices) and any("stages" in b for b in results):
+            report = assemble(results)
+            report["meta"]["in_progress"] = {"backends_done": len(results), "backends": len(choices)}
+            save(report)
+
     try:
         results = run_report(tts, choices, dev, requests, by_name[throughput_length], levels, engines_dir, warmup,
-                             reps, seed, click.echo, options)
+                             reps, seed, click.echo, options, on_backend_done=checkpoint)
     except KeyboardInterrupt as e:  # write what was measured, then exit as interrupted (130 / 143)
         results, interrupted = getattr(e, "partial_results", None), e
         if not results or not any("stages" in b for b in results):
+            if written:  # the folder holds the backends measured before; it says it is incomplete
+                interrupted.args = (f"the partial report is in {written[0]}",)
             raise
-    report = {"meta": {
-        "model": tts.name, "model_source": tts.source, "family": tts.family, "random_weights": tts.random_weights,
-        "stages": list(tts.stages), "device": str(dev), "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
-        "environment": env, "token_rate": tts.token_rate(),
-        "settings": {"reps": reps, "warmup": warmup, "batches": levels, "throughput_length": throughput_length,
-                     "seed": seed, "options": options, "engines_dir": engines_dir},
-        "lengths": {r.name: {"tokens": r.tokens, "nominal_audio_s": r.tokens / tts.token_rate(), "text": r.text}
-                    for r in requests}},
-        "backends": results}
+    report = assemble(results)
     if interrupted is not None:
         report["meta"]["interrupted"] = True
-    folder = write_report(report, out or default_folder(tts.name, env), next_free=out is None)
+    folder = save(report)
     if interrupted is not None:
         interrupted.args = (f"the partial report is in {folder}",)
         raise interrupted

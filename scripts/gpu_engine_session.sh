@@ -13,7 +13,7 @@
 # green: the token2wav calls on a CUDA green context leaving SMs to the LM (the probe, then CosyVoice3);
 # prefill: the GPU capture tests, the LM's prefills eager against captured (CosyVoice3, same call, $RUNS
 # runs per level, 3 by default), then the green probe;
-# flowcompile: CosyVoice3 with flow and vocoder compiled (compile:bf16) instead of cudagraph;
+# flowcompile: CosyVoice3 with every stage compiled (compile:bf16) and the captured prefill;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -156,11 +156,13 @@ if [ "${1:-}" = prefill ]; then
   exit 0
 fi
 if [ "${1:-}" = flowcompile ]; then
-  # the DiT and the causal HiFT compiled (inductor, automatic dynamic shapes: one static and one
-  # dynamic compile each, then a CUDA graph capture per (rows, length) key met in the warm-up round)
-  run ${LIMIT:-560} loadtest-cv3-flow-compile $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
-      --backend llm=torch:bf16,flow=compile:bf16,vocoder=compile:bf16 --max-len 512 --max-streams 128 \
-      --concurrency 1,16,64 --requests 64 --tokens 125 --no-baseline --json "$OUT/loadtest-cv3-flow-compile.json"
+  # every stage compiled (the LM step, the DiT, the causal HiFT: inductor, automatic dynamic shapes, one
+  # static and one dynamic compile each, then a CUDA graph capture per (rows, length) key met in the
+  # warm-up round) with the captured prefill: the configuration for first audio at C=1
+  run ${LIMIT:-560} loadtest-cv3-all-compile $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+      --backend llm=compile:bf16,flow=compile:bf16,vocoder=compile:bf16 --max-len 512 --max-streams 128 \
+      --concurrency 1,16,64 --requests 64 --tokens 125 --prefill graph --no-baseline \
+      --json "$OUT/loadtest-cv3-all-compile.json"
   exit 0
 fi
 if [ "${1:-}" = priority-orpheus ]; then

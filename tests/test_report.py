@@ -241,3 +241,32 @@ def test_an_interrupted_report_keeps_what_it_measured(tmp_path, monkeypatch):
     with open(os.path.join(out, "report.md")) as f:
         assert "**Interrupted** (Ctrl-C or SIGTERM): this report holds what was measured before; torch stopped " \
                "part-way." in f.read()
+
+
+def test_a_killed_report_keeps_the_backends_measured_before(tmp_path):
+    """SIGKILL (a forced kill no handler sees) during the second backend: the folder already holds
+    the first backend's measurements and says it is incomplete."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.report", "--model", MODEL, "--backends", "torch,torch:bf16",
+                             "--lengths", "short", "--batches", "1,2", "--reps", "2", "--warmup", "1", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "report.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "the report ended before writing its first backend"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    report = _json(str(out))
+    assert report["meta"]["in_progress"] == {"backends_done": 1, "backends": 2}
+    (entry,) = report["backends"]
+    assert entry["backend"] == "torch" and entry["lengths"]["short"]["latency_median_ms"] > 0
+    with open(out / "report.md") as f:
+        assert "**Incomplete**: written after 1 of 2 backends while the run went on" in f.read()
