@@ -161,7 +161,7 @@ if [ "${1:-}" = flowcompile ]; then
   # warm-up round) with the captured prefill: the configuration for first audio at C=1
   run ${LIMIT:-560} loadtest-cv3-all-compile $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
       --backend llm=compile:bf16,flow=compile:bf16,vocoder=compile:bf16 --max-len 512 --max-streams 128 \
-      --concurrency 1,16,64 --requests 64 --tokens 125 --prefill graph --no-baseline \
+      --concurrency ${LEVELS_C:-1,4,8,16,64} --requests 64 --tokens 125 --prefill graph --no-baseline \
       --json "$OUT/loadtest-cv3-all-compile.json"
   exit 0
 fi
