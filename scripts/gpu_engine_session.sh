@@ -14,6 +14,7 @@
 # prefill: the GPU capture tests, the LM's prefills eager against captured (CosyVoice3, same call, $RUNS
 # runs per level, 3 by default), then the green probe;
 # flowcompile: CosyVoice3 with every stage compiled (compile:bf16) and the captured prefill;
+# sixth: the capture test, prefill-loads (the two load tests of prefill, RUNS=1), then flowcompile until $BUDGET s;
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -153,6 +154,23 @@ if [ "${1:-}" = prefill ]; then
         --json "$OUT/loadtest-cv3-prefill-$mode.json"
   done
   run 60 green-probe $PY scripts/green_probe.py --free-sms 4,12,36 --json "$OUT/green-probe.json"
+  exit 0
+fi
+if [ "${1:-}" = sixth ]; then
+  # one call for what the sixth round needs when little device time is left: the capture test, the
+  # prefills eager against captured (one run per level), then every stage compiled for what time remains
+  run 90 pytest-capture $PY -m pytest -q -p no:cacheprovider tests/test_compiled.py -m gpu -k copy_onto
+  RUNS=1 "$0" prefill-loads
+  LIMIT=$(( ${BUDGET:-560} - SECONDS )) "$0" flowcompile
+  exit 0
+fi
+if [ "${1:-}" = prefill-loads ]; then
+  for mode in eager graph; do
+    run 200 loadtest-cv3-prefill-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,64 --requests 64 --tokens 125 --runs "${RUNS:-3}" --no-baseline --prefill $mode \
+        --json "$OUT/loadtest-cv3-prefill-$mode.json"
+  done
   exit 0
 fi
 if [ "${1:-}" = flowcompile ]; then
