@@ -161,6 +161,7 @@ if [ "${1:-}" = sixth ]; then
   # prefills eager against captured (one run per level), then every stage compiled for what time remains
   run 90 pytest-capture $PY -m pytest -q -p no:cacheprovider tests/test_compiled.py -m gpu -k copy_onto
   RUNS=1 "$0" prefill-loads
+  run 40 green-probe $PY scripts/green_probe.py --free-sms 36 --json "$OUT/green-probe.json"
   LIMIT=$(( ${BUDGET:-560} - SECONDS )) "$0" flowcompile
   exit 0
 fi
