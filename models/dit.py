@@ -283,3 +283,89 @@ class DiT(nn.Module):
             h = block(h, temb, attn_mask, cos, sin)
         h = self.norm_out(h, temb)
         return self.proj_out(h).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# the repeated prefix of streaming: a chunk's frames computed against the kept keys / values of
+# the frames before it
+
+
+@dataclass
+class DiTPrefix:
+    """What one estimator call needs to know of the frames before the new ones, for every row of
+    its batch: per layer the keys and values ([B, frames, inner], keys already rotated) and the
+    last kernel-1 frames at the inputs of the two causal position convolutions. Streaming with the
+    static chunk mask, a frame in a completed chunk never sees a later frame (the attention is
+    chunk-causal, the position convolutions causal), so these stay exact once their chunk is done.
+    Cost: 2 x depth x inner values per frame (CosyVoice3 at bf16: 22 x 1024 x 2 x 2 bytes = 88 KiB
+    per frame and per CFG row, per Euler step)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    conv_in: torch.Tensor  # [B, kernel-1, dim] the first convolution's input history
+    conv_mid: torch.Tensor  # [B, kernel-1, dim] the second convolution's input history
+
+    @property
+    def frames(self) -> int:
+        return self.keys[0].shape[1]
+
+    @classmethod
+    def empty(cls, dit: "DiT", batch: int, device, dtype) -> "DiTPrefix":
+        inner = dit.cfg.heads * dit.cfg.dim_head
+        hist = dit.input_embed.conv_pos_embed.kernel_size - 1
+        none = lambda w: torch.zeros(batch, 0, w, device=device, dtype=dtype)  # noqa: E731
+        return cls([none(inner) for _ in dit.transformer_blocks], [none(inner) for _ in dit.transformer_blocks],
+                   torch.zeros(batch, hist, dit.cfg.dim, device=device, dtype=dtype),
+                   torch.zeros(batch, hist, dit.cfg.dim, device=device, dtype=dtype))
+
+
+def dit_forward_after_prefix(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix,
+                             chunk_frames: int) -> tuple[torch.Tensor, DiTPrefix]:
+    """The velocity of `n` new frames that follow `prefix.frames` earlier ones, and the prefix
+    extended by them: equal (to float rounding) to the last `n` frames of `dit.forward` on all
+    `prefix.frames + n` frames with every frame valid. x, mu, cond [B, 80, n], t [B], spks [B, 80].
+    The earlier frames must be whole chunks (`prefix.frames` a multiple of `chunk_frames`; 0 means
+    full attention, where only an empty prefix is exact)."""
+    start = prefix.frames
+    if (chunk_frames > 0 and start % chunk_frames) or (chunk_frames <= 0 and start):
+        raise ValueError(f"a prefix of {start} frames is not whole chunks of {chunk_frames}: later frames "
+                         "would change what it saw")
+    n = x.shape[2]
+    emb = dit.input_embed
+    temb = dit.time_embed(t)
+    spk = spks.unsqueeze(1).expand(-1, n, -1)
+    h = emb.proj(torch.cat([x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk], dim=-1))
+    pos = emb.conv_pos_embed
+    k = pos.kernel_size
+    conv_in = torch.cat([prefix.conv_in, h], dim=1)  # the left zero padding, or the frames before
+    mid = pos.conv1(conv_in.transpose(1, 2)).transpose(1, 2)  # [B, n, D]
+    conv_mid = torch.cat([prefix.conv_mid, mid], dim=1)
+    h = pos.conv2(conv_mid.transpose(1, 2)).transpose(1, 2) + h
+    positions = torch.arange(start, start + n, device=x.device).to(dit.rotary_embed.inv_freq.dtype)
+    freqs = positions[:, None] * dit.rotary_embed.inv_freq[None, :]
+    angles = torch.stack((freqs, freqs), dim=-1).flatten(-2).unsqueeze(0)
+    cos, sin = angles.cos(), angles.sin()
+    # new frame i sees every earlier frame and the new frames up to the end of its own chunk
+    rel = torch.arange(n, device=x.device)
+    chunk = chunk_frames if chunk_frames > 0 else n
+    own = rel.unsqueeze(0) < ((rel // chunk + 1) * chunk).unsqueeze(1)  # [n, n]
+    mask = torch.cat([torch.ones(n, start, dtype=torch.bool, device=x.device), own], dim=1)[None, None]
+    keys, values = [], []
+    for layer, block in enumerate(dit.transformer_blocks):
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
+        attn = block.attn
+        q = apply_rotary(attn.to_q(norm), cos, sin)
+        kk = torch.cat([prefix.keys[layer], apply_rotary(attn.to_k(norm), cos, sin)], dim=1)
+        vv = torch.cat([prefix.values[layer], attn.to_v(norm)], dim=1)
+        keys.append(kk)
+        values.append(vv)
+        B, heads = q.shape[0], attn.heads
+        split = lambda a: a.view(B, a.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(q), split(kk), split(vv), attn_mask=mask, dropout_p=0.0)
+        o = o.transpose(1, 2).reshape(B, n, -1).to(q.dtype)
+        h = h + gate_msa.unsqueeze(1) * attn.to_out[1](attn.to_out[0](o))
+        ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
+    h = dit.norm_out(h, temb)
+    velocity = dit.proj_out(h).transpose(1, 2)
+    return velocity, DiTPrefix(keys, values, conv_in[:, -(k - 1):], conv_mid[:, -(k - 1):])

@@ -139,6 +139,35 @@ def solve_euler_cfg(estimate, cfg: SolverConfig, t_steps, dt_steps, z, mask, mu,
     return x.float()
 
 
+def solve_euler_cfg_after_prefix(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, spks, cond, prefixes: list,
+                                 chunk_frames: int) -> tuple[torch.Tensor, list]:
+    """`solve_euler_cfg` for `n` new frames (z, mu, cond [B, 80, n], all valid) that follow frames
+    already solved, given what the estimator kept of those at each Euler step (`prefixes`: one
+    `models.dit.DiTPrefix` per step for the CFG batch [conditional rows..., unconditional rows...];
+    `DiTPrefix.empty` for the first chunk). Returns the new frames' mel and the prefixes extended by
+    them. The Euler states of the earlier frames are not needed: their velocities never depend on
+    later frames. Equal to the last `n` frames of `solve_euler_cfg` on every frame so far (the DiT
+    estimator only; chunk_frames > 0 and the earlier frames whole chunks, see `dit_forward_after_prefix`)."""
+    from models.dit import dit_forward_after_prefix
+
+    B = z.shape[0]
+    dtype = spks.dtype
+    r = cfg.inference_cfg_rate
+    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+    spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
+    x = z
+    extended = []
+    for i in range(cfg.n_timesteps):
+        x_in = torch.cat([x, x], dim=0).to(dtype)
+        t_in = t_steps[i].to(dtype).reshape(1).expand(2 * B)
+        v, prefix = dit_forward_after_prefix(dit, x_in, mu_in, t_in, spks_in, cond_in, prefixes[i], chunk_frames)
+        extended.append(prefix)
+        v = (1.0 + r) * v[:B] - r * v[B:]
+        x = x + dt_steps[i] * v
+    return x.float(), extended
+
+
 # ------------------------------------------------------------------------------------------------
 # token encoders
 

@@ -366,3 +366,42 @@ def test_wrong_chunk_mask_fails_golden(flow, est_io, monkeypatch, mutant):
                                        io["spks_streaming"], io["cond_streaming"], torch.tensor([50]))
     assert _maxdiff(out, io["out"]) < EST_TOL
     assert _maxdiff(out_s, io["out_streaming"]) > EST_TOL
+
+
+@pytest.mark.parametrize("chunk,pieces", [(50, (50, 4)), (10, (20, 10, 10, 14)), (10, (10, 30, 14))])
+def test_solver_after_prefix_equals_the_whole_solve(flow, inf_io, chunk, pieces):
+    """Streaming's repeated prefix kept instead of recomputed: the streaming case's frames solved in
+    pieces of whole chunks, each against the keys / values the DiT kept of the pieces before (one
+    prefix per Euler step), equal the solve over all frames at once (upstream's golden mel at its
+    chunk of 50 frames; our whole solve at a chunk of 10, where the pieces cross more boundaries)."""
+    from models.dit import DiTPrefix
+    from models.flow import solve_euler_cfg_after_prefix
+
+    z, mask, mu, spks, cond, _ = _solver_args(inf_io, "stream_")
+    assert sum(pieces) == z.shape[2] and mask.all()
+    solver = flow.decoder
+    with torch.inference_mode():
+        whole = solver(z, mask, mu, spks, cond, torch.tensor([chunk]))
+        prefixes = [DiTPrefix.empty(solver.estimator, 2, z.device, z.dtype) for _ in range(solver.cfg.n_timesteps)]
+        mels, start = [], 0
+        for n in pieces:
+            part = slice(start, start + n)
+            mel, prefixes = solve_euler_cfg_after_prefix(solver.estimator, solver.cfg, solver.t_steps, solver.dt_steps,
+                                                         z[:, :, part], mu[:, :, part], spks, cond[:, :, part],
+                                                         prefixes, chunk)
+            mels.append(mel)
+            start += n
+    assert prefixes[0].frames == z.shape[2] and len(prefixes) == 10
+    pieced = torch.cat(mels, dim=2)
+    assert _maxdiff(pieced, whole) < MEL_TOL
+    if chunk == 50:
+        prompt = inf_io["stream_prompt_feat"].shape[1]
+        assert _maxdiff(pieced[:, :, prompt:], inf_io["stream_mel"]) < MEL_TOL
+    # a prefix that ends inside a chunk would have seen frames that come after it: refused
+    with pytest.raises(ValueError, match="a prefix of 4 frames is not whole chunks of 10"):
+        partial = DiTPrefix.empty(solver.estimator, 2, z.device, z.dtype)
+        _, partial = models.dit.dit_forward_after_prefix(solver.estimator, z[:, :, :4].repeat(2, 1, 1),
+                                                         mu[:, :, :4].repeat(2, 1, 1), torch.zeros(2),
+                                                         spks.repeat(2, 1), cond[:, :, :4].repeat(2, 1, 1), partial, 10)
+        models.dit.dit_forward_after_prefix(solver.estimator, z[:, :, 4:8].repeat(2, 1, 1), mu[:, :, 4:8].repeat(2, 1, 1),
+                                            torch.zeros(2), spks.repeat(2, 1), cond[:, :, 4:8].repeat(2, 1, 1), partial, 10)
