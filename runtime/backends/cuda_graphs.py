@@ -18,8 +18,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 
 def sync_if_cuda(device: torch.device) -> None:
-    """Wait for this thread's current stream (not the whole device: in a serving engine other
-    threads keep long calls running on their own streams, and a capture must not wait for them)."""
+    """Wait for this thread's current stream, not the whole device: in a serving engine other
+    threads keep long calls running on their own streams, and this thread need not wait for them
+    (torch.cuda.graph still synchronizes the device when a capture begins)."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
