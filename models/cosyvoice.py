@@ -142,8 +142,14 @@ def _tiny(cfg: dict, family: str) -> tuple[dict, dict]:
 class CosyVoice(TTSModel):
     stages = ("llm", "flow", "vocoder")
     # flow_mode "solver": the whole 10-step CFG solve is one graph; "steps": the host runs the Euler
-    # loop and calls the estimator graph once per step (upstream's layout, kept for comparison)
-    options = {"flow_mode": ("solver", "steps")}
+    # loop and calls the estimator graph once per step (upstream's layout, kept for comparison);
+    # "prefix" (CosyVoice3, streaming, torch flow backend): each chunk solves its new frames only,
+    # against the keys / values the DiT kept of the chunks before (models/dit.py DiTPrefix); offline
+    # it is "solver"
+    @property
+    def options(self) -> dict:
+        modes = ("solver", "steps", "prefix") if self.family == "cosyvoice3" else ("solver", "steps")
+        return {"flow_mode": modes}
 
     def __init__(self, name: str, source: str, cfg: CosyVoiceConfig, files: dict[str, str] | None,
                  tokenizer, seed: int = 0, device: str = "cpu", folder: str | None = None):
@@ -231,7 +237,7 @@ class CosyVoice(TTSModel):
         return self.cfg.flow.solver if self.family == "cosyvoice3" else self.cfg.flow[2]
 
     def stage_graphs(self, options: dict | None = None) -> dict[str, list[str]]:
-        flow = "flow_solver" if self.resolve_options(options)["flow_mode"] == "solver" else "flow_estimator"
+        flow = "flow_estimator" if self.resolve_options(options)["flow_mode"] == "steps" else "flow_solver"
         return {"llm": ["llm"], "flow": ["flow_encoder", flow], "vocoder": ["vocoder"]}
 
     def graph_module(self, name: str) -> torch.nn.Module:
@@ -477,7 +483,7 @@ class CosyVoice(TTSModel):
             mask[i, :, :n] = 1
         z = z_table[:, :, :frames].expand(B, -1, -1).contiguous()
         chunk_frames = as_tensor(chunk * r)
-        if run.options["flow_mode"] == "solver":
+        if run.options["flow_mode"] != "steps":
             mel = run("flow_solver", self.feed("flow_solver", z=z, mask=mask, mu=mu, spks=spks, cond=cond,
                                                chunk_frames=chunk_frames))["mel"]
         else:
@@ -489,6 +495,47 @@ class CosyVoice(TTSModel):
 
             mel = solve_euler_cfg(estimate, self.solver_config, t_steps, dt_steps, z, mask, mu, spks, cond, chunk_frames)
         return [mel[i:i + 1, :, spk["prompt_mel"].shape[1]:n].contiguous() for i, (spk, n) in enumerate(zip(speakers, lengths))]
+
+    def token2mel_after_prefix(self, tokens, spk: dict, run, device, finalize: bool, state: dict) -> torch.Tensor:
+        """Streaming's next mel frames (flow_mode "prefix"): the encoder on every token so far (a
+        small graph), the solver on the frames after `state["frames"]` only, against the prefixes the
+        DiT kept of those (`state["prefixes"]`, one per Euler step; both updated here). Equal to the
+        matching frames of `token2mel(..., streaming=True)`; earlier calls must have ended on whole
+        chunks (the streaming hops do)."""
+        from models.dit import DiTPrefix
+        from models.flow import solve_euler_cfg_after_prefix
+
+        solver = run.module("flow_solver")
+        if solver is None:
+            raise UserError("flow_mode prefix runs the flow's eager module and keeps its state per stream; "
+                            "this flow backend has none.", "use flow=torch (any precision) with flow_mode prefix")
+        r = self.cfg.token_mel_ratio
+        row = list(spk["prompt_tokens"]) + list(tokens)
+        context = 0 if finalize else self.lookahead
+        as_tensor = lambda v: torch.tensor([v], dtype=torch.int64, device=device)  # noqa: E731
+        enc = run("flow_encoder", self.feed("flow_encoder", tokens=torch.tensor([row], dtype=torch.int64, device=device),
+                                            embedding=spk["embedding"].to(device),
+                                            chunk_tokens=as_tensor(self._chunk_tokens), context_tokens=as_tensor(context)))
+        start, frames = state.get("frames", 0), (len(row) - context) * r
+        z_table, _ = self._noises(device)
+        if frames > z_table.shape[2]:
+            raise UserError(f"{frames} mel frames exceed the {z_table.shape[2]} this model is set up for.",
+                            "synthesize shorter sentences")
+        prompt = spk["prompt_mel"][0].to(device).transpose(0, 1)  # [80, prompt frames]
+        cond = torch.zeros(1, 80, frames - start, device=device)
+        if start < prompt.shape[1]:
+            cond[0, :, : prompt.shape[1] - start] = prompt[:, start:frames]
+        dit = solver.estimator
+        dtype = next(dit.parameters()).dtype
+        prefixes = state.get("prefixes") or [DiTPrefix.empty(dit, 2, device, dtype)
+                                             for _ in range(solver.cfg.n_timesteps)]
+        with run.timed("flow_solver"), torch.inference_mode():
+            mel, state["prefixes"] = solve_euler_cfg_after_prefix(
+                dit, solver.cfg, solver.t_steps, solver.dt_steps, z_table[:, :, start:frames].to(dtype),
+                enc["mu"][:, :, start:frames].to(dtype), enc["spks"].to(dtype), cond.to(dtype), prefixes,
+                self._chunk_tokens * r)
+        state["frames"] = frames
+        return mel[:, :, max(prompt.shape[1] - start, 0):].float()
 
     def vocode(self, mel, run, generator, device, source_prefix: torch.Tensor | None = None):
         """(audio [samples], source [1, 1, samples] or None): the vocoder graph on `mel`. CosyVoice2's

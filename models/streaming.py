@@ -50,6 +50,8 @@ class CosyVoiceStream:
         self.mel_all = None  # CosyVoice3: every mel frame so far
         self.emitted = 0  # CosyVoice3: samples emitted
         self.cache = None  # CosyVoice2: (mel tail, source tail, speech tail)
+        # flow_mode "prefix": the flow solves each chunk's new frames only (models/dit.py DiTPrefix)
+        self.flow_state = {} if run.options.get("flow_mode") == "prefix" else None
 
     def tokens_for_next_chunk(self) -> int:
         """How many tokens `push` needs before it returns the next chunk (a caller fed tokens one
@@ -71,8 +73,13 @@ class CosyVoiceStream:
 
     def _chunk(self, tokens, finalize: bool) -> torch.Tensor:
         r = self.model.cfg.token_mel_ratio
-        mel = self.model.token2mel(tokens, self.utt.speaker, self.run, self.device, streaming=True, finalize=finalize)
-        mel = mel[:, :, self.offset * r:]
+        if self.flow_state is not None:  # the frames after the emitted ones only
+            mel = self.model.token2mel_after_prefix(tokens, self.utt.speaker, self.run, self.device, finalize,
+                                                    self.flow_state)
+        else:
+            mel = self.model.token2mel(tokens, self.utt.speaker, self.run, self.device, streaming=True,
+                                       finalize=finalize)
+            mel = mel[:, :, self.offset * r:]
         if self.causal:
             return self._causal(mel, finalize)
         return self._crossfaded(mel, finalize)

@@ -208,7 +208,7 @@ def print_table(results: list[dict], lengths: list[int], log) -> None:
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--engines-dir", default=None)
 @click.option("--json", "json_path", default=None, help="Write all numbers here (replaced only when complete).")
-@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]))
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps", "prefix"]))
 @exit_on_user_error
 def main(model_name, device, backends, lengths, reps, warmup, engines_dir, json_path, flow_mode):
     """Every backend against the torch eager baseline; exits 2 when every backend was skipped."""

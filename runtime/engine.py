@@ -566,6 +566,9 @@ class Engine:
             raise UserError(f"the engine runs the {lm_stage} stage with torch, cudagraph or compile (its continuous batching "
                             f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
                             f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
+        if model.resolve_options(options).get("flow_mode") == "prefix":
+            raise UserError("flow_mode prefix keeps each stream's flow state outside the graphs; the engine's batched "
+                            "flow calls cannot carry it yet.", "use flow_mode solver with the engine")
         # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends (a
         # role loads its own stages only: the LM's backend casts the weights the slot decoder runs)
         stages = {"full": None, "lm": (lm_stage,), "token2wav": tuple(s for s in model.stages if s != lm_stage)}[role]

@@ -121,6 +121,18 @@ class GraphCalls:
         with self.pipe.timed(self.run, self.pipe.stage_of[graph]):
             return self.pipe.call(graph, feed)
 
+    def module(self, graph: str):
+        """The eager module behind `graph` when its backend runs one as such (torch), else None (a
+        compiled, captured or exported graph is not called around): for a family that keeps
+        per-request state a graph's fixed inputs cannot carry (CosyVoice3's flow prefix)."""
+        runner = self.pipe.runners.get(graph)
+        eager = getattr(runner, "eager_module", None)
+        return eager() if eager is not None else None
+
+    def timed(self, graph: str):
+        """Time a block that runs `graph`'s module directly, in that graph's stage."""
+        return self.pipe.timed(self.run, self.pipe.stage_of[graph])
+
 
 class Pipeline:
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",

@@ -749,7 +749,7 @@ def exact_command(ctx: click.Context) -> str:
 @click.option("--reps", default=10, show_default=True, help="Timed calls per measurement.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed calls first (the first one is reported separately).")
 @click.option("--engines-dir", default=None, help="Folder with exported artifacts (default engines/<model>).")
-@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]), help="CosyVoice flow layout.")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps", "prefix"]), help="CosyVoice flow layout.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default=None, help="Report folder, new or empty (default reports/<model>-<gpu or cpu>-<date>, "
                                           "then -2, -3, ...: a report never overwrites another).")

@@ -86,8 +86,9 @@ def check_utf8(value: str | None, option: str) -> None:
 @click.option("--warmup", default=0, show_default=True, help="Untimed runs before the timed one (GPU kernels, caches).")
 @click.option("--stream", is_flag=True,
               help="Write audio as it is produced (to stdout at once with --out -) and report the first-chunk latency.")
-@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps"]),
-              help="CosyVoice flow: the 10-step solve as one graph (solver, default) or one estimator call per step.")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps", "prefix"]),
+              help="CosyVoice flow: the 10-step solve as one graph (solver, default), one estimator call per step "
+                   "(steps), or, CosyVoice3 streaming with flow=torch, each chunk's new frames only (prefix).")
 @exit_on_user_error
 def main(model_name, text, text_file, out_dir, concurrency, out_path, device, seed, fixed_tokens, backends, engines_dir,
          precision, prompt_wav, prompt_text, voice, warmup, stream, flow_mode):

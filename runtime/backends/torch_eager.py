@@ -20,6 +20,10 @@ class TorchBackend(Backend):
     def _activate(self) -> None:
         self.module = cast_module(self._factory(), self.spec, self.device, self.dtype).eval()
 
+    def eager_module(self):
+        """The module this backend runs (activated), for callers that run it their own way."""
+        return self.module
+
     def _release(self) -> None:
         # the weights belong to the model object (moved in place): only our reference goes
         self.module = None
