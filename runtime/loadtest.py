@@ -356,8 +356,8 @@ def _counts(value: str, what: str) -> list[int]:
               help="CUDA stream priority of the LM's decode steps against the token2wav calls (GPU only).")
 @click.option("--lm-reserved-sms", default=0, show_default=True,
               help="Run flow and vocoder calls on a CUDA green context that leaves this many SMs to the LM (0: off).")
-@click.option("--prefill", "prefill", type=click.Choice(["graph", "eager"]), default="eager", show_default=True,
-              help="The LM's prefills on CUDA: eager, or captured graphs per (rows, width) bucket (not yet measured on a GPU).")
+@click.option("--prefill", "prefill", type=click.Choice(["graph", "eager"]), default="graph", show_default=True,
+              help="The LM's prefills on CUDA: captured graphs per (rows, width) bucket, or eager.")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
