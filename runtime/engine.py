@@ -52,6 +52,7 @@ token source (the LM request, whose row is then freed).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import sys
@@ -810,6 +811,37 @@ class Engine:
             for h in handles:
                 list(h)
         return time.perf_counter() - t0
+
+    def warm_graphs(self, streams: int | None = None, seen_only: bool = False, phase=lambda p: None) -> int:
+        """Call every graph but the LM's once per shape its backend compiles or captures
+        (`Backend.warm_points`: every (batch bucket, padded-length bucket) pair for the compile and
+        cudagraph backends, nothing for eager and artifact ones), so no request meets a compile or a
+        capture (and `torch.cuda.graph`'s device-wide wait) in service. streams: how many requests a
+        call may batch (default max_streams). seen_only: only lengths up to the longest each graph has
+        been called with (`Pipeline.longest`, e.g. after a round of the requests a load test sends),
+        instead of every length up to the spec's max. Returns the number of calls."""
+        streams = min(streams or self.max_streams, self.max_streams)
+        stream = self.batcher.stream
+        calls = 0
+        for graph, runner in self.pipe.runners.items():
+            if graph == self.model.lm.graph:
+                continue
+            spec = runner.spec
+            points = runner.warm_points(streams * spec.rows_per_request)
+            if points and seen_only and spec.pad is not None:
+                longest = self.pipe.longest.get(graph)
+                if longest is None:
+                    continue  # never called by this workload (e.g. a graph of another mode)
+                cap = runner.padded_sizes({spec.pad.dim: longest})[spec.pad.dim]
+                points = [p for p in points if p.get(spec.pad.dim, 0) <= cap]
+            for k, point in enumerate(points):
+                phase(f"warming {graph}: shape {k + 1} of {len(points)}")
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    self.pipe.call(graph, spec.sample_feed(point, device=self.device))
+                calls += 1
+        if stream is not None:
+            stream.synchronize()
+        return calls
 
     def _retry_after(self) -> float:
         return max(1.0, 5.0 * (len(self._waiting) + 1) / max(self.max_streams, 1))

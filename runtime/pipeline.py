@@ -13,6 +13,7 @@ explicit `PipelineObserver`.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -156,6 +157,10 @@ class Pipeline:
         self.runners = {g: x.backend for g, x in self.loaded.items()}
         self.stage_of = {g: specs[g].stage for g in self.runners}
         self.lm = model.lm
+        # per graph, the largest size its bucketable dim has been called with: what a warm-up of
+        # every shape up to a workload's lengths needs to know (Engine.warm_graphs)
+        self.longest: dict[str, int] = {}
+        self._longest_lock = threading.Lock()
 
     # -- backends ---------------------------------------------------------------------------------
     def activate(self) -> "Pipeline":
@@ -212,6 +217,11 @@ class Pipeline:
         bucketable dim is padded up to it (exact: the spec's pad rule) and its outputs cut back."""
         self.observer.graph_call(graph, feed)
         runner = self.runners[graph]
+        if runner.spec.pad is not None:
+            n = runner.spec.sizes_of(feed)[runner.spec.pad.dim]
+            if n > self.longest.get(graph, 0):
+                with self._longest_lock:
+                    self.longest[graph] = max(n, self.longest.get(graph, 0))
         feed, sizes = runner.spec.pad_to_min(feed)
         out = runner.infer(feed)
         return out if sizes is None else runner.spec.slice_outputs(out, sizes)

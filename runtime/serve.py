@@ -197,24 +197,9 @@ def warm_up(engine: Engine, mode: str, phase=lambda p: None) -> dict:
     backend compiles or captures (`Backend.warm_points`: nothing for eager and artifact backends),
     then synthetic requests run through the whole engine, alone and at full concurrency, so the
     batcher's paths, the prefill and the stream decoders have run once too."""
-    import torch
-
     facts = {"mode": mode, "graph_calls": 0, "requests": 0}
     if mode in ("full",):
-        lm_graph = engine.model.lm.graph
-        stream = engine.batcher.stream
-        for graph, runner in engine.pipe.runners.items():
-            if graph == lm_graph:
-                continue
-            spec = runner.spec
-            points = runner.warm_points(engine.max_streams * spec.rows_per_request)
-            for k, point in enumerate(points):
-                phase(f"warming {graph}: shape {k + 1} of {len(points)}")
-                with torch.cuda.stream(stream) if stream is not None else _nothing():
-                    engine.pipe.call(graph, spec.sample_feed(point, device=engine.device))
-                facts["graph_calls"] += 1
-        if stream is not None:
-            stream.synchronize()
+        facts["graph_calls"] = engine.warm_graphs(phase=phase)
     if mode in ("full", "requests"):
         tokens = max(8, int(engine.model.token_rate() * 2))  # two seconds: a first chunk and a later one
         for level in sorted({1, engine.max_streams}):
@@ -224,14 +209,6 @@ def warm_up(engine: Engine, mode: str, phase=lambda p: None) -> dict:
                 h.audio()
             facts["requests"] += level
     return facts
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- request parsing ------------------------------------------------------------------------------------------

@@ -282,6 +282,8 @@ def test_loadtest_json(tmp_path):
         assert set(lv["ttfa_ms"]) == {"p50", "p95", "p99"} and lv["ttfa_ms"]["p50"] <= lv["ttfa_ms"]["p99"]
         assert isinstance(lv["underruns"], int)
     assert data["baseline"]["requests"] == 3 and data["baseline"]["audio_s_per_s"] > 0
+    # the shapes warm-up ran (the eager backends list no shape to capture, so it called nothing)
+    assert data["meta"]["warmup"] == "shapes" and data["meta"]["warm_graph_calls"] == 0
     assert set(data["capacity"]) >= {"concurrency", "audio_s_per_s", "slo_ms"}
     assert (tmp_path / "lt.png").stat().st_size > 1000
     # what the engine did in each level: its own counters' differences, not the cumulative ones
@@ -476,3 +478,35 @@ def test_token2wav_role_fails_a_request_whose_tokens_do_not_come():
         Engine(model, "torch", role="both")
     with pytest.raises(UserError, match="a token2wav engine needs a token source"):
         Engine(model, "torch", role="token2wav")
+
+
+def test_warm_graphs_seen_only_calls_the_buckets_up_to_the_longest_length_met():
+    """`loadtest --warmup shapes`: after a round of requests, every listed (batch, length) point of a
+    graph is called up to the bucket of the longest length that graph met, none beyond, and a graph the
+    round never called is skipped. The eager backend lists no points, so two listings are planted."""
+    from runtime.backends.compiled import bucket_size
+
+    engine = Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=2).start()
+    try:
+        flow = next(g for g, r in engine.pipe.runners.items() if r.spec.stage == "flow" and r.spec.pad is not None)
+        runner = engine.pipe.runners[flow]
+        pad = runner.spec.pad.dim
+        assert engine.warm_graphs(seen_only=True) == 0  # nothing listed, nothing called
+        engine.synthesize("Warm me up.", seed=0, fixed_tokens=30)
+        longest = engine.pipe.longest[flow]
+        cap = bucket_size(longest)
+        lengths = sorted({16, cap, cap + 8, 4 * cap})
+        runner.warm_points = lambda rows: [{"B": b, pad: n} for b in (1, 2) for n in lengths]
+        runner.padded_sizes = lambda sizes: {pad: bucket_size(sizes[pad])}
+        seen = []
+        real = engine.pipe.call
+        engine.pipe.call = lambda graph, feed: seen.append(  # noqa: E731
+            (graph, runner.spec.sizes_of(feed)[pad] if graph == flow else None)) or real(graph, feed)
+        calls = engine.warm_graphs(seen_only=True)
+        engine.pipe.call = real
+        del engine.pipe.longest[flow]
+        assert engine.warm_graphs(seen_only=True) == 0  # a graph this workload never called is left alone
+    finally:
+        engine.stop()
+    assert calls == 2 * len([n for n in lengths if n <= cap]) == len(seen)
+    assert sorted(n for _, n in seen) == sorted(2 * [n for n in lengths if n <= cap]) and max(n for _, n in seen) == cap
