@@ -166,11 +166,14 @@ def validate_cmd(model_name, backends, precisions, points, seeds, graphs, out_di
                 done.append((g, res))
             # the audio of the pipeline with these artifacts in their stages (torch in the others)
             stages = [st for st in model.stages if any(specs[g].stage == st for g in todo)]
-            in_pipeline = [g for st in stages for g in model.stage_graphs()[st]]
+            # the pipeline layout whose graphs all have artifacts here (a folder with the per-step
+            # estimator but not the one-graph solver is heard in steps mode)
+            options = _options_with(model, stages, lambda g: manifest.get(g, prec, art_kind) is not None)
+            in_pipeline = [g for st in stages for g in model.stage_graphs(options)[st]] if options is not None else []
             row = None
-            if audio and all(manifest.get(g, prec, art_kind) for g in in_pipeline):
-                row = _audio_check(model, kind, prec, root, device, stages)
-                click.echo(f"audio {kind}-{prec} ({','.join(stages)}): SNR {row['snr_db']:.1f} dB, log-mel distance "
+            if audio and options is not None:
+                row = _audio_check(model, kind, prec, root, device, stages, options)
+                click.echo(f"audio {kind}-{prec} ({','.join(stages)}{_options_text(options)}): SNR {row['snr_db']:.1f} dB, log-mel distance "
                            f"{row['log_mel_distance']:.2e}, tokens identical: {row['tokens_identical']}"
                            f"{'; ' + '; '.join(row['problems']) if row['problems'] else ''}  {'PASS' if row['passed'] else 'FAIL'}")
                 audio_rows.append(row)
@@ -198,12 +201,30 @@ def validate_cmd(model_name, backends, precisions, points, seeds, graphs, out_di
         sys.exit(1)
 
 
-def _audio_check(model, kind: str, prec: str, root: str, device: str, stages: list[str]) -> dict:
+def _options_with(model, stages: list[str], present) -> dict | None:
+    """The first pipeline options (the family's defaults first) under which every graph of `stages` is
+    `present`, or None when no layout's graphs all are."""
+    import itertools
+
+    names = list(model.options)
+    for values in itertools.product(*(model.options[n] for n in names)):
+        options = dict(zip(names, values))
+        graphs = model.stage_graphs(options)
+        if all(present(g) for st in stages for g in graphs[st]):
+            return options
+    return None
+
+
+def _options_text(options: dict) -> str:
+    return "".join(f", {k}={v}" for k, v in options.items())
+
+
+def _audio_check(model, kind: str, prec: str, root: str, device: str, stages: list[str], options: dict) -> dict:
     """validate_audio, with a candidate that cannot run recorded as a failure instead of ending the run."""
     from export.validate import validate_audio
 
     try:
-        return validate_audio(model, kind, prec, root, device, stages=stages)
+        return validate_audio(model, kind, prec, root, device, stages=stages, options=options)
     except (UserError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         return {"backends": {s: f"{kind}:{prec}" for s in stages}, "precision": prec, "snr_db": float("-inf"),

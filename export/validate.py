@@ -214,15 +214,16 @@ def log_mel_distance(test: torch.Tensor, ref: torch.Tensor, sample_rate: int = 2
 
 def validate_audio(model: TTSModel, backends: str, precision: str, engines_dir: str | None, device: str,
                    text: str = "Validation sentence number one. And a second, slightly longer one!",
-                   tokens: int = 40, seed: int = 0, stages: list[str] | None = None) -> dict:
+                   tokens: int = 40, seed: int = 0, stages: list[str] | None = None,
+                   options: dict | None = None) -> dict:
     """Whole-pipeline check: same text, seed and token count through torch fp32 and the candidate
-    (`backends` for `stages`, default all; torch for the others)."""
+    (`backends` for `stages`, default all; torch for the others), both with the pipeline `options`."""
     from runtime.pipeline import Pipeline
 
-    ref_pipe = Pipeline(model, "torch", device=device)
+    ref_pipe = Pipeline(model, "torch", device=device, options=options)
     # stages not under test run the fp32 reference (the pipeline precision would apply to them too)
     choice = backends if stages is None else {s: (backends if s in stages else "torch:fp32") for s in model.stages}
-    cand_pipe = Pipeline(model, choice, device=device, engines_dir=engines_dir, precision=precision)
+    cand_pipe = Pipeline(model, choice, device=device, engines_dir=engines_dir, precision=precision, options=options)
     ref = ref_pipe.synthesize(text, seed=seed, fixed_tokens=tokens)
     lm_stage = model.graph_specs()[model.lm.graph].stage
     # with the LM on torch in both, the candidate's tokens are the reference's: not generated twice
@@ -253,7 +254,8 @@ def validate_audio(model: TTSModel, backends: str, precision: str, engines_dir: 
     if peak <= 1e-4:
         problems.append("silent")
     ok = not problems and snr >= AUDIO_SNR_DB[precision] and dist <= AUDIO_MEL_DIST[precision]
-    return {"backends": {cand_pipe.stage_of[g]: str(x.option) for g, x in cand_pipe.loaded.items()}, "precision": precision, "snr_db": snr, "log_mel_distance": dist,
+    return {"backends": {cand_pipe.stage_of[g]: str(x.option) for g, x in cand_pipe.loaded.items()},
+            "options": dict(cand_pipe.options), "precision": precision, "snr_db": snr, "log_mel_distance": dist,
             "tokens_identical": same_tokens, "token_agreement": token_match / max(total, 1),
             "candidate_peak": peak, "samples": waves[0].numel(), "candidate_samples": waves[1].numel(),
             "problems": problems, "snr_floor_db": AUDIO_SNR_DB[precision],
@@ -343,6 +345,7 @@ def write_report(root: str, graph_results: list[dict], audio: list[dict], meta: 
                   "|---|---|---|---|---|---|---|"]
         for a in audio:
             b = ",".join(f"{k}={v}" for k, v in a["backends"].items())
+            b += "".join(f" ({k} {v})" for k, v in a.get("options", {}).items())
             lines.append(f"| {b} | {a['precision']} | {a['snr_db']:.1f} | {a['log_mel_distance']:.2e} "
                          f"| {a['tokens_identical']} | {'; '.join(a.get('problems', [])) or '-'} "
                          f"| {'yes' if a['passed'] else 'NO'} |")

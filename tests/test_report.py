@@ -270,3 +270,23 @@ def test_a_killed_report_keeps_the_backends_measured_before(tmp_path):
     assert entry["backend"] == "torch" and entry["lengths"]["short"]["latency_median_ms"] > 0
     with open(out / "report.md") as f:
         assert "**Incomplete**: written after 1 of 2 backends while the run went on" in f.read()
+
+
+def test_validate_hears_a_folder_without_the_solver_in_steps_mode(engines, tmp_path):
+    """A folder exported with the per-step estimator only (as real-size exports are: the one-graph
+    solver takes minutes) still gets its whole-pipeline audio check, run in the layout its graphs
+    serve, and the report says which layout that was."""
+    copy = str(tmp_path / "steps-only")
+    shutil.copytree(engines, copy)
+    res = CliRunner().invoke(export_main, ["validate", "--model", MODEL, "--graphs", "flow_encoder,flow_estimator",
+                                           "--points", "opt", "--seeds", "1", "--out-dir", copy],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "audio ort-fp32 (flow, flow_mode=steps): SNR" in res.output
+    (audio,) = _json(copy, "validation.json")["audio"]
+    assert audio["options"] == {"flow_mode": "steps"}
+    assert audio["backends"] == {"llm": "torch:fp32", "flow": "ort:fp32", "vocoder": "torch:fp32"}
+    assert audio["samples"] == audio["candidate_samples"]
+    assert audio["snr_db"] > 60 and audio["passed"]
+    with open(os.path.join(copy, "validation.md")) as f:
+        assert "| llm=torch:fp32,flow=ort:fp32,vocoder=torch:fp32 (flow_mode steps) | fp32 |" in f.read()
