@@ -65,7 +65,7 @@ def _metadata(spec: GraphSpec):
     return meta
 
 
-def make_runner(name: str, spec: GraphSpec, infer, activate=lambda: None):
+def make_runner(name: str, spec: GraphSpec, infer, activate=lambda: None, deactivate=lambda: None):
     """A Polygraphy runner around `infer(dict of torch tensors) -> dict of torch tensors`."""
     BaseRunner, _, _, _ = _polygraphy()
 
@@ -84,7 +84,7 @@ def make_runner(name: str, spec: GraphSpec, infer, activate=lambda: None):
                                for t in spec.outputs)
 
         def deactivate_impl(self):
-            pass
+            deactivate()
 
     return Runner(name=name)
 
@@ -96,13 +96,26 @@ def torch_reference(model: TTSModel, graph: str, spec: GraphSpec, device: str = 
         if "m" not in module:
             module["m"] = model.graph_module(graph).float().eval().to(device)
 
-    def infer(feed):
+    def infer_rows(feed):
         with torch.inference_mode():
             out = module["m"](*[feed[t.name].to(device) for t in spec.inputs])
         out = (out,) if isinstance(out, torch.Tensor) else out
-        return dict(zip([t.name for t in spec.outputs], out))
+        return {t.name: o.cpu() for t, o in zip(spec.outputs, out)}
 
-    return make_runner(f"torch-fp32:{graph}", spec, infer, activate)
+    def infer(feed):
+        # the rows the backends would run per call (GraphSpec.scores): the reference's memory stays
+        # bounded like theirs, and its values are the same either way (rows are independent)
+        groups = spec.row_groups(spec.sizes_of(feed))
+        if len(groups) == 1:
+            return infer_rows(feed)
+        return spec.join_rows([infer_rows(spec.take_rows(feed, a, b)) for a, b in groups])
+
+    def deactivate():
+        # torch's cached blocks would otherwise be what the candidate (its own allocator) lacks
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    return make_runner(f"torch-fp32:{graph}", spec, infer, activate, deactivate)
 
 
 def backend_runner(backend: Backend, label: str):
@@ -134,6 +147,7 @@ def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, 
     spec = candidate.spec
     tol = TOLERANCE[precision] if tolerance is None else tolerance
     ref_runner = torch_reference(model, graph, spec, ref_device)
+    candidate.release_scratch = True  # torch runs beside it on the same device
     cand_runner = backend_runner(candidate, label)
     rows = []
     for i, point in enumerate(points):

@@ -172,7 +172,7 @@ class CosyVoice(TTSModel):
     def _specs(self) -> dict[str, GraphSpec]:
         c, lim = self.cfg, self.cfg.limits
         dec = c.lm.decoder
-        specs = {"llm": llm_graph_spec(dec.num_layers, dec.num_kv_heads, dec.head_dim, c.lm.input_vocab,
+        specs = {"llm": llm_graph_spec(dec.num_layers, dec.num_heads, dec.num_kv_heads, dec.head_dim, c.lm.input_vocab,
                                        c.lm.speech_rows, lim.max_batch, lim.llm_new, lim.llm_past, lim.llm_past_opt)}
         r = c.token_mel_ratio
         B = Dim("B", 1, 1, lim.max_batch, "batch")
@@ -194,25 +194,33 @@ class CosyVoice(TTSModel):
         # every block by the mask with causal convs, so frames < T never see a padded frame.
         # The vocoders have none: zero-padded mel changes the last frame(s) of audio.
         encoder_sensitive = TokenEncoder.SENSITIVE_PARTS
+        # attention scores per call (GraphSpec.scores): CosyVoice2's conformer attends over the
+        # upsampled frames; CosyVoice3's token encoder has no attention; the estimators attend over T
+        # (the solver runs each request's conditional and unconditional rows together)
+        if c.family == "cosyvoice3":
+            enc_scores, est_heads = "", c.flow.estimator.heads
+        else:
+            enc_scores, est_heads = f"B*{c.flow[0].encoder.attention_heads}*(N*{r})*(N*{r})", c.flow[1].num_heads
         estimator_sensitive = DiT.SENSITIVE_PARTS if c.family == "cosyvoice3" else ()
         specs["flow_encoder"] = GraphSpec(
             "flow_encoder", "flow", tuple(enc_inputs),
             (TensorSpec("mu", "float32", ("B", 80, f"N*{r}")), TensorSpec("spks", "float32", ("B", 80))), (B, N),
-            pad=PadRule("N", {"tokens": -1}), sensitive_scopes=encoder_sensitive)
+            pad=PadRule("N", {"tokens": -1}), sensitive_scopes=encoder_sensitive, scores=enc_scores)
         specs["flow_estimator"] = GraphSpec(
             "flow_estimator", "flow",
             (mel("x"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
              TensorSpec("t", "float32", ("B",), uniform(0, 1)), TensorSpec("spks", "float32", ("B", 80), normal(1.0)),
              mel("cond"), chunk),
             (TensorSpec("velocity", "float32", ("B", 80, "T")),), (CB, T),
-            pad=PadRule("T", {"mask": 0.0}), sensitive_scopes=estimator_sensitive, rows_per_request=2)
+            pad=PadRule("T", {"mask": 0.0}), sensitive_scopes=estimator_sensitive, rows_per_request=2,
+            scores=f"B*{est_heads}*T*T")
         specs["flow_solver"] = GraphSpec(
             "flow_solver", "flow",
             (mel("z"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
              TensorSpec("spks", "float32", ("B", 80), normal(1.0)), mel("cond"), chunk),
             (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T),
             pad=PadRule("T", {"mask": 0.0}), fp32_inputs=frozenset({"z"}), fp32_scopes=FlowSolver.FP32_PARTS,
-            sensitive_scopes=estimator_sensitive, compiled_part="estimator")
+            sensitive_scopes=estimator_sensitive, compiled_part="estimator", scores=f"2*B*{est_heads}*T*T")
         hop = c.hift.samples_per_frame
         noise_fill = uniform(0, 1) if c.hift.causal else normal(1.0)
         voc_in = [TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),
@@ -570,6 +578,9 @@ class HiFTSourceCache(torch.nn.Module):
     def forward(self, mel, noise, source_prefix):
         source = self.hift.source(self.hift.f0(mel), noise)
         n = source_prefix.shape[2]
+        # tells the exporter the slice below cannot be empty-clamped: without it torch 2.11's
+        # torch.export gives the cut source a data-dependent length and fails on the next conv
+        torch._check(n <= source.shape[2])
         source = torch.cat([source_prefix.to(source.dtype), source[:, :, n:]], dim=2)
         return self.hift.decode(mel, source), source
 

@@ -63,7 +63,7 @@ class Orpheus(TTSModel):
     @cached_property
     def _specs(self):
         c = self.llm_cfg
-        return {"llm": llm_graph_spec(c.num_layers, c.num_kv_heads, c.head_dim, c.vocab_size, c.vocab_size,
+        return {"llm": llm_graph_spec(c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size, c.vocab_size,
                                       *self.llm_limits),
                 "vocoder": graph_spec(self.snac_cfg, frames=(1, self.max_frames[0], self.max_frames[1]),
                                       batch=(1, 1, self.vocoder_batch))}

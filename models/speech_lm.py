@@ -442,8 +442,8 @@ def _finish(model: _SpeechLMBase, dtype: torch.dtype | None):
     return model.eval()
 
 
-def llm_graph_spec(layers: int, kv_heads: int, head_dim: int, input_vocab: int, logits: int, max_batch: int,
-                   max_new: int, max_past: int, opt_past: int) -> GraphSpec:
+def llm_graph_spec(layers: int, heads: int, kv_heads: int, head_dim: int, input_vocab: int, logits: int,
+                   max_batch: int, max_new: int, max_past: int, opt_past: int) -> GraphSpec:
     """The `llm` graph of every family: input ids + explicit KV cache in, last-position logits +
     grown cache out. S = 1 is a decode step, P = 0 a prefill; one graph serves both."""
     cache = (layers, "B", kv_heads, "P", head_dim)
@@ -458,4 +458,5 @@ def llm_graph_spec(layers: int, kv_heads: int, head_dim: int, input_vocab: int, 
          TensorSpec("present_keys", "float32", grown),
          TensorSpec("present_values", "float32", grown)),
         (Dim("B", 1, 1, max_batch, "batch"), Dim("S", 1, 1, max_new, "new tokens per LLM call"),
-         Dim("P", 0, opt_past, max_past, "cached tokens")), autoregressive=True)
+         Dim("P", 0, opt_past, max_past, "cached tokens")), autoregressive=True,
+        scores=f"B*{heads}*S*(P+S)")

@@ -97,3 +97,29 @@ def test_same_seed_same_tokens_streamed_or_not(name):
     if name == "orpheus-tiny":
         corr = torch.corrcoef(torch.stack([offline.audio, stream.result.audio]))[0, 1].item()
         assert corr > 0.999
+
+
+@pytest.mark.parametrize("graph", ["llm", "flow_encoder", "flow_estimator", "flow_solver"])
+def test_a_call_past_the_scores_limit_runs_in_row_groups_with_the_same_values(graph, monkeypatch):
+    """A call whose attention scores would pass SCORES_LIMIT (ONNX Runtime's CUDA kernels miscompute
+    beyond it) runs as several calls of fewer rows: each call stays under the limit and the outputs
+    equal one call's (the LLM's KV cache carries B on its second axis, the flow graphs on the first)."""
+    import models.spec
+    from runtime.backends import Option, create_backend
+
+    model = load_model("cosyvoice2-tiny")
+    spec = model.graph_specs()[graph]
+    backend = create_backend(Option("torch", "fp32"), model, spec, torch.device("cpu"))
+    sizes = {"B": spec.dim("B").max, **({"S": 5, "P": 3} if graph == "llm" else {"N": 9} if graph == "flow_encoder" else {"T": 18})}
+    feed = spec.sample_feed(sizes, seed=3)
+    whole = backend.infer(feed)
+    seen = []
+    real = backend._infer
+    monkeypatch.setattr(backend, "_infer", lambda f: seen.append(spec.sizes_of(f)["B"]) or real(f))
+    per_row = models.spec._eval(spec.scores, {**spec.sizes_of(feed), "B": 1})
+    monkeypatch.setattr(models.spec, "SCORES_LIMIT", per_row)  # one row per call
+    split = backend.infer(feed)
+    assert seen == [1] * sizes["B"]
+    for name, value in whole.items():
+        assert split[name].shape == value.shape
+        assert (split[name] - value).abs().max() <= 1e-5 * max(value.abs().max().item(), 1e-6), name

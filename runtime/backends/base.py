@@ -33,6 +33,10 @@ class Backend(abc.ABC):
         self.spec = spec
         self.device = torch.device(device)
         self.active = False
+        # give per-call scratch memory back to the device after every call instead of keeping it for
+        # the next one: validation alternates torch and the candidate on one GPU, and the memory one
+        # keeps at a large point is what the other lacks (backends with their own arena honour it)
+        self.release_scratch = False
 
     def activate(self) -> "Backend":
         if not self.active:
@@ -58,10 +62,13 @@ class Backend(abc.ABC):
     def infer(self, feed: dict[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
         """Run the graph. `check` validates the feed against the spec first (names, dtypes, dim
         ranges) so that a shape beyond an engine profile is a clear error, not a crash inside it."""
-        if check:
-            self.spec.check_feed(feed)
+        sizes = self.spec.check_feed(feed) if check else self.spec.sizes_of(feed)
         self.activate()
-        return self._infer(feed)
+        groups = self.spec.row_groups(sizes)
+        if len(groups) == 1:
+            return self._infer(feed)
+        # attention scores past SCORES_LIMIT: fewer rows per call (exact, the rows are independent)
+        return self.spec.join_rows([self._infer(self.spec.take_rows(feed, a, b)) for a, b in groups])
 
     @abc.abstractmethod
     def _activate(self) -> None: ...

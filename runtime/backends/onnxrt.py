@@ -99,8 +99,10 @@ class OrtBackend(ArtifactBackend):
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         # use_tf32 0: an fp32 artifact computes in fp32 (ORT's CUDA EP defaults to TF32 matmuls, which
         # moved fp32 LLM logits by 2.7e-4 of their scale on the H200, beyond the fp32 tolerance)
+        # kSameAsRequested: the arena grows by what a call needs, not to the next power of two (a 9 GB
+        # request would reserve 16 GB and run out of memory on an 80 GB card beside torch)
         cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
-                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
         # HEURISTIC: with DEFAULT (+ NC1D layout) ORT ran HiFT's fp32 convs in "fallback mode", 5-9x
         # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for HiFT's fp16
         # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"); the fp16 build then keeps the vocoder in fp32.
@@ -138,7 +140,8 @@ class OrtBackend(ArtifactBackend):
 
     def _infer(self, feed):
         if self.device.type != "cuda":
-            outs = self.session.run(None, {t.name: _host(feed[t.name], t.dtype) for t in self.spec.inputs})
+            outs = self.session.run(None, {t.name: _host(feed[t.name], t.dtype) for t in self.spec.inputs},
+                                    self._run_options("cpu:0"))
             # on CUDA the spec's shapes are bound as outputs; here the file decides, so check them: a file
             # that returns less (half the audio) must not pass for one that returns all of it
             want = self.spec.output_shapes(self.spec.sizes_of(feed))
@@ -160,8 +163,18 @@ class OrtBackend(ArtifactBackend):
             y = torch.empty(shape, dtype=DTYPES[t.dtype], device=self.device)
             outs[t.name] = y
             io.bind_output(t.name, "cuda", idx, _NP[y.dtype], tuple(y.shape), y.data_ptr())
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self._run_options(f"gpu:{idx}"))
         return outs
+
+    def _run_options(self, arena: str):
+        """None, or (release_scratch) options that shrink ONNX Runtime's arena after the run."""
+        if not self.release_scratch:
+            return None
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", arena)
+        return opts
 
     def metadata(self):
         m = {**super().metadata(), "precision": self.meta.get("tts.precision", "?")}
