@@ -103,7 +103,7 @@ def torch_reference(model: TTSModel, graph: str, spec: GraphSpec, device: str = 
         return {t.name: o.cpu() for t, o in zip(spec.outputs, out)}
 
     def infer(feed):
-        # the rows the backends would run per call (GraphSpec.scores): the reference's memory stays
+        # the rows the backends would run per call (GraphSpec.largest): the reference's memory stays
         # bounded like theirs, and its values are the same either way (rows are independent)
         groups = spec.row_groups(spec.sizes_of(feed))
         if len(groups) == 1:

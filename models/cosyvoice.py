@@ -194,7 +194,7 @@ class CosyVoice(TTSModel):
         # every block by the mask with causal convs, so frames < T never see a padded frame.
         # The vocoders have none: zero-padded mel changes the last frame(s) of audio.
         encoder_sensitive = TokenEncoder.SENSITIVE_PARTS
-        # attention scores per call (GraphSpec.scores): CosyVoice2's conformer attends over the
+        # attention scores per call (GraphSpec.largest): CosyVoice2's conformer attends over the
         # upsampled frames; CosyVoice3's token encoder has no attention; the estimators attend over T
         # (the solver runs each request's conditional and unconditional rows together)
         if c.family == "cosyvoice3":
@@ -205,7 +205,7 @@ class CosyVoice(TTSModel):
         specs["flow_encoder"] = GraphSpec(
             "flow_encoder", "flow", tuple(enc_inputs),
             (TensorSpec("mu", "float32", ("B", 80, f"N*{r}")), TensorSpec("spks", "float32", ("B", 80))), (B, N),
-            pad=PadRule("N", {"tokens": -1}), sensitive_scopes=encoder_sensitive, scores=enc_scores)
+            pad=PadRule("N", {"tokens": -1}), sensitive_scopes=encoder_sensitive, largest=enc_scores)
         specs["flow_estimator"] = GraphSpec(
             "flow_estimator", "flow",
             (mel("x"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
@@ -213,14 +213,14 @@ class CosyVoice(TTSModel):
              mel("cond"), chunk),
             (TensorSpec("velocity", "float32", ("B", 80, "T")),), (CB, T),
             pad=PadRule("T", {"mask": 0.0}), sensitive_scopes=estimator_sensitive, rows_per_request=2,
-            scores=f"B*{est_heads}*T*T")
+            largest=f"B*{est_heads}*T*T")
         specs["flow_solver"] = GraphSpec(
             "flow_solver", "flow",
             (mel("z"), TensorSpec("mask", "float32", ("B", 1, "T"), const(1)), mel("mu"),
              TensorSpec("spks", "float32", ("B", 80), normal(1.0)), mel("cond"), chunk),
             (TensorSpec("mel", "float32", ("B", 80, "T")),), (B, T),
             pad=PadRule("T", {"mask": 0.0}), fp32_inputs=frozenset({"z"}), fp32_scopes=FlowSolver.FP32_PARTS,
-            sensitive_scopes=estimator_sensitive, compiled_part="estimator", scores=f"2*B*{est_heads}*T*T")
+            sensitive_scopes=estimator_sensitive, compiled_part="estimator", largest=f"2*B*{est_heads}*T*T")
         hop = c.hift.samples_per_frame
         noise_fill = uniform(0, 1) if c.hift.causal else normal(1.0)
         voc_in = [TensorSpec("mel", "float32", ("B", 80, "T"), normal(2.0, -6.0)),

@@ -430,9 +430,15 @@ def graph_spec(cfg: SNACConfig = SNAC_24KHZ, frames: tuple[int, int, int] = (1, 
                           f"NoiseBlock {i} noise (standard normal; zeros disable it)")
                for i, k in enumerate(cfg.noise_factors())]
     out = TensorSpec("audio", "float32", ("B", expr(cfg.samples_per_frame)), doc=f"{cfg.sampling_rate} Hz audio")
+    # the widest activation: decoder block i halves the channels and upsamples by rates[i], so per
+    # output sample it holds (decoder_dim / 2^(i+1)) * prod(rates[:i+1]) / prod(rates) elements
+    hop = math.prod(cfg.decoder_rates)
+    per_sample = max(math.ceil((cfg.decoder_dim >> (i + 1)) * math.prod(cfg.decoder_rates[:i + 1]) / hop)
+                     for i in range(len(cfg.decoder_rates)))
     return GraphSpec("vocoder", "vocoder", tuple(inputs), (out,),
                      (Dim("B", *batch, doc="batch"), Dim("F", *frames, doc="SNAC frames")),
-                     doc="SNAC decoder: codes + explicit noise -> audio")
+                     doc="SNAC decoder: codes + explicit noise -> audio",
+                     largest=f"B*{per_sample}*{expr(cfg.samples_per_frame)}")
 
 
 # -- host-side code checks and decoding -------------------------------------------------------------

@@ -30,11 +30,11 @@ DTYPES = {
 # precision names of the command line (--backend kind:precision) -> the torch compute dtype
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POINTS = ("min", "opt", "max")
-# the most elements one call's attention scores may hold (see GraphSpec.scores): ONNX Runtime's CUDA
+# the most elements one call's attention scores may hold (see GraphSpec.largest): ONNX Runtime's CUDA
 # kernels index such tensors with 32 bits, and beyond this they return wrong values without an error
 # (the real-size CosyVoice2 estimator at B=64, T=3000: 4.6e9 score elements, 1.46 relative error
 # against torch on an H100); it also bounds the memory one call's scores take (8 GiB in fp32)
-SCORES_LIMIT = 2**31 - 1
+ELEMENTS_LIMIT = 2**31 - 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -152,10 +152,11 @@ class GraphSpec:
         the compile time of one estimator, not of ten inlined copies). None: the whole module.
     autoregressive: the graph is an LM step with an explicit KV cache in and out; backends may
         drive it through a faster decoder (static cache, captured step) instead of `infer`.
-    scores: the element count of the largest attention-score tensor one call materialises, as an
-        expression over the dims ("B*8*T*T"); "" for a graph without attention. Every backend runs a
-        call whose scores would pass SCORES_LIMIT as several calls of fewer rows of B (`row_groups`),
-        so a request is never refused or miscomputed for being large."""
+    largest: the element count of the largest tensor one call materialises (attention scores, a
+        vocoder's widest upsampled layer), as an expression over the dims ("B*8*T*T"); "" where no
+        tensor can come near the limit. Every backend runs a call whose largest tensor would pass
+        ELEMENTS_LIMIT as several calls of fewer rows of B (`row_groups`), so a request is never
+        refused or miscomputed for being large."""
 
     name: str
     stage: str
@@ -170,7 +171,7 @@ class GraphSpec:
     rows_per_request: int = 1
     compiled_part: str | None = None
     autoregressive: bool = False
-    scores: str = ""
+    largest: str = ""
 
     def __post_init__(self):
         declared = {d.name for d in self.dims}
@@ -188,18 +189,18 @@ class GraphSpec:
         unknown = set(self.fp32_inputs) - {t.name for t in self.inputs}
         if unknown:
             raise ValueError(f"{self.name}: fp32_inputs {sorted(unknown)} are not inputs")
-        if self.scores and (_names(self.scores) - declared or "B" not in _names(self.scores)):
-            raise ValueError(f"{self.name}: scores {self.scores!r} must be an expression over its dims with B in it")
+        if self.largest and (_names(self.largest) - declared or "B" not in _names(self.largest)):
+            raise ValueError(f"{self.name}: largest {self.largest!r} must be an expression over its dims with B in it")
 
     # -- splitting a call along B -------------------------------------------------------------------
     def row_groups(self, sizes: dict[str, int]) -> list[tuple[int, int]]:
-        """[start, stop) row ranges of B to run as separate calls: one range unless the call's attention
-        scores would pass SCORES_LIMIT (then as many rows per call as stay under it, at least one)."""
+        """[start, stop) row ranges of B to run as separate calls: one range unless the call's largest
+        tensor would pass ELEMENTS_LIMIT (then as many rows per call as stay under it, at least one)."""
         rows = sizes.get("B", 1)
-        if not self.scores or rows <= 1:
+        if not self.largest or rows <= 1:
             return [(0, rows)]
-        per_row = _eval(self.scores, {**sizes, "B": 1})
-        step = max(1, SCORES_LIMIT // max(per_row, 1))
+        per_row = _eval(self.largest, {**sizes, "B": 1})
+        step = max(1, ELEMENTS_LIMIT // max(per_row, 1))
         return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
     def take_rows(self, feed: dict, start: int, stop: int) -> dict:
@@ -369,7 +370,7 @@ class GraphSpec:
                    PadRule(pad["dim"], dict(pad.get("fill", {}))) if pad else None,
                    frozenset(d.get("fp32_inputs", ())), tuple(d.get("fp32_scopes", ())), tuple(d.get("sensitive_scopes", ())),
                    int(d.get("rows_per_request", 1)), d.get("compiled_part"), bool(d.get("autoregressive", False)),
-                   str(d.get("scores", "")))
+                   str(d.get("largest", "")))
 
     @classmethod
     def from_json(cls, s: str) -> "GraphSpec":

@@ -459,4 +459,4 @@ def llm_graph_spec(layers: int, heads: int, kv_heads: int, head_dim: int, input_
          TensorSpec("present_values", "float32", grown)),
         (Dim("B", 1, 1, max_batch, "batch"), Dim("S", 1, 1, max_new, "new tokens per LLM call"),
          Dim("P", 0, opt_past, max_past, "cached tokens")), autoregressive=True,
-        scores=f"B*{heads}*S*(P+S)")
+        largest=f"B*{heads}*S*(P+S)")

@@ -100,8 +100,8 @@ def test_same_seed_same_tokens_streamed_or_not(name):
 
 
 @pytest.mark.parametrize("graph", ["llm", "flow_encoder", "flow_estimator", "flow_solver"])
-def test_a_call_past_the_scores_limit_runs_in_row_groups_with_the_same_values(graph, monkeypatch):
-    """A call whose attention scores would pass SCORES_LIMIT (ONNX Runtime's CUDA kernels miscompute
+def test_a_call_past_the_elements_limit_runs_in_row_groups_with_the_same_values(graph, monkeypatch):
+    """A call whose attention scores would pass ELEMENTS_LIMIT (ONNX Runtime's CUDA kernels miscompute
     beyond it) runs as several calls of fewer rows: each call stays under the limit and the outputs
     equal one call's (the LLM's KV cache carries B on its second axis, the flow graphs on the first)."""
     import models.spec
@@ -116,8 +116,8 @@ def test_a_call_past_the_scores_limit_runs_in_row_groups_with_the_same_values(gr
     seen = []
     real = backend._infer
     monkeypatch.setattr(backend, "_infer", lambda f: seen.append(spec.sizes_of(f)["B"]) or real(f))
-    per_row = models.spec._eval(spec.scores, {**spec.sizes_of(feed), "B": 1})
-    monkeypatch.setattr(models.spec, "SCORES_LIMIT", per_row)  # one row per call
+    per_row = models.spec._eval(spec.largest, {**spec.sizes_of(feed), "B": 1})
+    monkeypatch.setattr(models.spec, "ELEMENTS_LIMIT", per_row)  # one row per call
     split = backend.infer(feed)
     assert seen == [1] * sizes["B"]
     for name, value in whole.items():

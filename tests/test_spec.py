@@ -58,23 +58,23 @@ def test_json_roundtrip_and_validation():
         Dim("N", 3, 2, 4)
 
 
-def test_row_groups_keep_each_call_under_the_scores_limit(monkeypatch):
+def test_row_groups_keep_each_call_under_the_elements_limit(monkeypatch):
     import models.spec
 
     spec = GraphSpec("est", "flow", (TensorSpec("x", "float32", ("B", 80, "T")), TensorSpec("chunk", "int64", (1,))),
                      (TensorSpec("v", "float32", ("B", 80, "T")),), (Dim("B", 1, 1, 64), Dim("T", 4, 200, 3000)),
-                     scores="B*8*T*T")
-    assert GraphSpec.from_json(spec.to_json()) == spec and GraphSpec.from_json(spec.to_json()).scores == "B*8*T*T"
+                     largest="B*8*T*T")
+    assert GraphSpec.from_json(spec.to_json()) == spec and GraphSpec.from_json(spec.to_json()).largest == "B*8*T*T"
     # the real-size CosyVoice2 estimator's max point: 64 x 8 x 3000^2 = 4.6e9 score elements, > 2^31
     assert spec.row_groups({"B": 64, "T": 3000}) == [(0, 29), (29, 58), (58, 64)]
     assert spec.row_groups({"B": 64, "T": 200}) == [(0, 64)]
-    monkeypatch.setattr(models.spec, "SCORES_LIMIT", 8 * 10 * 10 * 2)  # two rows of T = 10 per call
+    monkeypatch.setattr(models.spec, "ELEMENTS_LIMIT", 8 * 10 * 10 * 2)  # two rows of T = 10 per call
     assert spec.row_groups({"B": 5, "T": 10}) == [(0, 2), (2, 4), (4, 5)]
     assert spec.row_groups({"B": 3, "T": 100}) == [(0, 1), (1, 2), (2, 3)]  # one row even when it alone is over
     feed = {"x": torch.arange(5 * 80 * 10, dtype=torch.float32).reshape(5, 80, 10), "chunk": torch.tensor([7])}
     parts = [spec.take_rows(feed, a, b) for a, b in spec.row_groups({"B": 5, "T": 10})]
     assert [p["x"].shape[0] for p in parts] == [2, 2, 1] and all(p["chunk"] is feed["chunk"] for p in parts)
     assert torch.equal(spec.join_rows([{"v": p["x"]} for p in parts])["v"], feed["x"])
-    with pytest.raises(ValueError, match="scores 'N\\*T' must be an expression over its dims with B in it"):
+    with pytest.raises(ValueError, match="largest 'N\\*T' must be an expression over its dims with B in it"):
         GraphSpec("g", "s", (TensorSpec("x", "float32", ("B", "T")),), (), (Dim("B", 1, 1, 2), Dim("T", 1, 1, 2)),
-                  scores="N*T")
+                  largest="N*T")

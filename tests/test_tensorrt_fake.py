@@ -20,7 +20,7 @@ from runtime.backends import tensorrt as trt_backend
 from tests import fake_tensorrt
 from tests.fake_tensorrt import names
 
-SPEC = llm_graph_spec(layers=2, kv_heads=2, head_dim=4, input_vocab=50, logits=10, max_batch=2, max_new=8,
+SPEC = llm_graph_spec(layers=2, heads=4, kv_heads=2, head_dim=4, input_vocab=50, logits=10, max_batch=2, max_new=8,
                       max_past=16, opt_past=4)
 REBUILD = "python -m export build --model m --precision fp16 --trt"
 H200 = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt": "10.9.0.34"}

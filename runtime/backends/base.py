@@ -67,7 +67,7 @@ class Backend(abc.ABC):
         groups = self.spec.row_groups(sizes)
         if len(groups) == 1:
             return self._infer(feed)
-        # attention scores past SCORES_LIMIT: fewer rows per call (exact, the rows are independent)
+        # attention scores past ELEMENTS_LIMIT: fewer rows per call (exact, the rows are independent)
         return self.spec.join_rows([self._infer(self.spec.take_rows(feed, a, b)) for a, b in groups])
 
     @abc.abstractmethod
