@@ -11,6 +11,7 @@ ones (token ids in range, masks of ones, flow time in [0, 1)).
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import operator
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,13 @@ def _eval(expr: str, sizes: dict[str, int]) -> int:
             return _OPS[type(node.op)](walk(node.left), walk(node.right))
         raise ValueError(f"unsupported shape expression {expr!r}")
 
-    return walk(ast.parse(expr, mode="eval"))
+    return walk(_parse(expr))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(expr: str) -> ast.Expression:
+    """Parsed once: shapes and row groups are evaluated on every graph call."""
+    return ast.parse(expr, mode="eval")
 
 
 def _names(expr) -> set[str]:

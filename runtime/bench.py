@@ -80,8 +80,10 @@ def peak_memory(device: torch.device) -> float | None:
 
 def backend_choices(backends: str) -> list[str]:
     """`--backends` -> one choice per measured pipeline: a comma list of whole-pipeline choices
-    (torch,ort:fp16), or, when per-stage mixes are given (they contain commas), a |-separated list."""
-    return [c.strip() for c in (backends.split("|") if "=" in backends else backends.split(",")) if c.strip()]
+    (torch,ort:fp16), or a |-separated list: needed when per-stage mixes are given (they contain commas),
+    accepted for whole-pipeline choices too (torch|ort)."""
+    return [c.strip() for c in (backends.split("|") if "=" in backends or "|" in backends else backends.split(","))
+            if c.strip()]
 
 
 def cpu_name() -> str:

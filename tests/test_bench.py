@@ -62,3 +62,12 @@ def test_bench_cli_measures_every_graph_and_writes_json(tmp_path):
     rtf_row = next(line for line in table.splitlines() if line.startswith("torch           e2e RTF"))
     assert [float(x) for x in rtf_row.split()[3:]] == pytest.approx([measured["e2e"][n]["rtf"] for n in lengths], rel=1e-3, abs=1e-3)
     assert f"wrote {out}" in res.output
+
+
+def test_backend_lists_split_on_commas_or_bars():
+    from runtime.bench import backend_choices
+
+    assert backend_choices("torch,ort:fp16") == ["torch", "ort:fp16"]
+    assert backend_choices("torch|ort") == ["torch", "ort"]  # once refused as the backend 'torch|ort'
+    assert backend_choices("torch|llm=ort,flow=ort:fp16,vocoder=ort") == ["torch", "llm=ort,flow=ort:fp16,vocoder=ort"]
+    assert backend_choices(" torch , ") == ["torch"]

@@ -83,13 +83,6 @@ def test_batched_generation_with_family_samplers(cv3):
     assert len(batched[0]) != len(batched[1])
 
 
-class _CpuSeenAsCuda(str):
-    """'cpu' to torch (a str: every tensor factory parses it) and 'cuda' to the pipeline's device check
-    (`device.type`), so Pipeline.tokens takes its device-sampler branch on the CPU."""
-
-    type = "cuda"
-
-
 def _reference_device_loop(model, utt, seed, fixed_tokens):
     """The device-sampler rule driven by hand on the LM module itself: the family's sampler twin on the
     CPU, ids fed back with the family's `next_input_id`, stop tokens checked on the host."""
@@ -129,8 +122,7 @@ def test_device_sampler_path_of_the_pipeline(name, fixed, monkeypatch):
         return real_to_device(self, vocab, device, *args, **kwargs)
 
     monkeypatch.setattr(sampler_cls, "to_device", recording_to_device)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # what the branch's timers call
-    pipe.device = _CpuSeenAsCuda("cpu")
+    pipe.sample_on_device = True  # what a CUDA pipeline does, here on the CPU
     utt = _utterances(model, ["Hello there."])[0]
     tokens = pipe.generate(utt, torch.Generator().manual_seed(4), fixed)
     vocab = model.graph_specs()["llm"].outputs[0].shape[1]
@@ -143,3 +135,38 @@ def test_device_sampler_path_of_the_pipeline(name, fixed, monkeypatch):
         from models.snac import tokens_to_codes
 
         assert len(tokens) == fixed and tokens_to_codes(tokens)[3].ok
+
+
+@pytest.mark.parametrize("name,fixed", [("cosyvoice3-tiny", None), ("orpheus-tiny", 14)])
+def test_batched_generation_samples_on_the_device_like_one_request(name, fixed):
+    """generate_batch's device branch (each row's own device sampler, one host read per step for all
+    rows; on the host, Orpheus' 156,940-logit rows cost ~10 ms a token on an H100): one request comes
+    out exactly as Pipeline.tokens' device branch makes it, and a batch of two is seeded (the same
+    tokens again), stops each row on its own and keeps the family's rules."""
+    model = load_model(name)
+    pipe = Pipeline(model, "torch")
+    pipe.sample_on_device = True  # what a CUDA pipeline does, here on the CPU
+    calls = []
+    sampler_cls = type(model.make_sampler(_utterances(model, ["x"])[0], torch.Generator(), fixed))
+    real_host = sampler_cls.__call__
+    sampler_cls.__call__ = lambda self, *a: calls.append(1) or real_host(self, *a)
+    try:
+        one = _utterances(model, ["Hello there."])
+        assert pipe.generate_batch(one, torch.Generator().manual_seed(4), fixed) == \
+            [pipe.generate(one[0], torch.Generator().manual_seed(4), fixed)]
+        two = _utterances(model, ["Hi.", "A longer sentence, with more words in it."])
+        first = pipe.generate_batch(two, torch.Generator().manual_seed(5), fixed)
+        assert first == pipe.generate_batch(two, torch.Generator().manual_seed(5), fixed)
+    finally:
+        sampler_cls.__call__ = real_host
+    assert calls == []  # no host sampling anywhere
+    for u, toks in zip(two, first):
+        assert not any(model.lm.is_stop(t) for t in toks)
+        if fixed is None:
+            assert u.min_tokens <= len(toks) < u.max_tokens  # each row ended by its own stop token
+        else:
+            from models.snac import tokens_to_codes
+
+            assert len(toks) == fixed and tokens_to_codes(toks)[3].ok
+    if fixed is None:
+        assert len(first[0]) != len(first[1])
