@@ -61,13 +61,14 @@ class Backend(abc.ABC):
 
     def infer(self, feed: dict[str, torch.Tensor], check: bool = True) -> dict[str, torch.Tensor]:
         """Run the graph. `check` validates the feed against the spec first (names, dtypes, dim
-        ranges) so that a shape beyond an engine profile is a clear error, not a crash inside it."""
+        ranges) so that a shape beyond an engine profile is a clear error, not a crash inside it. A call
+        whose largest tensor would pass ELEMENTS_LIMIT runs as several calls of fewer rows."""
         sizes = self.spec.check_feed(feed) if check else self.spec.sizes_of(feed)
         self.activate()
         groups = self.spec.row_groups(sizes)
         if len(groups) == 1:
             return self._infer(feed)
-        # attention scores past ELEMENTS_LIMIT: fewer rows per call (exact, the rows are independent)
+        # a tensor past ELEMENTS_LIMIT (GraphSpec.largest): fewer rows per call (exact: rows are independent)
         return self.spec.join_rows([self._infer(self.spec.take_rows(feed, a, b)) for a, b in groups])
 
     @abc.abstractmethod
