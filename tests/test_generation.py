@@ -140,7 +140,7 @@ def test_device_sampler_path_of_the_pipeline(name, fixed, monkeypatch):
 @pytest.mark.parametrize("name,fixed", [("cosyvoice3-tiny", None), ("orpheus-tiny", 14)])
 def test_batched_generation_samples_on_the_device_like_one_request(name, fixed):
     """generate_batch's device branch (each row's own device sampler, one host read per step for all
-    rows; on the host, Orpheus' 156,940-logit rows cost ~10 ms a token on an H100): one request comes
+    rows; on the host, Orpheus' 156,940-logit rows cost ~12 ms a token on an H100): one request comes
     out exactly as Pipeline.tokens' device branch makes it, and a batch of two is seeded (the same
     tokens again), stops each row on its own and keeps the family's rules."""
     model = load_model(name)
