@@ -326,7 +326,8 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
         """Validate a candidate file at min/opt/max over `seeds` feeds (a candidate that cannot run fails)."""
         backend = OrtBackend(specs[g], torch.device(device), path, graph_spec=specs[g])
         try:
-            return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device, seeds=seeds)
+            # pass / fail is all the search needs: a failing candidate stops at its first failing seed
+            return validate_graph(model, g, backend, f"ort-{prec}", prec, ref_device=device, seeds=seeds, fail_fast=True)
         finally:
             backend.deactivate()
 

@@ -434,9 +434,11 @@ class _Search:
         facts = self.write(kept)
         res = self.check()
         worst = _worst(res)
-        self.tried.append({"level": label, "kept": len(kept), "max_rel_error": worst, "passed": res["passed"]})
+        self.tried.append({"level": label, "kept": len(kept), "max_rel_error": worst, "passed": res["passed"],
+                           **({"stopped_at": res["stopped_at"]} if res.get("stopped_at") else {})})
+        where = f" at {res['stopped_at']}" if res.get("stopped_at") else ""
         self.log(f"{label:<26} {len(kept):5d} kept  max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
-                 f"{'PASS' if res['passed'] else 'fail'}  {time.perf_counter() - t0:.1f} s")
+                 f"{'PASS' if res['passed'] else 'fail' + where}  {time.perf_counter() - t0:.1f} s")
         if res["passed"]:
             self.passing = (label, list(kept), facts, res)
         return res["passed"]

@@ -141,9 +141,12 @@ def scaled_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, precision: str,
                    points=POINTS, seed: int = 0, ref_device: str = "cpu", tolerance: float | None = None,
-                   seeds: int = 1) -> dict:
+                   seeds: int = 1, fail_fast: bool = False) -> dict:
     """Compare `candidate` with torch fp32 at each point over `seeds` random feeds; one dict per point
-    with per-output worst errors and NaN / Inf counts. A candidate that cannot run fails (with its error)."""
+    with per-output worst errors and NaN / Inf counts. A candidate that cannot run fails (with its error).
+    fail_fast: stop at the first seed that fails and leave the later points out (`stopped_at` names
+    the failing point): the build's candidate search needs only pass / fail, and a failing
+    candidate's remaining runs (the max point last, the most expensive) would only confirm it."""
     _, _, Comparator, SimpleCompareFunc = _polygraphy()
     from polygraphy.comparator.struct import RunResults
 
@@ -186,6 +189,7 @@ def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, 
             one = RunResults([(ref_runner.name, [ref_out]), (cand_runner.name, [cand_out])])
             compare = SimpleCompareFunc(check_shapes=True, rtol=0.0, atol=atol, check_error_stat="max")
             accurate &= bool(Comparator.compare_accuracy(one, compare_func=compare))
+            seed_failed = False
             for t in spec.outputs:
                 o = outputs[t.name]
                 abs_err, rel_err = scaled_error(cand_out[t.name], ref_out[t.name])
@@ -195,17 +199,27 @@ def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, 
                 o["ref_max_abs"] = max(o["ref_max_abs"], float(np.abs(ref_out[t.name]).max()) if ref_out[t.name].size else 0.0)
                 o["nonfinite_values"] += bad
                 o["nonfinite_seeds"] += int(bad > 0)
+                seed_failed |= bad > 0 or rel_err > tol
             del results, ref_out, cand_out, one, data
+            if fail_fast and (seed_failed or not (finite and accurate)):
+                break
         if error is not None:
             rows.append({**row, "finite": False, "passed": False, "error": error,
                          "outputs": {t.name: {"max_abs_error": float("inf"), "max_rel_error": float("inf"),
                                               "ref_max_abs": 0.0, "nonfinite_values": 0, "nonfinite_seeds": 0}
                                      for t in spec.outputs}})
+            if fail_fast:
+                break
             continue
         ok = finite and accurate and all(o["max_rel_error"] <= tol and not o["nonfinite_values"] for o in outputs.values())
         rows.append({**row, "finite": finite, "passed": ok, "outputs": outputs})
-    return {"graph": graph, "backend": label, "precision": precision, "passed": all(r["passed"] for r in rows),
-            "seeds": max(int(seeds), 1), "points": rows}
+        if fail_fast and not ok:
+            break
+    result = {"graph": graph, "backend": label, "precision": precision, "passed": all(r["passed"] for r in rows),
+              "seeds": max(int(seeds), 1), "points": rows}
+    if fail_fast and not result["passed"]:
+        result["stopped_at"] = rows[-1]["point"]
+    return result
 
 
 def worst_error(result: dict) -> float:

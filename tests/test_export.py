@@ -142,3 +142,38 @@ def test_cuda_provider_missing_is_named():
     backend = OrtBackend(model.graph_specs()["vocoder"], torch.device("cuda"), path)
     with pytest.raises(UserError, match="no CUDA execution provider.*onnxruntime-gpu"):
         backend.activate()
+
+
+def test_a_failing_candidate_stops_at_its_first_failing_seed_when_asked():
+    """The build's candidate search asks only pass / fail (`fail_fast`): a wrong candidate stops at the
+    first point and seed that fails instead of running the rest (the max point, the most expensive);
+    a certificate (no fail_fast) still runs every point and seed."""
+    from export.validate import validate_graph
+    from runtime.backends.torch_eager import TorchBackend
+
+    model = load_model("cosyvoice3-tiny")
+    spec = model.graph_specs()["flow_encoder"]
+
+    class Scaled(TorchBackend):
+        """1 % off: past the fp32 tolerance (1e-4), within the fp16 one (2e-2)."""
+        calls = 0
+
+        def _infer(self, feed):
+            Scaled.calls += 1
+            return {k: v * 1.01 if v.is_floating_point() else v for k, v in super()._infer(feed).items()}
+
+    def run(precision, fail_fast):
+        Scaled.calls = 0
+        res = validate_graph(model, "flow_encoder", Scaled(spec, torch.device("cpu"), lambda: model.graph_module("flow_encoder")),
+                             "scaled", precision, seeds=3, fail_fast=fail_fast)
+        return res, Scaled.calls
+
+    res, calls = run("fp32", fail_fast=True)
+    assert (res["passed"], res["stopped_at"], [p["point"] for p in res["points"]], calls) == (False, "min", ["min"], 1)
+    assert res["points"][0]["outputs"]["mu"]["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
+    res, calls = run("fp32", fail_fast=False)
+    assert (res["passed"], "stopped_at" in res, [p["point"] for p in res["points"]], calls) == (
+        False, False, ["min", "opt", "max"], 9)
+    res, calls = run("fp16", fail_fast=True)  # a passing candidate runs everything either way
+    assert (res["passed"], "stopped_at" in res, [p["point"] for p in res["points"]], calls) == (
+        True, False, ["min", "opt", "max"], 9)
