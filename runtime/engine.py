@@ -58,6 +58,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -303,6 +304,8 @@ class GraphBatcher:
         self.batch_sizes: deque = deque(maxlen=1000)  # rows per executed call
         # f(stage, rows, seconds) after every executed call (the server's metrics); set by the engine
         self.on_batch = None
+        self.idle_captures = 0  # deferred shapes captured while no call was pending
+        self.idle_capture_seconds = 0.0
 
     # worker side
     def call(self, graph: str, feed: dict, deadline: float) -> dict:
@@ -335,13 +338,33 @@ class GraphBatcher:
         with capture_stream(self.capture_stream):
             self._loop()
 
+    def _deferred_runners(self) -> list:
+        return [r for r in self.pipe.runners.values() if r.deferred_shapes]
+
     def _loop(self) -> None:
         while True:
+            idle_capture = []
             with self.cond:
                 while self.running and not self.pending:
+                    idle_capture = self._deferred_runners()
+                    if idle_capture:
+                        break
                     self.cond.wait(0.1)
                 if not self.running and not self.pending:
                     return
+            if idle_capture and not self.pending:
+                # nothing to run: capture one shape that ran eagerly in service (defer_new_shapes);
+                # calls that arrive meanwhile wait for this one capture, not for a round of them
+                t0 = time.perf_counter()
+                try:
+                    idle_capture[0].capture_deferred(1)
+                except Exception as e:  # noqa: BLE001 - the shape stays eager; a call meeting it again retries
+                    warnings.warn(f"capturing a deferred shape of {idle_capture[0].spec.name} failed, it stays eager: {e}",
+                                  RuntimeWarning, stacklevel=1)
+                self.idle_captures += 1
+                self.idle_capture_seconds += time.perf_counter() - t0
+                continue
+            with self.cond:
                 if not self._carried:  # with calls left from the last round there is work now: no waiting
                     deadline = time.perf_counter() + self.max_wait
                     while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
@@ -524,6 +547,11 @@ class Engine:
     # kernels take the SMs ahead of a long flow call's pending blocks (the step is every stream's
     # critical path; the flow call has the chunk's playback time as slack)
     LM_PRIORITIES = ("normal", "high")
+    # a token2wav shape (batch, length bucket) met for the first time in service: "capture" compiles /
+    # captures it in the call (the call, and every stream behind it in the batcher, waits: a capture
+    # synchronizes the device, a compile takes seconds); "defer" runs it on the eager module now and
+    # captures it when the batcher is idle or at its third call (runtime/backends/compiled.py)
+    NEW_SHAPES = ("capture", "defer")
     ROLES = ("full", "lm", "token2wav")
 
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",
@@ -532,7 +560,8 @@ class Engine:
                  queue_timeout: float = 30.0, first_audio_target: float = 0.3, attention: str | None = None,
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
-                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True):
+                 token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True,
+                 new_shapes: str = "capture"):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
         the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
@@ -540,7 +569,8 @@ class Engine:
         the LM alone (0: both share every SM; see `_green_stream`); lm_prefill_graphs: on CUDA, run
         prefills as captured graphs (runtime/backends/slot_decoder.py; every (rows, width) pair is captured
         at start, ~8 s on an H100). On by default: on an H100 it cut first audio at C=1 by 16 ms and gave
-        +12 % audio s/s at C=64 (docs/serving.md, sixth round); False runs them eagerly."""
+        +12 % audio s/s at C=64 (docs/serving.md, sixth round); False runs them eagerly.
+        new_shapes: capture | defer (NEW_SHAPES); warm_up and warm_graphs always capture."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
@@ -553,6 +583,9 @@ class Engine:
         if lm_priority not in self.LM_PRIORITIES:
             raise UserError(f"unknown LM stream priority {lm_priority!r}.", f"choose one of {', '.join(self.LM_PRIORITIES)}")
         self.lm_priority = lm_priority
+        if new_shapes not in self.NEW_SHAPES:
+            raise UserError(f"unknown new-shape policy {new_shapes!r}.", f"choose one of {', '.join(self.NEW_SHAPES)}")
+        self.new_shapes = new_shapes
         self.device = torch.device(device)
         if lm_reserved_sms < 0 or (lm_reserved_sms and self.device.type != "cuda"):
             raise UserError(f"cannot reserve {lm_reserved_sms} SMs for the LM on {self.device.type}.",
@@ -669,6 +702,7 @@ class Engine:
                                        attention=attention, buckets=self.lm_buckets,
                                        prefill_graphs=self.lm_prefill_graphs,
                                        prefill_rows=1 << (self.prefill_limit - 1).bit_length())
+        self._defer_new_shapes(self.new_shapes == "defer")
         self.running = True
         self.batcher.running = True
         # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority
@@ -797,10 +831,28 @@ class Engine:
         audio = handle.audio()
         return audio, handle.stats
 
+    def _defer_new_shapes(self, on: bool) -> None:
+        for graph, runner in self.pipe.runners.items():
+            if graph != self.model.lm.graph:
+                runner.defer_new_shapes = on
+
+    @contextlib.contextmanager
+    def _capturing(self):
+        """Warm-ups capture every shape they meet, whatever `new_shapes` says: that is their purpose."""
+        self._defer_new_shapes(False)
+        try:
+            yield
+        finally:
+            self._defer_new_shapes(self.new_shapes == "defer")
+
     def warm_up(self, tokens: int | None = None, levels: list[int] | None = None, text: str = "Warming up.") -> float:
         """Run bursts of synthetic requests (1, 2, 4, ... at once, up to `levels`) so the graphs a
         batch of that size calls exist before real traffic: compiled backends compile and capture
         their shapes here, not in a listener's first request. Returns the seconds it took."""
+        with self._capturing():
+            return self._warm_up(tokens, levels, text)
+
+    def _warm_up(self, tokens, levels, text) -> float:
         t0 = time.perf_counter()
         tokens = tokens or max(8, int(round(2 * self.model.token_rate())))
         if levels is None:
@@ -820,6 +872,10 @@ class Engine:
         call may batch (default max_streams). seen_only: only lengths up to the longest each graph has
         been called with (`Pipeline.longest`, e.g. after a round of the requests a load test sends),
         instead of every length up to the spec's max. Returns the number of calls."""
+        with self._capturing():
+            return self._warm_graphs(streams, seen_only, phase)
+
+    def _warm_graphs(self, streams, seen_only, phase) -> int:
         streams = min(streams or self.max_streams, self.max_streams)
         stream = self.batcher.stream
         calls = 0
@@ -901,6 +957,11 @@ class Engine:
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
                 "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds},
                 "lm_timing": dict(self.lm_timing), "lm_prefills": self.lm_prefills,
+                "new_shapes": {"policy": self.new_shapes,
+                               "eager_calls": sum(getattr(r, "deferred_calls", 0) for r in self.pipe.runners.values()),
+                               "waiting": sum(r.deferred_shapes for r in self.pipe.runners.values()),
+                               "idle_captures": self.batcher.idle_captures,
+                               "idle_capture_seconds": round(self.batcher.idle_capture_seconds, 3)},
                 "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
                                 for g, (n, r, t) in self.batcher.graph_calls.items()}}
 

@@ -362,6 +362,9 @@ def _counts(value: str, what: str) -> list[int]:
               help="In process: after one round of requests at every level (levels), also call each compiled or "
               "captured graph at every (batch, length) bucket up to what that round met (shapes), so no measured "
               "request waits on a capture.")
+@click.option("--new-shapes", type=click.Choice(["capture", "defer"]), default="capture", show_default=True,
+              help="A flow / vocoder shape no warm-up met, in service: capture (or compile) it in the call, or defer: run "
+              "it uncompiled now and capture it when the batcher is idle (or at its third call).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
@@ -369,7 +372,7 @@ def _counts(value: str, what: str) -> list[int]:
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
          with_baseline, baseline_requests, json_path, plot_path, seed, lm_buckets, switch_interval_ms, batcher_policy,
-         lm_priority, lm_reserved_sms, prefill, warmup, url, api_key, voice):
+         lm_priority, lm_reserved_sms, prefill, warmup, new_shapes, url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -403,7 +406,8 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                         switch_interval=switch_interval_ms / 1e3 if switch_interval_ms > 0 else None,
                         lm_buckets=_counts(lm_buckets, "--lm-buckets") if lm_buckets else None,
                         batcher_policy=batcher_policy, lm_priority=lm_priority,
-                        lm_reserved_sms=lm_reserved_sms, lm_prefill_graphs=prefill == "graph").start()
+                        lm_reserved_sms=lm_reserved_sms, lm_prefill_graphs=prefill == "graph",
+                        new_shapes=new_shapes).start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
@@ -412,7 +416,7 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
                 "switch_interval_ms": switch_interval_ms, "lm_buckets": engine.decoder.buckets,
                 "batcher_policy": batcher_policy, "lm_priority": lm_priority, "lm_reserved_sms": lm_reserved_sms,
-                "prefill": prefill}
+                "prefill": prefill, "new_shapes": new_shapes}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request

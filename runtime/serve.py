@@ -992,6 +992,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--warmup", default="full", show_default=True, type=click.Choice(["full", "requests", "none"]),
               help="full: every shape bucket of every compiled graph, then requests alone and at full "
                    "concurrency; requests: only those; none: only the LM's decode graphs.")
+@click.option("--new-shapes", default="capture", show_default=True, type=click.Choice(["capture", "defer"]),
+              help="A flow / vocoder shape the warm-up did not meet: capture (or compile) it in the request's call, "
+                   "or defer: run it uncompiled now and capture it when the engine is idle (or at its third call).")
 @click.option("--threads", default=None, type=int, help="CPU threads per operator (torch.set_num_threads).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--log-level", default="info", show_default=True,
@@ -1008,7 +1011,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--lm-replicas", default=None, type=int, help="With --placement disaggregated: LM replicas (default 1).")
 @exit_on_user_error
 def main(model_name, backends, device, engines_dir, precision, host, port, api_key, voices_dir, max_streams,
-         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, threads, seed, log_level,
+         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, new_shapes, threads, seed, log_level,
          use_ray, replicas, autoscale, address, replica_cpus, placement, lm_replicas):
     import sys
 
@@ -1043,7 +1046,7 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
                                    max_len, queue_timeout, threads,
                                    dict(voices_dir=os.path.abspath(voices_dir), api_key=api_key,
                                         max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                                        warmup=warmup), placement or "replicated")
+                                        warmup=warmup), placement or "replicated", new_shapes)
         run(settings, host, port, replicas, autoscale, address, replica_cpus, lm_replicas)
         return
     sock = bind(host, port)
@@ -1056,7 +1059,8 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
         torch.set_num_threads(threads)
     model = load_model(model_name, device=device, seed=seed)
     engine = Engine(model, backends, device=device, engines_dir=engines_dir, precision=precision,
-                    max_streams=max_streams, max_queue=max_queue, max_len=max_len, queue_timeout=queue_timeout)
+                    max_streams=max_streams, max_queue=max_queue, max_len=max_len, queue_timeout=queue_timeout,
+                    new_shapes=new_shapes)
     app = create_app(engine, ServeConfig(voices_dir=voices_dir, api_key=api_key, max_input_chars=max_input_chars,
                                          max_upload_bytes=int(max_upload_mb * (1 << 20)), warmup=warmup))
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,

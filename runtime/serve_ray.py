@@ -80,6 +80,7 @@ class ReplicaSettings:
     threads: int | None = None
     serve: dict = field(default_factory=dict)  # ServeConfig fields
     placement: str = "replicated"  # or "disaggregated" (the module docstring)
+    new_shapes: str = "capture"  # Engine(new_shapes=...)
 
 
 def _engine(settings: ReplicaSettings, **role):
@@ -93,7 +94,7 @@ def _engine(settings: ReplicaSettings, **role):
     model = load_model(settings.model_name, device=settings.device, seed=settings.seed)
     return Engine(model, settings.backends, device=settings.device, engines_dir=settings.engines_dir,
                   precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
-                  max_len=settings.max_len, queue_timeout=settings.queue_timeout, **role)
+                  max_len=settings.max_len, queue_timeout=settings.queue_timeout, new_shapes=settings.new_shapes, **role)
 
 
 class SpeechReplica:

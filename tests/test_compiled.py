@@ -202,6 +202,34 @@ def test_emulated_exact_shape_lru():
     assert cb.metadata()["graphs"] == 2 and cb.metadata()["evictions"] == 2
 
 
+def test_a_deferred_shape_runs_eagerly_until_it_is_captured():
+    """defer_new_shapes (a warmed serving engine): a new shape key runs the eager module in the call
+    (same values) and waits for `capture_deferred` (the batcher's idle time) or for its third call; a
+    captured key replays; warm shapes are never deferred. Graph bookkeeping emulated on the CPU."""
+    name, graph = "orpheus-tiny", "vocoder"
+    spec = model(name).graph_specs()[graph]
+    cb = CompiledBackend(spec, "cpu", lambda: model(name).graph_module(graph), compile_backend=None,
+                         cuda_graphs="emulate")
+    cb.infer(spec.sample_feed({"F": 2}, seed=0))  # warmed before serving: captured at once
+    cb.defer_new_shapes = True
+    feeds = {f: spec.sample_feed({"F": f}, seed=f) for f in (2, 3, 4)}
+    want = {f: eager(name, graph, feed)["audio"] for f, feed in feeds.items()}
+    for _ in range(2):
+        assert rel_err(cb.infer(feeds[3])["audio"], want[3]) < 1e-6
+    assert rel_err(cb.infer(feeds[2])["audio"], want[2]) < 1e-6
+    meta = cb.metadata()
+    assert (meta["graphs"], meta["deferred_shapes"], meta["deferred_calls"]) == (1, 1, 2)
+    assert cb.capture_deferred() == 1 and cb.capture_deferred() == 0
+    assert rel_err(cb.infer(feeds[3])["audio"], want[3]) < 1e-6
+    meta = cb.metadata()
+    assert (meta["graphs"], meta["deferred_shapes"], meta["deferred_calls"]) == (2, 0, 2)
+    # a shape met often is worth its capture in the call: the third call captures it
+    for k in range(3):
+        assert rel_err(cb.infer(feeds[4])["audio"], want[4]) < 1e-6
+        assert cb.metadata()["graphs"] == (2 if k < 2 else 3)
+    assert cb.metadata()["deferred_calls"] == 4 and cb.deferred_shapes == 0
+
+
 def test_copy_module_leaves_the_model_alone():
     fresh = load_model("cosyvoice3-tiny")
     spec = fresh.graph_specs()["flow_estimator"]

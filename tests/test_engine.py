@@ -131,6 +131,39 @@ def test_request_alone_equals_request_among_others(name):
     assert stats["token2wav_batch_mean"] > 1  # and token2wav calls
 
 
+def test_deferred_shapes_run_eagerly_then_the_idle_batcher_captures_them():
+    """new_shapes="defer": a token2wav shape no warm-up met runs uncompiled in its call and the batcher
+    captures it once no call is pending; the audio equals the engine that captures in the call, and
+    warm_graphs captures at once whatever the policy. Graph bookkeeping emulated on the CPU."""
+    from runtime.backends.compiled import CompiledBackend
+
+    def run(policy):
+        model = load_model("orpheus-tiny")
+        engine = Engine(model, "torch", max_streams=4, new_shapes=policy)
+        specs = model.graph_specs()
+        engine.pipe.runners["vocoder"] = CompiledBackend(specs["vocoder"], "cpu", lambda: model.graph_module("vocoder"),
+                                                         compile_backend=None, cuda_graphs="emulate")
+        with engine:
+            audio = [engine.submit(TEXT, seed=s, fixed_tokens=40 + 7 * s).audio() for s in range(3)]
+            deadline = time.perf_counter() + 10
+            while engine.stats()["new_shapes"]["waiting"] and time.perf_counter() < deadline:
+                time.sleep(0.01)
+            during = engine.stats()["new_shapes"]
+            engine.warm_graphs(streams=1)
+            after = engine.stats()["new_shapes"]
+            graphs = engine.pipe.runners["vocoder"].metadata()["graphs"]
+        return audio, during, after, graphs
+
+    captured, c_during, _, _ = run("capture")
+    deferred, during, after, graphs = run("defer")
+    assert all(a.shape == b.shape and rel(a, b) < 1e-6 for a, b in zip(deferred, captured))
+    assert c_during["eager_calls"] == c_during["idle_captures"] == 0
+    # every new (rows, frames) key of the vocoder ran eagerly first and was captured when idle
+    assert during["eager_calls"] >= during["idle_captures"] > 0 and during["waiting"] == 0
+    assert graphs >= during["idle_captures"]
+    assert after["eager_calls"] == during["eager_calls"] and after["policy"] == "defer"
+
+
 def test_stops_on_its_own_and_multiple_sentences():
     """Without a fixed count a request ends at its stop token or its length limit; several sentences
     come back in order, each with its own tokens."""

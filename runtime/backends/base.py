@@ -95,6 +95,18 @@ class Backend(abc.ABC):
         requests. Empty for backends whose first call at a new shape costs nothing extra."""
         return []
 
+    # A shape met for the first time in service may cost a compile or a capture; backends that have
+    # such shapes (compile, cudagraph) can run it uncompiled now and capture it later instead when a
+    # serving engine sets `defer_new_shapes` (runtime/backends/compiled.py). Others have none.
+    defer_new_shapes = False
+
+    @property
+    def deferred_shapes(self) -> int:
+        return 0
+
+    def capture_deferred(self, limit: int = 1) -> int:
+        return 0
+
     def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0,
                 call: Callable[[dict], dict] | None = None) -> "LLMDecoder":
         """Generation state for an autoregressive graph (see LLMDecoder). `call` runs one feed of

@@ -154,6 +154,14 @@ class CompiledBackend(Backend):
         self.evictions = 0
         self.graph_breaks = 0
         self.break_reasons: list[str] = []
+        # defer_new_shapes (set by a serving engine once warmed up): a shape key met for the first time
+        # runs on the eager module now and is captured later (`capture_deferred`, when the caller is
+        # idle, or at its `capture_after`-th call), so one listener's new length does not stall every
+        # stream behind a compile and `torch.cuda.graph`'s device-wide wait
+        self.defer_new_shapes = False
+        self.capture_after = 3
+        self._deferred: OrderedDict = OrderedDict()  # key -> [prepared inputs (own copies), eager calls]
+        self.deferred_calls = 0
 
     # -- activation -------------------------------------------------------------------------------
     def _compile(self, fn):
@@ -225,6 +233,7 @@ class CompiledBackend(Backend):
     def _release(self) -> None:
         # graphs first (they hold the pool's memory), then the decoders' caches, then the module
         self._graphs.clear()
+        self._deferred.clear()
         self._decoders.clear()
         self._fn = self.module = self._pool = None
 
@@ -347,7 +356,18 @@ class CompiledBackend(Backend):
                 return self._finish(outs, sizes, copy=False)
             key = self._key(feed, padded)
             entry = self._graphs.get(key)
-            if entry is None:
+            if entry is None and self.defer_new_shapes:
+                args = self._prepare(feed, padded)
+                waiting = self._deferred.get(key)
+                if waiting is None or waiting[1] + 1 < self.capture_after:
+                    if waiting is None:
+                        waiting = self._deferred[key] = [[a.clone() for a in args], 0]
+                    waiting[1] += 1
+                    self.deferred_calls += 1
+                    return self._finish(self.module(*args), sizes, copy=False)
+                del self._deferred[key]  # met often enough: it is worth the stall now
+                entry = self._capture(key, args)
+            elif entry is None:
                 entry = self._capture(key, self._prepare(feed, padded))
             else:
                 self._graphs.move_to_end(key)
@@ -375,6 +395,22 @@ class CompiledBackend(Backend):
             self._graphs.popitem(last=False)
             self.evictions += 1
         return entry
+
+    @property
+    def deferred_shapes(self) -> int:
+        """Shape keys run eagerly and not yet captured (see `defer_new_shapes`)."""
+        return len(self._deferred)
+
+    def capture_deferred(self, limit: int = 1) -> int:
+        """Capture up to `limit` deferred shape keys, oldest first; returns how many."""
+        done = 0
+        with torch.inference_mode():
+            while self._deferred and done < limit:
+                key, (args, _) = self._deferred.popitem(last=False)
+                if key not in self._graphs:
+                    self._capture(key, args)
+                    done += 1
+        return done
 
     def warmup(self, points: list[dict] | None = None) -> "CompiledBackend":
         """Compile (and capture) ahead of time at the given dim sizes (spec points such as
@@ -435,6 +471,7 @@ class CompiledBackend(Backend):
              "compile_backend": self.compile_backend, "compile_mode": self.compile_mode or "default",
              "dynamic": self.dynamic, "shapes": f"bucketed {self.rule.dim}" if self.rule else "exact",
              "graphs": len(self._graphs), "evictions": self.evictions,
+             "deferred_calls": self.deferred_calls, "deferred_shapes": len(self._deferred),
              "compiled": self._compiled_state(),
              "graph_breaks": self.graph_breaks, "graph_break_reasons": list(self.break_reasons),
              "compile_seconds": round(self.compile_seconds + sum(d.compile_seconds for d in decs), 3),
