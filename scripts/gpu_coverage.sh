@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU coverage of CosyVoice2 and Orpheus at the real sizes (random weights) in one device call,
-# once onnxruntime-gpu is installed there (../shared/device/ORT_GPU.md: five calls carry the wheel):
+# The GPU coverage of CosyVoice2 and Orpheus at the real sizes (random weights), every step bounded (all of it
+# outlasts one 600 s device call: start it under setsid and let the next calls wait for it),
+# once onnxruntime-gpu is installed there (scripts/ort_gpu_carry.sh: four calls carry it, then `unpack`):
 #   OUT=results ENGINES=/tmp/engines PYTHONPATH=/tmp/ortsite scripts/gpu_coverage.sh [steps...]
 # steps (default all, in this order):
 #   export     fp32 ONNX of whatever is missing (CosyVoice2 in the per-step flow layout, Orpheus whole)
