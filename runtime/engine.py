@@ -957,13 +957,17 @@ class Engine:
                 "token2wav_batch_mean": sum(self.batcher.batch_sizes) / max(len(self.batcher.batch_sizes), 1),
                 "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds},
                 "lm_timing": dict(self.lm_timing), "lm_prefills": self.lm_prefills,
-                "new_shapes": {"policy": self.new_shapes,
-                               "eager_calls": sum(getattr(r, "deferred_calls", 0) for r in self.pipe.runners.values()),
-                               "waiting": sum(r.deferred_shapes for r in self.pipe.runners.values()),
-                               "idle_captures": self.batcher.idle_captures,
-                               "idle_capture_seconds": round(self.batcher.idle_capture_seconds, 3)},
+                "new_shapes": self.new_shape_stats(),
                 "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
                                 for g, (n, r, t) in self.batcher.graph_calls.items()}}
+
+    def new_shape_stats(self) -> dict:
+        """What the `new_shapes` policy did: calls run eagerly, shape keys waiting for a capture, and
+        the captures the idle batcher made."""
+        runners = list(self.pipe.runners.values())
+        return {"policy": self.new_shapes, "eager_calls": sum(getattr(r, "deferred_calls", 0) for r in runners),
+                "waiting": sum(r.deferred_shapes for r in runners), "idle_captures": self.batcher.idle_captures,
+                "idle_capture_seconds": round(self.batcher.idle_capture_seconds, 3)}
 
     # -- a request's worker ----------------------------------------------------------------------------------
     def _serve(self, handle: Handle, spec: dict) -> None:

@@ -889,6 +889,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         return {"model": srv.model.describe(), "device": str(engine.device), "backends": engine.pipe.describe_backends(),
                 "torch": torch.__version__, "ready": srv.ready.is_set(), "phase": srv.phase, "gpu": gpu, **summary,
                 "profile": srv.profiler.status(),
+                # shapes met in service (Engine new_shapes): eager calls, keys waiting for a capture
+                "new_shapes": engine.new_shape_stats(),
                 **({"replica": await run_in_threadpool(cfg.replica_facts)} if cfg.replica_facts else {})}
 
     @app.post("/diagnostics/profile", status_code=202)

@@ -105,7 +105,8 @@ class InThread:
 def cv3(tmp_path_factory):
     voices = tmp_path_factory.mktemp("cv3-voices")
     s = Subprocess("--model", "cosyvoice3-tiny", "--max-streams", "8", "--max-queue", "1", "--queue-timeout", "1",
-                   "--threads", "1", "--warmup", "requests", "--voices-dir", str(voices), "--log-level", "warning",
+                   "--threads", "1", "--warmup", "requests", "--new-shapes", "defer", "--voices-dir", str(voices),
+                   "--log-level", "warning",
                    env={"TTS_API_KEY": KEY})
     yield s.base
     assert s.stop() == 0, "".join(s.log)
@@ -454,6 +455,9 @@ def test_diagnostics_and_profile(cv3):
     speak(cv3, seed=8)
     d = httpx.get(cv3 + "/diagnostics", headers=auth()).json()
     assert d["gpu"] == {"available": False, "reason": "the engine runs on the CPU"}
+    # the CLI's --new-shapes reached the engine (eager torch backends have no shapes to defer)
+    assert d["new_shapes"] == {"policy": "defer", "eager_calls": 0, "waiting": 0, "idle_captures": 0,
+                               "idle_capture_seconds": 0.0}
     w = d["window"]
     assert w["requests"] >= 1 and abs(sum(w["stage_share"].values()) - 1) < 1e-3
     assert set(w["thread_busy"]) == {"lm", "token2wav"} and isinstance(d["verdict"], str) and "\n" not in d["verdict"]
