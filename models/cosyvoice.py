@@ -509,10 +509,8 @@ class CosyVoice(TTSModel):
         small graph), the solver on the frames after `state["frames"]` only, against the prefixes the
         DiT kept of those (`state["prefixes"]`, one per Euler step; both updated here). Equal to the
         matching frames of `token2mel(..., streaming=True)`; earlier calls must have ended on whole
-        chunks (the streaming hops do)."""
-        from models.dit import DiTPrefix
-        from models.flow import solve_euler_cfg_after_prefix
-
+        chunks (the streaming hops do). The solve goes through `run.batched`, so a serving engine
+        solves many streams' chunks in one call (`solve_after_prefix`)."""
         solver = run.module("flow_solver")
         if solver is None:
             raise UserError("flow_mode prefix runs the flow's eager module and keeps its state per stream; "
@@ -533,17 +531,56 @@ class CosyVoice(TTSModel):
         cond = torch.zeros(1, 80, frames - start, device=device)
         if start < prompt.shape[1]:
             cond[0, :, : prompt.shape[1] - start] = prompt[:, start:frames]
-        dit = solver.estimator
-        dtype = next(dit.parameters()).dtype
-        prefixes = state.get("prefixes") or [DiTPrefix.empty(dit, 2, device, dtype)
-                                             for _ in range(solver.cfg.n_timesteps)]
-        with run.timed("flow_solver"), torch.inference_mode():
-            mel, state["prefixes"] = solve_euler_cfg_after_prefix(
-                dit, solver.cfg, solver.t_steps, solver.dt_steps, z_table[:, :, start:frames].to(dtype),
-                enc["mu"][:, :, start:frames].to(dtype), enc["spks"].to(dtype), cond.to(dtype), prefixes,
-                self._chunk_tokens * r)
+        item = PrefixSolve(solver, z_table[:, :, start:frames], enc["mu"][:, :, start:frames], enc["spks"], cond, state)
+        batched = getattr(run, "batched", None)
+        if batched is not None:
+            mel = batched("flow_solver", self.solve_after_prefix, item, frames)
+        else:  # a GraphRunner of the family protocol's minimum: the stream alone
+            with run.timed("flow_solver"):
+                mel = self.solve_after_prefix([item])[0]
         state["frames"] = frames
         return mel[:, :, max(prompt.shape[1] - start, 0):].float()
+
+    @staticmethod
+    def prefix_bytes_per_frame(solver) -> int:
+        """What flow_mode prefix keeps per mel frame of a stream, given the flow solver's eager module:
+        keys and values of every DiT layer for both CFG rows at every Euler step (the convolution
+        histories add a constant 60 frames' worth of one layer's input)."""
+        dit = solver.estimator
+        size = next(dit.parameters()).element_size()
+        return solver.cfg.n_timesteps * len(dit.transformer_blocks) * 2 * 2 * dit.cfg.heads * dit.cfg.dim_head * size
+
+    def solve_after_prefix(self, items: list["PrefixSolve"]) -> list[torch.Tensor]:
+        """The new frames of several streams' chunks in one solve (models.flow.solve_euler_cfg_streams),
+        each against its own kept prefix; every item's `state["prefixes"]` is extended here. Items
+        share one solver module (the same graph's)."""
+        from models.dit import DiTPrefix
+        from models.flow import solve_euler_cfg_streams
+
+        solver = items[0].solver
+        dit = solver.estimator
+        dtype = next(dit.parameters()).dtype
+        device = items[0].z.device
+        lengths = [it.z.shape[2] for it in items]
+        N = max(lengths)
+
+        def padded(name):
+            out = torch.zeros(len(items), 80, N, device=device, dtype=dtype)
+            for b, it in enumerate(items):
+                out[b, :, : lengths[b]] = getattr(it, name)[0]
+            return out
+
+        steps = solver.cfg.n_timesteps
+        prefixes = [it.state.get("prefixes") or [DiTPrefix.empty(dit, 2, device, dtype) for _ in range(steps)]
+                    for it in items]
+        with torch.inference_mode():
+            mel, extended = solve_euler_cfg_streams(
+                dit, solver.cfg, solver.t_steps, solver.dt_steps, padded("z"), padded("mu"),
+                torch.cat([it.spks for it in items]).to(dtype), padded("cond"), prefixes, lengths,
+                self._chunk_tokens * self.cfg.token_mel_ratio)
+        for it, kept in zip(items, extended):
+            it.state["prefixes"] = kept
+        return [mel[b: b + 1, :, : lengths[b]] for b in range(len(items))]
 
     def vocode(self, mel, run, generator, device, source_prefix: torch.Tensor | None = None):
         """(audio [samples], source [1, 1, samples] or None): the vocoder graph on `mel`. CosyVoice2's
@@ -564,6 +601,19 @@ class CosyVoice(TTSModel):
         from models.streaming import CosyVoiceStream
 
         return CosyVoiceStream(self, utt, run, generator, device)
+
+
+@dataclass
+class PrefixSolve:
+    """One stream's chunk for `solve_after_prefix`: its new frames' noise, encoder output and
+    condition ([1, 80, n]), its speaker vector [1, 80], and the state holding its kept prefixes."""
+
+    solver: torch.nn.Module
+    z: torch.Tensor
+    mu: torch.Tensor
+    spks: torch.Tensor
+    cond: torch.Tensor
+    state: dict
 
 
 class HiFTSourceCache(torch.nn.Module):

@@ -292,31 +292,123 @@ class DiT(nn.Module):
 
 @dataclass
 class DiTPrefix:
-    """What one estimator call needs to know of the frames before the new ones, for every row of
-    its batch: per layer the keys and values ([B, frames, inner], keys already rotated) and the
-    last kernel-1 frames at the inputs of the two causal position convolutions. Streaming with the
-    static chunk mask, a frame in a completed chunk never sees a later frame (the attention is
-    chunk-causal, the position convolutions causal), so these stay exact once their chunk is done.
-    Cost: 2 x depth x inner values per frame (CosyVoice3 at bf16: 22 x 1024 x 2 x 2 bytes = 88 KiB
-    per frame and per CFG row, per Euler step)."""
+    """What the estimator needs to know of the frames before the new ones, for every row of its
+    batch: per layer the keys (already rotated) and the values, `kv` [layers, 2, rows, frames,
+    inner] (keys at [:, 0], values at [:, 1], one tensor so that many streams' prefixes are
+    stacked into one batch and split back with one copy each), and the last kernel-1 frames at the
+    inputs of the two causal position convolutions. Streaming with the static chunk mask, a frame in
+    a completed chunk never sees a later frame (the attention is chunk-causal, the position
+    convolutions causal), so these stay exact once their chunk is done. Cost: 2 x depth x inner
+    values per frame (CosyVoice3 at bf16: 22 x 1024 x 2 x 2 bytes = 88 KiB per frame and per CFG
+    row, per Euler step)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    conv_in: torch.Tensor  # [B, kernel-1, dim] the first convolution's input history
-    conv_mid: torch.Tensor  # [B, kernel-1, dim] the second convolution's input history
+    kv: torch.Tensor  # [layers, 2, rows, frames, inner]
+    conv_in: torch.Tensor  # [rows, kernel-1, dim] the first convolution's input history
+    conv_mid: torch.Tensor  # [rows, kernel-1, dim] the second convolution's input history
 
     @property
     def frames(self) -> int:
-        return self.keys[0].shape[1]
+        return self.kv.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.conv_in, self.conv_mid))
 
     @classmethod
     def empty(cls, dit: "DiT", batch: int, device, dtype) -> "DiTPrefix":
         inner = dit.cfg.heads * dit.cfg.dim_head
         hist = dit.input_embed.conv_pos_embed.kernel_size - 1
-        none = lambda w: torch.zeros(batch, 0, w, device=device, dtype=dtype)  # noqa: E731
-        return cls([none(inner) for _ in dit.transformer_blocks], [none(inner) for _ in dit.transformer_blocks],
+        return cls(torch.zeros(len(dit.transformer_blocks), 2, batch, 0, inner, device=device, dtype=dtype),
                    torch.zeros(batch, hist, dit.cfg.dim, device=device, dtype=dtype),
                    torch.zeros(batch, hist, dit.cfg.dim, device=device, dtype=dtype))
+
+    @classmethod
+    def stack_cfg(cls, prefixes: list["DiTPrefix"], frames: int | None = None) -> "DiTPrefix":
+        """One prefix for the CFG batch of several streams: each of `prefixes` holds one stream's
+        [conditional, unconditional] rows; the result holds [every stream's conditional row, then
+        every unconditional row] (the order of `models.flow.solve_euler_cfg`), frames zero-padded
+        at the end to `frames` (default the longest; the caller masks the padding)."""
+        B = len(prefixes)
+        first = prefixes[0]
+        L, _, rows, _, inner = first.kv.shape
+        if any(p.kv.shape[2] != 2 for p in prefixes):
+            raise ValueError("stack_cfg takes one stream's [conditional, unconditional] rows per prefix")
+        frames = max(p.frames for p in prefixes) if frames is None else frames
+        kv = first.kv.new_zeros(L, 2, 2 * B, frames, inner)
+        conv_in = first.conv_in.new_empty(2 * B, *first.conv_in.shape[1:])
+        conv_mid = first.conv_mid.new_empty(2 * B, *first.conv_mid.shape[1:])
+        for b, p in enumerate(prefixes):  # rows b and B + b: this stream's conditional and unconditional row
+            kv[:, :, b::B, : p.frames] = p.kv
+            conv_in[b::B] = p.conv_in
+            conv_mid[b::B] = p.conv_mid
+        return cls(kv, conv_in, conv_mid)
+
+
+def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts: torch.Tensor,
+                     lengths: torch.Tensor, chunk_frames: int):
+    """The velocity of the new frames of R rows that each follow their own earlier frames: row r
+    has `starts[r]` earlier frames (the first ones of `prefix`, padded to `prefix.frames` past
+    them) and `lengths[r]` new ones (the first of x's N, padded past them). x, mu, cond [R, 80, N],
+    t [R], spks [R, 80], starts / lengths int64 [R]. Returns the velocity [R, 80, N] (valid for each
+    row's new frames), the keys / values of prefix and new frames side by side, kv [layers, 2, R,
+    prefix.frames + N, inner], and each row's convolution histories at the end of its new frames.
+    Padding changes nothing valid: a padded key is masked out of every valid query, a padded frame
+    comes after every valid one in the causal convolutions, and a padded query (whose output is
+    discarded) sees the valid frames only, so nothing is NaN. Every start must be whole chunks
+    (see `dit_forward_after_prefix`)."""
+    R, _, N = x.shape
+    P = prefix.frames
+    device = x.device
+    emb = dit.input_embed
+    temb = dit.time_embed(t)
+    spk = spks.unsqueeze(1).expand(-1, N, -1)
+    h = emb.proj(torch.cat([x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk], dim=-1))
+    pos = emb.conv_pos_embed
+    hist = pos.kernel_size - 1
+    conv_in = torch.cat([prefix.conv_in, h], dim=1)  # the left zero padding, or the frames before
+    mid = pos.conv1(conv_in.transpose(1, 2)).transpose(1, 2)  # [R, N, D]
+    conv_mid = torch.cat([prefix.conv_mid, mid], dim=1)
+    h = pos.conv2(conv_mid.transpose(1, 2)).transpose(1, 2) + h
+    # each row's histories end at its last new frame: positions lengths[r] .. lengths[r] + hist - 1
+    at_end = (lengths.to(device)[:, None] + torch.arange(hist, device=device)[None, :])[:, :, None].expand(-1, -1, h.shape[2])
+    conv_in_end, conv_mid_end = conv_in.gather(1, at_end), conv_mid.gather(1, at_end)
+    inv_freq = dit.rotary_embed.inv_freq
+    rel = torch.arange(N, device=device)
+    positions = (starts.to(device)[:, None] + rel[None, :]).to(inv_freq.dtype)  # [R, N]
+    freqs = positions[:, :, None] * inv_freq[None, None, :]
+    angles = torch.stack((freqs, freqs), dim=-1).flatten(-2)  # [R, N, dim_head]
+    cos, sin = angles.cos(), angles.sin()
+    # new frame i sees its row's earlier frames and its row's new frames up to the end of its chunk
+    chunk = chunk_frames if chunk_frames > 0 else N
+    chunk_end = (rel // chunk + 1) * chunk  # [N]
+    sees_prefix = torch.arange(P, device=device)[None, :] < starts.to(device)[:, None]  # [R, P]
+    sees_new = rel[None, None, :] < torch.minimum(chunk_end[None, :, None], lengths.to(device)[:, None, None])
+    mask = torch.cat([sees_prefix[:, None, :].expand(R, N, P), sees_new], dim=2)[:, None]  # [R, 1, N, P + N]
+    L = len(dit.transformer_blocks)
+    kv = prefix.kv.new_empty(L, 2, R, P + N, prefix.kv.shape[-1])
+    kv[:, :, :, :P] = prefix.kv
+    for layer, block in enumerate(dit.transformer_blocks):
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
+        attn = block.attn
+        q = apply_rotary(attn.to_q(norm), cos, sin)
+        kv[layer, 0, :, P:] = apply_rotary(attn.to_k(norm), cos, sin)
+        kv[layer, 1, :, P:] = attn.to_v(norm)
+        heads = attn.heads
+        split = lambda a: a.reshape(R, a.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(split(q), split(kv[layer, 0]), split(kv[layer, 1]), attn_mask=mask,
+                                           dropout_p=0.0)
+        o = o.transpose(1, 2).reshape(R, N, -1).to(q.dtype)
+        h = h + gate_msa.unsqueeze(1) * attn.to_out[1](attn.to_out[0](o))
+        ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
+    h = dit.norm_out(h, temb)
+    return dit.proj_out(h).transpose(1, 2), kv, conv_in_end, conv_mid_end
+
+
+def _check_whole_chunks(start: int, chunk_frames: int) -> None:
+    if (chunk_frames > 0 and start % chunk_frames) or (chunk_frames <= 0 and start):
+        raise ValueError(f"a prefix of {start} frames is not whole chunks of {chunk_frames}: later frames "
+                         "would change what it saw")
 
 
 def dit_forward_after_prefix(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix,
@@ -327,45 +419,9 @@ def dit_forward_after_prefix(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix
     The earlier frames must be whole chunks (`prefix.frames` a multiple of `chunk_frames`; 0 means
     full attention, where only an empty prefix is exact)."""
     start = prefix.frames
-    if (chunk_frames > 0 and start % chunk_frames) or (chunk_frames <= 0 and start):
-        raise ValueError(f"a prefix of {start} frames is not whole chunks of {chunk_frames}: later frames "
-                         "would change what it saw")
-    n = x.shape[2]
-    emb = dit.input_embed
-    temb = dit.time_embed(t)
-    spk = spks.unsqueeze(1).expand(-1, n, -1)
-    h = emb.proj(torch.cat([x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk], dim=-1))
-    pos = emb.conv_pos_embed
-    k = pos.kernel_size
-    conv_in = torch.cat([prefix.conv_in, h], dim=1)  # the left zero padding, or the frames before
-    mid = pos.conv1(conv_in.transpose(1, 2)).transpose(1, 2)  # [B, n, D]
-    conv_mid = torch.cat([prefix.conv_mid, mid], dim=1)
-    h = pos.conv2(conv_mid.transpose(1, 2)).transpose(1, 2) + h
-    positions = torch.arange(start, start + n, device=x.device).to(dit.rotary_embed.inv_freq.dtype)
-    freqs = positions[:, None] * dit.rotary_embed.inv_freq[None, :]
-    angles = torch.stack((freqs, freqs), dim=-1).flatten(-2).unsqueeze(0)
-    cos, sin = angles.cos(), angles.sin()
-    # new frame i sees every earlier frame and the new frames up to the end of its own chunk
-    rel = torch.arange(n, device=x.device)
-    chunk = chunk_frames if chunk_frames > 0 else n
-    own = rel.unsqueeze(0) < ((rel // chunk + 1) * chunk).unsqueeze(1)  # [n, n]
-    mask = torch.cat([torch.ones(n, start, dtype=torch.bool, device=x.device), own], dim=1)[None, None]
-    keys, values = [], []
-    for layer, block in enumerate(dit.transformer_blocks):
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
-        attn = block.attn
-        q = apply_rotary(attn.to_q(norm), cos, sin)
-        kk = torch.cat([prefix.keys[layer], apply_rotary(attn.to_k(norm), cos, sin)], dim=1)
-        vv = torch.cat([prefix.values[layer], attn.to_v(norm)], dim=1)
-        keys.append(kk)
-        values.append(vv)
-        B, heads = q.shape[0], attn.heads
-        split = lambda a: a.view(B, a.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
-        o = F.scaled_dot_product_attention(split(q), split(kk), split(vv), attn_mask=mask, dropout_p=0.0)
-        o = o.transpose(1, 2).reshape(B, n, -1).to(q.dtype)
-        h = h + gate_msa.unsqueeze(1) * attn.to_out[1](attn.to_out[0](o))
-        ff_in = block.ff_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        h = h + gate_mlp.unsqueeze(1) * block.ff(ff_in)
-    h = dit.norm_out(h, temb)
-    velocity = dit.proj_out(h).transpose(1, 2)
-    return velocity, DiTPrefix(keys, values, conv_in[:, -(k - 1):], conv_mid[:, -(k - 1):])
+    _check_whole_chunks(start, chunk_frames)
+    B, _, n = x.shape
+    every = lambda v: torch.full((B,), v, dtype=torch.int64, device=x.device)  # noqa: E731
+    velocity, kv, conv_in, conv_mid = dit_forward_rows(dit, x, mu, t, spks, cond, prefix, every(start), every(n),
+                                                       chunk_frames)
+    return velocity, DiTPrefix(kv, conv_in, conv_mid)

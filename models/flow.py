@@ -168,6 +168,46 @@ def solve_euler_cfg_after_prefix(dit, cfg: SolverConfig, t_steps, dt_steps, z, m
     return x.float(), extended
 
 
+def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, spks, cond, prefixes: list[list],
+                            lengths: list[int], chunk_frames: int) -> tuple[torch.Tensor, list[list]]:
+    """`solve_euler_cfg_after_prefix` for B streams at once, each at its own place: stream b has
+    solved `prefixes[b][0].frames` frames before (its `models.dit.DiTPrefix` per Euler step, the
+    stream's [conditional, unconditional] rows) and brings `lengths[b]` new frames, the first of
+    z, mu, cond [B, 80, N] (padded past them; spks [B, 80]). One estimator call per Euler step for
+    every stream (keys padded per row and masked, see `models.dit.dit_forward_rows`). Returns the
+    new frames' mel [B, 80, N] (row b valid up to lengths[b]) and every stream's prefixes extended
+    by its new frames. Equal per stream to solving it alone."""
+    from models.dit import DiTPrefix, _check_whole_chunks, dit_forward_rows
+
+    B = z.shape[0]
+    starts = [p[0].frames for p in prefixes]
+    for s in starts:
+        _check_whole_chunks(s, chunk_frames)
+    dtype = spks.dtype
+    r = cfg.inference_cfg_rate
+    rows = lambda v: torch.tensor(v + v, dtype=torch.int64, device=z.device)  # noqa: E731 - both CFG halves
+    starts_in, lengths_in = rows(starts), rows(list(lengths))
+    mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
+    spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
+    cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
+    x = z
+    extended: list[list] = [[] for _ in range(B)]
+    for i in range(cfg.n_timesteps):
+        stacked = DiTPrefix.stack_cfg([p[i] for p in prefixes])
+        P = stacked.frames
+        x_in = torch.cat([x, x], dim=0).to(dtype)
+        t_in = t_steps[i].to(dtype).reshape(1).expand(2 * B)
+        v, kv, conv_in, conv_mid = dit_forward_rows(dit, x_in, mu_in, t_in, spks_in, cond_in, stacked, starts_in,
+                                                    lengths_in, chunk_frames)
+        for b in range(B):  # this stream's rows (b and B + b): its earlier frames, then its new ones
+            mine = kv[:, :, b::B]
+            extended[b].append(DiTPrefix(torch.cat([mine[:, :, :, : starts[b]], mine[:, :, :, P: P + lengths[b]]], dim=3),
+                                         conv_in[b::B].clone(), conv_mid[b::B].clone()))
+        v = (1.0 + r) * v[:B] - r * v[B:]
+        x = x + dt_steps[i] * v
+    return x.float(), extended
+
+
 # ------------------------------------------------------------------------------------------------
 # token encoders
 

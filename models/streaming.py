@@ -50,8 +50,12 @@ class CosyVoiceStream:
         self.mel_all = None  # CosyVoice3: every mel frame so far
         self.emitted = 0  # CosyVoice3: samples emitted
         self.cache = None  # CosyVoice2: (mel tail, source tail, speech tail)
-        # flow_mode "prefix": the flow solves each chunk's new frames only (models/dit.py DiTPrefix)
+        # flow_mode "prefix": the flow solves each chunk's new frames only (models/dit.py DiTPrefix),
+        # while the runner's budget for what streams keep between chunks lets this one keep them
         self.flow_state = {} if run.options.get("flow_mode") == "prefix" else None
+        self.budget = getattr(run, "stream_state_budget", None)
+        if self.budget is not None and self.flow_state is not None:
+            self.budget.open(self)
 
     def tokens_for_next_chunk(self) -> int:
         """How many tokens `push` needs before it returns the next chunk (a caller fed tokens one
@@ -69,11 +73,36 @@ class CosyVoiceStream:
             self.hop = min(self.max_hop, self.hop * self.hop_scale)
 
     def finish(self, tokens: list[int]) -> list[torch.Tensor]:
-        return [self._chunk(tokens, finalize=True)]
+        try:
+            return [self._chunk(tokens, finalize=True)]
+        finally:
+            self.close()
+
+    def _keeps_prefix(self, tokens, finalize: bool) -> bool:
+        """Whether this chunk solves after the kept prefix. Past the budget the stream lets its
+        prefix go and recomputes every frame from then on, as without flow_mode prefix (the same
+        frames to float rounding; a budget frees what ended streams held, never what live ones hold)."""
+        if self.flow_state is None:
+            return False
+        if self.budget is None:
+            return True
+        frames = (len(self.utt.speaker["prompt_tokens"]) + len(tokens) - (0 if finalize else self.model.lookahead)) \
+            * self.model.cfg.token_mel_ratio
+        if finalize or self.budget.charge(self, frames * self.model.prefix_bytes_per_frame(self.run.module("flow_solver"))):
+            return True  # the last chunk keeps nothing afterwards: it needs no new budget
+        self.flow_state = None
+        self.budget.close(self)
+        return False
+
+    def close(self) -> None:
+        """The stream is done (or abandoned): what it kept goes, and so does its budget charge."""
+        self.flow_state = None
+        if self.budget is not None:
+            self.budget.close(self)
 
     def _chunk(self, tokens, finalize: bool) -> torch.Tensor:
         r = self.model.cfg.token_mel_ratio
-        if self.flow_state is not None:  # the frames after the emitted ones only
+        if self._keeps_prefix(tokens, finalize):  # the frames after the emitted ones only
             mel = self.model.token2mel_after_prefix(tokens, self.utt.speaker, self.run, self.device, finalize,
                                                     self.flow_state)
         else:

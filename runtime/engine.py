@@ -59,6 +59,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -264,6 +265,51 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict | None = None
     error: BaseException | None = None
+    # a family's batchable call (GraphRunner.batched): solve(items) -> results, one item per call
+    solve: object = None
+    item: object = None
+    size: int = 0
+
+
+class StateBudget:
+    """The bytes an engine's streams may keep between their chunks (CosyVoice3's flow prefix: ~1.8 MiB
+    per mel frame at the real size in bf16), shared by every stream. A stream charges its whole
+    holding before each chunk; a charge that would pass the limit is refused and that stream lets its
+    state go (it recomputes from then on), so the live streams' holdings never pass the limit and an
+    ended or abandoned stream's charge is dropped with it (explicitly, or when it is collected)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = int(limit_bytes)
+        self._held: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.peak = 0
+        self.refused = 0
+
+    def open(self, owner) -> None:
+        weakref.finalize(owner, self._drop, id(owner))
+
+    def charge(self, owner, total_bytes: int) -> bool:
+        with self._lock:
+            key = id(owner)
+            others = sum(self._held.values()) - self._held.get(key, 0)
+            if others + total_bytes > self.limit:
+                self.refused += 1
+                return False
+            self._held[key] = total_bytes
+            self.peak = max(self.peak, others + total_bytes)
+            return True
+
+    def close(self, owner) -> None:
+        self._drop(id(owner))
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            self._held.pop(key, None)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"limit_bytes": self.limit, "held_bytes": sum(self._held.values()), "streams": len(self._held),
+                    "peak_bytes": self.peak, "refused": self.refused}
 
 
 class GraphBatcher:
@@ -309,7 +355,15 @@ class GraphBatcher:
 
     # worker side
     def call(self, graph: str, feed: dict, deadline: float) -> dict:
-        c = _Call(graph, feed, deadline)
+        return self._wait(_Call(graph, feed, deadline))
+
+    def call_batched(self, graph: str, solve, item, size: int, deadline: float):
+        """A family's own batchable call (GraphRunner.batched): pending items of the same `solve`
+        run as one `solve(items)`, at most the graph's batch limit, grouped by `size` as padded
+        graph calls are by their length, in `graph`'s stage."""
+        return self._wait(_Call(graph, {}, deadline, solve=solve, item=item, size=size))
+
+    def _wait(self, c: _Call):
         with self.cond:
             self.pending.append(c)
             self.busy -= 1
@@ -381,7 +435,7 @@ class GraphBatcher:
         groups: dict = {}
         for c in calls:
             try:
-                groups.setdefault(self._key(c), []).append(c)
+                groups.setdefault(self._key(c) if c.solve is None else ("batched", c.graph, c.solve), []).append(c)
             except Exception as e:  # noqa: BLE001 - a malformed feed fails its own call only
                 c.error = e
                 c.done.set()
@@ -394,7 +448,7 @@ class GraphBatcher:
             batch: list[_Call] = []
             rows = 0
             for c in group:
-                n = self._rows(spec, c.feed)
+                n = self._call_rows(spec, c)
                 if batch and rows + n > limit:
                     batches.append((spec, batch))
                     batch, rows = [], 0
@@ -429,9 +483,9 @@ class GraphBatcher:
         the long one's frames and wait for them; as its own smaller call it is cheaper and, having
         the earlier deadline, runs first."""
         spec = self.pipe.runners[group[0].graph].spec
-        if spec.pad is None or len(group) == 1:
+        if len(group) == 1 or (spec.pad is None and group[0].solve is None):
             return [group]
-        size = lambda c: spec.sizes_of(c.feed)[spec.pad.dim]  # noqa: E731
+        size = (lambda c: c.size) if group[0].solve is not None else (lambda c: spec.sizes_of(c.feed)[spec.pad.dim])  # noqa: E731
         runs: list[list[_Call]] = []
         for c in sorted(group, key=size):
             if runs and size(c) <= self.split_ratio * size(runs[-1][0]):
@@ -439,6 +493,9 @@ class GraphBatcher:
             else:
                 runs.append([c])
         return runs
+
+    def _call_rows(self, spec, c: _Call) -> int:
+        return 1 if c.solve is not None else self._rows(spec, c.feed)
 
     @staticmethod
     def _rows(spec, feed) -> int:
@@ -460,14 +517,16 @@ class GraphBatcher:
         graph = batch[0].graph
         try:
             t0 = time.perf_counter()
-            if len(batch) == 1:
+            if batch[0].solve is not None:
+                outs = batch[0].solve([c.item for c in batch])
+            elif len(batch) == 1:
                 outs = [self.pipe.call(graph, batch[0].feed)]
             else:
                 outs = self._batched(spec, graph, batch)
             if self.stream is not None:
                 self.stream.synchronize()  # results complete before a worker reads them on the host
             # timed here, after the sync, so that the stage time is device time and single calls count too
-            self._record(spec.stage, graph, sum(self._rows(spec, c.feed) for c in batch), time.perf_counter() - t0)
+            self._record(spec.stage, graph, sum(self._call_rows(spec, c) for c in batch), time.perf_counter() - t0)
             for c, o in zip(batch, outs):
                 c.result = o
         except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error
@@ -530,11 +589,22 @@ class GraphBatcher:
 class _Runner:
     """The GraphRunner one request's token2wav calls graphs through."""
 
-    def __init__(self, batcher: GraphBatcher, options: dict, deadline):
+    def __init__(self, batcher: GraphBatcher, options: dict, deadline, stream_state_budget: StateBudget | None = None):
         self.batcher, self.options, self.deadline = batcher, options, deadline
+        self.stream_state_budget = stream_state_budget
 
     def __call__(self, graph: str, feed: dict) -> dict:
         return self.batcher.call(graph, feed, self.deadline())
+
+    def batched(self, graph: str, solve, item, size: int):
+        return self.batcher.call_batched(graph, solve, item, size, self.deadline())
+
+    def module(self, graph: str):
+        eager = getattr(self.batcher.pipe.runners.get(graph), "eager_module", None)
+        return eager() if eager is not None else None
+
+    def timed(self, graph: str):
+        return contextlib.nullcontext()  # the batcher times its calls per stage
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -561,7 +631,7 @@ class Engine:
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
                  token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True,
-                 new_shapes: str = "capture"):
+                 new_shapes: str = "capture", stream_state_gb: float | None = None):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
         the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
@@ -570,7 +640,10 @@ class Engine:
         prefills as captured graphs (runtime/backends/slot_decoder.py; every (rows, width) pair is captured
         at start, ~8 s on an H100). On by default: on an H100 it cut first audio at C=1 by 16 ms and gave
         +12 % audio s/s at C=64 (docs/serving.md, sixth round); False runs them eagerly.
-        new_shapes: capture | defer (NEW_SHAPES); warm_up and warm_graphs always capture."""
+        new_shapes: capture | defer (NEW_SHAPES); warm_up and warm_graphs always capture.
+        stream_state_gb: with flow_mode prefix, what the streams may keep between chunks in all (GiB);
+        default: half the device memory free once the engine has started (CPU: 4 GiB). A stream that
+        would pass it recomputes its frames from then on (`StateBudget`)."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
@@ -601,15 +674,21 @@ class Engine:
             raise UserError(f"the engine runs the {lm_stage} stage with torch, cudagraph or compile (its continuous batching "
                             f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
                             f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
-        if model.resolve_options(options).get("flow_mode") == "prefix":
-            raise UserError("flow_mode prefix keeps each stream's flow state outside the graphs; the engine's batched "
-                            "flow calls cannot carry it yet.", "use flow_mode solver with the engine")
+        if stream_state_gb is not None and stream_state_gb < 0:
+            raise UserError(f"stream_state_gb {stream_state_gb} is negative.", "pass 0 or more GiB (0: keep nothing)")
+        self.stream_state_gb = stream_state_gb
+        self.state_budget: StateBudget | None = None  # made at start (flow_mode prefix only)
         # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends (a
         # role loads its own stages only: the LM's backend casts the weights the slot decoder runs)
         stages = {"full": None, "lm": (lm_stage,), "token2wav": tuple(s for s in model.stages if s != lm_stage)}[role]
         self.pipe = Pipeline(model, BackendChoice({**choice.stages, lm_stage: (choice.first(lm_stage),)}), device=device,
                              engines_dir=engines_dir, precision=precision, options=options, stages=stages)
         self.options = self.pipe.options
+        if self.options.get("flow_mode") == "prefix" and role != "lm":
+            runner = self.pipe.runners.get("flow_solver")
+            if getattr(runner, "eager_module", None) is None:
+                raise UserError("flow_mode prefix runs the flow's eager module and keeps its state per stream; "
+                                "this flow backend has none.", "use flow=torch (any precision) with flow_mode prefix")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[lm_option.precision]
         lm_spec = model.graph_specs()[model.lm.graph]
         self.max_len = max_len or min(lm_spec.dim("P").max, 2048)
@@ -703,6 +782,14 @@ class Engine:
                                        prefill_graphs=self.lm_prefill_graphs,
                                        prefill_rows=1 << (self.prefill_limit - 1).bit_length())
         self._defer_new_shapes(self.new_shapes == "defer")
+        if self.options.get("flow_mode") == "prefix" and self.role != "lm":
+            gb = self.stream_state_gb
+            if gb is None:
+                free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 8 << 30
+                limit = free // 2
+            else:
+                limit = int(gb * (1 << 30))
+            self.state_budget = StateBudget(limit)
         self.running = True
         self.batcher.running = True
         # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority
@@ -958,6 +1045,7 @@ class Engine:
                 "stage_seconds": {**self.batcher.stage_seconds, self._lm_stage: self.lm_seconds},
                 "lm_timing": dict(self.lm_timing), "lm_prefills": self.lm_prefills,
                 "new_shapes": self.new_shape_stats(),
+                **({"stream_state": self.state_budget.stats()} if self.state_budget is not None else {}),
                 "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
                                 for g, (n, r, t) in self.batcher.graph_calls.items()}}
 
@@ -974,10 +1062,10 @@ class Engine:
         stream = self.batcher.stream
         if stream is not None:
             torch.cuda.set_stream(stream)
-        feed = None
+        feed = decoder = None
         try:
             generator = torch.Generator().manual_seed(spec["seed"])
-            runner = _Runner(self.batcher, self.options, lambda: self._deadline(handle))
+            runner = _Runner(self.batcher, self.options, lambda: self._deadline(handle), self.state_budget)
             if self.role == "token2wav":  # the tokens come from the token source, not from an LM thread here
                 fixed = spec["fixed_tokens"]
                 jobs = [_Utterance(u.prompt_ids, None, (spec["seed"] * 1_000_003 + k) & 0xFFFFFFFF,
@@ -1024,6 +1112,8 @@ class Engine:
         finally:
             if feed is not None and (handle.cancelled or handle.error is not None):
                 feed.close()
+            if decoder is not None and hasattr(decoder, "close"):  # a cancelled stream's kept state goes now
+                decoder.close()
             with self.batcher.cond:
                 self.batcher.busy -= 1
                 self.batcher.cond.notify_all()

@@ -134,6 +134,16 @@ class GraphCalls:
         """Time a block that runs `graph`'s module directly, in that graph's stage."""
         return self.pipe.timed(self.run, self.pipe.stage_of[graph])
 
+    def batched(self, graph: str, solve, item, size: int):
+        """`solve([item])[0]`, timed in `graph`'s stage: a family's call that a serving engine batches
+        across requests (`solve(items) -> results`, see models/family.py GraphRunner); one request
+        here. `size` (the item's cost, e.g. frames) matters only to a batching caller."""
+        with self.timed(graph):
+            return solve([item])[0]
+
+    # per-stream state (CosyVoice3's flow prefix) kept without a bound: one request at a time
+    stream_state_budget = None
+
 
 class Pipeline:
     def __init__(self, model: TTSModel, backends: str | dict | BackendChoice = "torch", device: str = "cpu",

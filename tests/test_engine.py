@@ -543,3 +543,43 @@ def test_warm_graphs_seen_only_calls_the_buckets_up_to_the_longest_length_met():
         engine.stop()
     assert calls == 2 * len([n for n in lengths if n <= cap]) == len(seen)
     assert sorted(n for _, n in seen) == sorted(2 * [n for n in lengths if n <= cap]) and max(n for _, n in seen) == cap
+
+
+def _prefix_requests(engine):
+    handles = [engine.submit(TEXT, seed=s, fixed_tokens=n) for s, n in enumerate((40, 75, 130, 160, 100, 60))]
+    return [h.audio() for h in handles], [h.stats.tokens for h in handles]
+
+
+def test_flow_prefix_streams_are_solved_together_and_equal_recomputing():
+    """flow_mode prefix in the engine: the streams' chunks (different lengths, different prefixes) are
+    solved in shared calls, each against its own kept prefix, and every request's audio equals the
+    engine that recomputes every frame (flow_mode solver). Past the state budget a stream lets its
+    prefix go and recomputes, with the same audio; the budget's holdings never pass its limit and
+    are all released at the end."""
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=8) as engine:
+        reference, ref_tokens = _prefix_requests(engine)
+    with Engine(model, "torch", max_streams=8, options={"flow_mode": "prefix"}) as engine:
+        kept, tokens = _prefix_requests(engine)
+        stats = engine.stats()
+        per_frame = model.prefix_bytes_per_frame(engine.pipe.runners["flow_solver"].eager_module())
+    assert tokens == ref_tokens
+    assert all(a.shape == b.shape and rel(a, b) < 1e-4 for a, b in zip(kept, reference))
+    solver = stats["graph_calls"]["flow_solver"]
+    assert solver["rows"] > solver["calls"]  # chunks of several streams shared a solve
+    state = stats["stream_state"]
+    assert state["refused"] == 0 and state["streams"] == 0 and state["held_bytes"] == 0 and state["peak_bytes"] > 0
+    # a budget of about two streams' first chunks: some streams are refused on the way and recompute
+    limit = 260 * per_frame
+    with Engine(model, "torch", max_streams=8, options={"flow_mode": "prefix"},
+                stream_state_gb=limit / (1 << 30)) as engine:
+        bounded, tokens = _prefix_requests(engine)
+        state = engine.stats()["stream_state"]
+    assert tokens == ref_tokens
+    assert all(a.shape == b.shape and rel(a, b) < 1e-4 for a, b in zip(bounded, reference))
+    assert state["refused"] > 0 and 0 < state["peak_bytes"] <= state["limit_bytes"] and state["held_bytes"] == 0
+
+
+def test_engine_refuses_flow_prefix_without_an_eager_flow():
+    with pytest.raises(UserError, match="flow_mode prefix runs the flow's eager module"):
+        Engine(load_model("cosyvoice3-tiny"), "llm=torch,flow=compile,vocoder=torch", options={"flow_mode": "prefix"})
