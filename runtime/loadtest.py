@@ -365,6 +365,11 @@ def _counts(value: str, what: str) -> list[int]:
 @click.option("--new-shapes", type=click.Choice(["capture", "defer"]), default="capture", show_default=True,
               help="A flow / vocoder shape no warm-up met, in service: capture (or compile) it in the call, or defer: run "
               "it uncompiled now and capture it when the batcher is idle (or at its third call).")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps", "prefix"]),
+              help="CosyVoice flow: one-graph solver (default), per-step estimator calls, or prefix: each chunk solves "
+              "its new frames only against what the stream kept (CosyVoice3, flow=torch; chunks of many streams share a call).")
+@click.option("--stream-state-gb", default=None, type=float,
+              help="With --flow-mode prefix: GiB the streams may keep in all (default: half the free device memory).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")
@@ -372,7 +377,7 @@ def _counts(value: str, what: str) -> list[int]:
 @exit_on_user_error
 def main(model_name, device, backends, concurrency, rate, requests, tokens, runs, slo_ms, max_streams, max_len,
          with_baseline, baseline_requests, json_path, plot_path, seed, lm_buckets, switch_interval_ms, batcher_policy,
-         lm_priority, lm_reserved_sms, prefill, warmup, new_shapes, url, api_key, voice):
+         lm_priority, lm_reserved_sms, prefill, warmup, new_shapes, flow_mode, stream_state_gb, url, api_key, voice):
     from models.files import write_text
     from models.registry import load_model
     from runtime.bench import environment
@@ -407,7 +412,8 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                         lm_buckets=_counts(lm_buckets, "--lm-buckets") if lm_buckets else None,
                         batcher_policy=batcher_policy, lm_priority=lm_priority,
                         lm_reserved_sms=lm_reserved_sms, lm_prefill_graphs=prefill == "graph",
-                        new_shapes=new_shapes).start()
+                        new_shapes=new_shapes, options={"flow_mode": flow_mode} if flow_mode else None,
+                        stream_state_gb=stream_state_gb).start()
         log(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.max_streams} streams, "
             f"{engine.decoder.metadata()}")
         target = EngineTarget(engine)
@@ -416,7 +422,8 @@ def main(model_name, device, backends, concurrency, rate, requests, tokens, runs
                 "device_name": env["gpu"] or env["cpu"], "max_streams": engine.max_streams,
                 "switch_interval_ms": switch_interval_ms, "lm_buckets": engine.decoder.buckets,
                 "batcher_policy": batcher_policy, "lm_priority": lm_priority, "lm_reserved_sms": lm_reserved_sms,
-                "prefill": prefill, "new_shapes": new_shapes}
+                "prefill": prefill, "new_shapes": new_shapes, "flow_mode": engine.options.get("flow_mode"),
+                "stream_state_gb": stream_state_gb}
         warm = min(max(levels_in) if rate is None else min(requests, 32), engine.max_streams)
     # one round at every measured level first: backends that capture or compile per (batch, length)
     # bucket (cudagraph, compile) meet each level's batch sizes here, not in a measured request
