@@ -891,6 +891,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
                 "profile": srv.profiler.status(),
                 # shapes met in service (Engine new_shapes): eager calls, keys waiting for a capture
                 "new_shapes": engine.new_shape_stats(),
+                # flow_mode prefix: what the streams keep between chunks, against its budget
+                **({"stream_state": engine.state_budget.stats()} if engine.state_budget is not None else {}),
                 **({"replica": await run_in_threadpool(cfg.replica_facts)} if cfg.replica_facts else {})}
 
     @app.post("/diagnostics/profile", status_code=202)
@@ -997,6 +999,12 @@ def _is_loopback(host: str) -> bool:
 @click.option("--new-shapes", default="capture", show_default=True, type=click.Choice(["capture", "defer"]),
               help="A flow / vocoder shape the warm-up did not meet: capture (or compile) it in the request's call, "
                    "or defer: run it uncompiled now and capture it when the engine is idle (or at its third call).")
+@click.option("--flow-mode", default=None, type=click.Choice(["solver", "steps", "prefix"]),
+              help="CosyVoice flow: one-graph solver (default), per-step calls, or prefix: each chunk solves its new "
+              "frames only against what its stream kept (CosyVoice3, flow=torch).")
+@click.option("--stream-state-gb", default=None, type=float,
+              help="With --flow-mode prefix: GiB all streams may keep (default: half the free device memory); a "
+              "stream past it recomputes its frames.")
 @click.option("--threads", default=None, type=int, help="CPU threads per operator (torch.set_num_threads).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random weights.")
 @click.option("--log-level", default="info", show_default=True,
@@ -1013,7 +1021,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--lm-replicas", default=None, type=int, help="With --placement disaggregated: LM replicas (default 1).")
 @exit_on_user_error
 def main(model_name, backends, device, engines_dir, precision, host, port, api_key, voices_dir, max_streams,
-         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, new_shapes, threads, seed, log_level,
+         max_queue, max_len, queue_timeout, max_input_chars, max_upload_mb, warmup, new_shapes, flow_mode, stream_state_gb,
+         threads, seed, log_level,
          use_ray, replicas, autoscale, address, replica_cpus, placement, lm_replicas):
     import sys
 
@@ -1048,7 +1057,8 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
                                    max_len, queue_timeout, threads,
                                    dict(voices_dir=os.path.abspath(voices_dir), api_key=api_key,
                                         max_input_chars=max_input_chars, max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                                        warmup=warmup), placement or "replicated", new_shapes)
+                                        warmup=warmup), placement or "replicated", new_shapes,
+                                   {"flow_mode": flow_mode} if flow_mode else None, stream_state_gb)
         run(settings, host, port, replicas, autoscale, address, replica_cpus, lm_replicas)
         return
     sock = bind(host, port)
@@ -1062,7 +1072,8 @@ def main(model_name, backends, device, engines_dir, precision, host, port, api_k
     model = load_model(model_name, device=device, seed=seed)
     engine = Engine(model, backends, device=device, engines_dir=engines_dir, precision=precision,
                     max_streams=max_streams, max_queue=max_queue, max_len=max_len, queue_timeout=queue_timeout,
-                    new_shapes=new_shapes)
+                    new_shapes=new_shapes, options={"flow_mode": flow_mode} if flow_mode else None,
+                    stream_state_gb=stream_state_gb)
     app = create_app(engine, ServeConfig(voices_dir=voices_dir, api_key=api_key, max_input_chars=max_input_chars,
                                          max_upload_bytes=int(max_upload_mb * (1 << 20)), warmup=warmup))
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,

@@ -81,6 +81,8 @@ class ReplicaSettings:
     serve: dict = field(default_factory=dict)  # ServeConfig fields
     placement: str = "replicated"  # or "disaggregated" (the module docstring)
     new_shapes: str = "capture"  # Engine(new_shapes=...)
+    options: dict | None = None  # Engine(options=...), e.g. {"flow_mode": "prefix"}
+    stream_state_gb: float | None = None  # Engine(stream_state_gb=...)
 
 
 def _engine(settings: ReplicaSettings, **role):
@@ -94,7 +96,8 @@ def _engine(settings: ReplicaSettings, **role):
     model = load_model(settings.model_name, device=settings.device, seed=settings.seed)
     return Engine(model, settings.backends, device=settings.device, engines_dir=settings.engines_dir,
                   precision=settings.precision, max_streams=settings.max_streams, max_queue=settings.max_queue,
-                  max_len=settings.max_len, queue_timeout=settings.queue_timeout, new_shapes=settings.new_shapes, **role)
+                  max_len=settings.max_len, queue_timeout=settings.queue_timeout, new_shapes=settings.new_shapes,
+                  options=settings.options, stream_state_gb=settings.stream_state_gb, **role)
 
 
 class SpeechReplica:

@@ -284,6 +284,30 @@ def test_concurrent_requests_equal_sequential_ones(cv3):
     assert diag["engine"]["lm_batch_mean"] > 1  # they did share decode steps
 
 
+def test_flow_prefix_server_equals_the_recomputing_one(cv3):
+    """`serve --flow-mode prefix`: four concurrent requests, their chunks solved together against each
+    stream's kept prefix (and, past a small --stream-state-gb, recomputed), give the default server's
+    audio within one step of 16-bit rounding; /diagnostics shows the budget, nothing held at the end."""
+    s = Subprocess("--model", "cosyvoice3-tiny", "--max-streams", "4", "--threads", "1", "--warmup", "none",
+                   "--flow-mode", "prefix", "--stream-state-gb", "0.004", "--log-level", "warning",
+                   env={"TTS_API_KEY": KEY})
+    try:
+        reqs = [dict(input=f"Request number {i} of the prefix test.", seed=200 + i, tokens=60 + 40 * i) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            kept = list(pool.map(lambda r: speak(s.base, **r), reqs))
+        ref = [speak(cv3, **r) for r in reqs]
+        for r, k, a in zip(reqs, kept, ref):
+            assert k.status_code == a.status_code == 200
+            k, a = pcm16(k.content), pcm16(a.content)
+            assert k.size == a.size == r["tokens"] * 960
+            assert np.abs(k.astype(np.int32) - a).max() <= 1
+        state = httpx.get(s.base + "/diagnostics", headers=auth()).json()["stream_state"]
+        assert state["limit_bytes"] == int(0.004 * (1 << 30)) and state["held_bytes"] == 0 and state["peak_bytes"] > 0
+        assert state["refused"] > 0  # the small budget made some streams recompute
+    finally:
+        assert s.stop() == 0, "".join(s.log)
+
+
 # -- errors ----------------------------------------------------------------------------------------------------
 BAD = [
     ({"input": ""}, "input", "input is empty"),
