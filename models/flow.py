@@ -199,10 +199,11 @@ def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, sp
         t_in = t_steps[i].to(dtype).reshape(1).expand(2 * B)
         v, kv, conv_in, conv_mid = dit_forward_rows(dit, x_in, mu_in, t_in, spks_in, cond_in, stacked, starts_in,
                                                     lengths_in, chunk_frames)
-        for b in range(B):  # this stream's rows (b and B + b): its earlier frames, then its new ones
+        for b in range(B):  # this stream's rows (b and B + b): its earlier frames, then its new ones (a copy,
+            # so the round's padded buffer goes; the small convolution histories stay views of theirs)
             mine = kv[:, :, b::B]
             extended[b].append(DiTPrefix(torch.cat([mine[:, :, :, : starts[b]], mine[:, :, :, P: P + lengths[b]]], dim=3),
-                                         conv_in[b::B].clone(), conv_mid[b::B].clone()))
+                                         conv_in[b::B], conv_mid[b::B]))
         v = (1.0 + r) * v[:B] - r * v[B:]
         x = x + dt_steps[i] * v
     return x.float(), extended
