@@ -513,8 +513,8 @@ class CosyVoice(TTSModel):
         solves many streams' chunks in one call (`solve_after_prefix`)."""
         solver = run.module("flow_solver")
         if solver is None:
-            raise UserError("flow_mode prefix runs the flow's eager module and keeps its state per stream; "
-                            "this flow backend has none.", "use flow=torch (any precision) with flow_mode prefix")
+            raise UserError("flow_mode prefix runs the flow's own module and keeps its state per stream; "
+                            "this flow backend has none.", "use flow=torch, cudagraph or compile with flow_mode prefix")
         r = self.cfg.token_mel_ratio
         row = list(spk["prompt_tokens"]) + list(tokens)
         context = 0 if finalize else self.lookahead
@@ -531,7 +531,12 @@ class CosyVoice(TTSModel):
         cond = torch.zeros(1, 80, frames - start, device=device)
         if start < prompt.shape[1]:
             cond[0, :, : prompt.shape[1] - start] = prompt[:, start:frames]
-        item = PrefixSolve(solver, z_table[:, :, start:frames], enc["mu"][:, :, start:frames], enc["spks"], cond, state)
+        from models.dit import dit_forward_rows
+
+        # the DiT's forward as the flow's backend runs a function of its module (compiled by `compile`)
+        forward = run.compiled("flow_solver", dit_forward_rows) if hasattr(run, "compiled") else dit_forward_rows
+        item = PrefixSolve(solver, forward, z_table[:, :, start:frames], enc["mu"][:, :, start:frames], enc["spks"],
+                           cond, state)
         batched = getattr(run, "batched", None)
         if batched is not None:
             mel = batched("flow_solver", self.solve_after_prefix, item, frames)
@@ -577,7 +582,7 @@ class CosyVoice(TTSModel):
             mel, extended = solve_euler_cfg_streams(
                 dit, solver.cfg, solver.t_steps, solver.dt_steps, padded("z"), padded("mu"),
                 torch.cat([it.spks for it in items]).to(dtype), padded("cond"), prefixes, lengths,
-                self._chunk_tokens * self.cfg.token_mel_ratio)
+                self._chunk_tokens * self.cfg.token_mel_ratio, forward=items[0].forward)
         for it, kept in zip(items, extended):
             it.state["prefixes"] = kept
         return [mel[b: b + 1, :, : lengths[b]] for b in range(len(items))]
@@ -605,10 +610,12 @@ class CosyVoice(TTSModel):
 
 @dataclass
 class PrefixSolve:
-    """One stream's chunk for `solve_after_prefix`: its new frames' noise, encoder output and
+    """One stream's chunk for `solve_after_prefix`: the solver module and the DiT forward to run
+    (`models.dit.dit_forward_rows`, compiled or not), its new frames' noise, encoder output and
     condition ([1, 80, n]), its speaker vector [1, 80], and the state holding its kept prefixes."""
 
     solver: torch.nn.Module
+    forward: object
     z: torch.Tensor
     mu: torch.Tensor
     spks: torch.Tensor

@@ -37,7 +37,8 @@ from models.spec import GraphSpec
 class GraphRunner(Protocol):
     """How a family calls graphs: `run(graph, feed) -> outputs` (torch tensors by spec name), and
     the pipeline's resolved `options` (see `TTSModel.options`). The runtime's runners also offer
-    `module(graph)` (the eager module behind a graph, or None), `timed(graph)` (a block timed in the
+    `module(graph)` (the eager module behind a graph, or None), `compiled(graph, fn)` (a function of
+    that module as the graph's backend runs such code: compiled, or as it is), `timed(graph)` (a block timed in the
     graph's stage), `batched(graph, solve, item, size) -> result` (a call a serving engine batches
     with other requests' items: `solve(items) -> results`, one per item; a single request runs
     `solve([item])`) and `stream_state_budget` (None, or a `runtime.engine.StateBudget` that bounds

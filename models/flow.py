@@ -169,16 +169,18 @@ def solve_euler_cfg_after_prefix(dit, cfg: SolverConfig, t_steps, dt_steps, z, m
 
 
 def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, spks, cond, prefixes: list[list],
-                            lengths: list[int], chunk_frames: int) -> tuple[torch.Tensor, list[list]]:
+                            lengths: list[int], chunk_frames: int, forward=None) -> tuple[torch.Tensor, list[list]]:
     """`solve_euler_cfg_after_prefix` for B streams at once, each at its own place: stream b has
     solved `prefixes[b][0].frames` frames before (its `models.dit.DiTPrefix` per Euler step, the
     stream's [conditional, unconditional] rows) and brings `lengths[b]` new frames, the first of
     z, mu, cond [B, 80, N] (padded past them; spks [B, 80]). One estimator call per Euler step for
     every stream (keys padded per row and masked, see `models.dit.dit_forward_rows`). Returns the
     new frames' mel [B, 80, N] (row b valid up to lengths[b]) and every stream's prefixes extended
-    by its new frames. Equal per stream to solving it alone."""
+    by its new frames. Equal per stream to solving it alone. `forward`: `dit_forward_rows` (default)
+    or a compiled form of it."""
     from models.dit import DiTPrefix, _check_whole_chunks, dit_forward_rows
 
+    forward = forward or dit_forward_rows
     B = z.shape[0]
     starts = [p[0].frames for p in prefixes]
     for s in starts:
@@ -197,8 +199,8 @@ def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, sp
         P = stacked.frames
         x_in = torch.cat([x, x], dim=0).to(dtype)
         t_in = t_steps[i].to(dtype).reshape(1).expand(2 * B)
-        v, kv, conv_in, conv_mid = dit_forward_rows(dit, x_in, mu_in, t_in, spks_in, cond_in, stacked, starts_in,
-                                                    lengths_in, chunk_frames)
+        v, kv, conv_in, conv_mid = forward(dit, x_in, mu_in, t_in, spks_in, cond_in, stacked, starts_in, lengths_in,
+                                           chunk_frames)
         for b in range(B):  # this stream's rows (b and B + b): its earlier frames, then its new ones (a copy,
             # so the round's padded buffer goes; the small convolution histories stay views of theirs)
             mine = kv[:, :, b::B]

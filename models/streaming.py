@@ -95,8 +95,10 @@ class CosyVoiceStream:
         return False
 
     def close(self) -> None:
-        """The stream is done (or abandoned): what it kept goes, and so does its budget charge."""
-        self.flow_state = None
+        """The stream is done (or abandoned): what it kept goes (its frame count stays), and so does its
+        budget charge."""
+        if self.flow_state is not None:
+            self.flow_state.pop("prefixes", None)
         if self.budget is not None:
             self.budget.close(self)
 

@@ -603,6 +603,9 @@ class _Runner:
         eager = getattr(self.batcher.pipe.runners.get(graph), "eager_module", None)
         return eager() if eager is not None else None
 
+    def compiled(self, graph: str, fn):
+        return self.batcher.pipe.runners[graph].compiled(fn)
+
     def timed(self, graph: str):
         return contextlib.nullcontext()  # the batcher times its calls per stage
 
@@ -687,8 +690,8 @@ class Engine:
         if self.options.get("flow_mode") == "prefix" and role != "lm":
             runner = self.pipe.runners.get("flow_solver")
             if getattr(runner, "eager_module", None) is None:
-                raise UserError("flow_mode prefix runs the flow's eager module and keeps its state per stream; "
-                                "this flow backend has none.", "use flow=torch (any precision) with flow_mode prefix")
+                raise UserError("flow_mode prefix runs the flow's own module and keeps its state per stream; "
+                                "this flow backend has none.", "use flow=torch, cudagraph or compile with flow_mode prefix")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[lm_option.precision]
         lm_spec = model.graph_specs()[model.lm.graph]
         self.max_len = max_len or min(lm_spec.dim("P").max, 2048)

@@ -130,6 +130,11 @@ class GraphCalls:
         eager = getattr(runner, "eager_module", None)
         return eager() if eager is not None else None
 
+    def compiled(self, graph: str, fn):
+        """`fn`, a function of `graph`'s eager module, as that graph's backend runs such code (compiled
+        by the compile backend, as it is otherwise: `Backend.compiled`)."""
+        return self.pipe.runners[graph].compiled(fn)
+
     def timed(self, graph: str):
         """Time a block that runs `graph`'s module directly, in that graph's stage."""
         return self.pipe.timed(self.run, self.pipe.stage_of[graph])

@@ -580,6 +580,10 @@ def test_flow_prefix_streams_are_solved_together_and_equal_recomputing():
     assert state["refused"] > 0 and 0 < state["peak_bytes"] <= state["limit_bytes"] and state["held_bytes"] == 0
 
 
-def test_engine_refuses_flow_prefix_without_an_eager_flow():
-    with pytest.raises(UserError, match="flow_mode prefix runs the flow's eager module"):
-        Engine(load_model("cosyvoice3-tiny"), "llm=torch,flow=compile,vocoder=torch", options={"flow_mode": "prefix"})
+def test_engine_refuses_flow_prefix_without_the_flows_module(exported):
+    """An exported flow (ONNX Runtime) has no module to keep a prefix with: refused at construction,
+    with the backends that have one."""
+    with pytest.raises(UserError, match=r"flow_mode prefix runs the flow's own module .*Fix: use flow=torch, cudagraph or "
+                                        r"compile with flow_mode prefix"):
+        Engine(load_model("cosyvoice3-tiny"), "llm=torch,flow=ort,vocoder=torch", engines_dir=exported["cosyvoice3-tiny"],
+               options={"flow_mode": "prefix"})

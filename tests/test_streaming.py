@@ -158,35 +158,38 @@ def test_cli_stream_writes_what_it_streams(tmp_path, monkeypatch):
 def test_cosyvoice3_stream_with_the_flow_prefix_kept_equals_recomputing_it(tmp_path):
     """flow_mode prefix (each chunk's new frames solved against the DiT's kept keys / values of the
     chunks before) streams the same chunks as recomputing every frame at every chunk, with upstream's
-    prompt and schedule (hops 22 + 25, 50, 100 tokens, then the rest)."""
+    prompt and schedule (hops 22 + 25, 50, 100 tokens, then the rest); so does the same with the
+    prefix forward compiled by the flow's compile backend (dynamic shapes, no graph break)."""
     import pytest
 
     from models.errors import UserError
-    from runtime.engine import Engine
 
     model = load_model(make_upstream_folder(tmp_path, "cosyvoice3"))
     io = golden("cosyvoice3", "flow_inference_io.pt")
     spk = _speaker_from_golden(model, io)
     tokens = torch.randint(0, 50, (240,), generator=torch.Generator().manual_seed(0)).tolist()
     streams = {}
-    for mode in ("solver", "prefix"):
-        pipe = Pipeline(model, "torch", options={"flow_mode": mode}).activate()
+    # prefix-compiled: the flow's compile backend compiles the prefix forward (inductor, dynamic shapes)
+    for name, backends, mode in (("solver", "torch", "solver"), ("prefix", "torch", "prefix"),
+                                 ("prefix-compiled", "llm=torch,flow=compile,vocoder=torch", "prefix")):
+        pipe = Pipeline(model, backends, options={"flow_mode": mode}).activate()
         utt = model.make_utterance("hello world.", spk)
         stream = model.stream_decoder(utt, pipe.run, torch.Generator().manual_seed(1), torch.device("cpu"))
         chunks = []
         for n in range(1, len(tokens) + 1):
             chunks += stream.push(tokens[:n])
-        streams[mode] = chunks + stream.finish(tokens)
-        if mode == "prefix":  # 47 + 50 + 100 tokens solved in pieces, the last 43 at the finish
-            assert stream.flow_state["frames"] == 2 * (3 + len(tokens)) and len(stream.flow_state["prefixes"]) == 10
+        if mode == "prefix":  # 47 + 50 + 100 tokens solved in pieces so far, the last 43 at the finish
+            assert stream.flow_state["frames"] == 2 * (3 + 197) and len(stream.flow_state["prefixes"]) == 10
+        streams[name] = chunks + stream.finish(tokens)
+        if mode == "prefix":  # the finish released what the stream kept
+            assert stream.flow_state["frames"] == 2 * (3 + len(tokens)) and "prefixes" not in stream.flow_state
+        if name == "prefix-compiled":
+            meta = pipe.runners["flow_solver"].metadata()
+            assert meta["compiled_functions"] == ["dit_forward_rows"] and meta["graph_breaks"] == 0, meta
     assert [c.shape for c in streams["prefix"]] == [c.shape for c in streams["solver"]] and len(streams["solver"]) == 4
     for a, b in zip(streams["prefix"], streams["solver"]):  # measured 1.1e-4 of the peak: rounding (as above)
         assert (a - b).abs().max() < 5e-4 * b.abs().max()
-    # where the state cannot be kept: a compiled (or exported) flow, or the engine's batched calls
-    with pytest.raises(UserError, match="flow_mode prefix runs the flow's eager module"):
-        run = Pipeline(model, "flow=compile", options={"flow_mode": "prefix"}).run
-        model.token2mel_after_prefix(tokens[:50], spk, run, torch.device("cpu"), False, {})
-    with pytest.raises(UserError, match="the engine's batched flow calls cannot carry it yet"):
-        Engine(model, "torch", options={"flow_mode": "prefix"})
+    for a, b in zip(streams["prefix-compiled"], streams["prefix"]):
+        assert a.shape == b.shape and (a - b).abs().max() < 5e-4 * b.abs().max()
     with pytest.raises(UserError, match="unknown flow_mode 'prefix'"):
         load_model("cosyvoice2-tiny").resolve_options({"flow_mode": "prefix"})

@@ -107,6 +107,11 @@ class Backend(abc.ABC):
     def capture_deferred(self, limit: int = 1) -> int:
         return 0
 
+    def compiled(self, fn: Callable) -> Callable:
+        """`fn` (a function of this graph's eager module that a family runs itself, e.g. CosyVoice3's
+        prefix solve) as this backend runs such code: as it is here; compiled by the compile backend."""
+        return fn
+
     def decoder(self, layers: int, kv_heads: int, head_dim: int, batch: int = 1, max_len: int = 0,
                 call: Callable[[dict], dict] | None = None) -> "LLMDecoder":
         """Generation state for an autoregressive graph (see LLMDecoder). `call` runs one feed of

@@ -149,6 +149,7 @@ class CompiledBackend(Backend):
         self._seen_keys: set = set()
         self._pool = None
         self._decoders: OrderedDict = OrderedDict()
+        self._functions: dict = {}  # compiled(fn) per function
         self.compile_seconds = 0.0
         self.capture_seconds = 0.0
         self.evictions = 0
@@ -230,8 +231,31 @@ class CompiledBackend(Backend):
         if self.graph_mode == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
 
+    def eager_module(self):
+        """The cast module without compilation or graphs (activated), for callers that run it their own
+        way (CosyVoice3's flow prefix); `compiled(fn)` compiles their functions of it."""
+        return self.module
+
+    def compiled(self, fn):
+        """`fn` compiled with this backend's torch.compile settings and dynamic shapes (its callers'
+        shapes change every call: rows, new frames, kept frames), without CUDA graphs; cached per
+        function; graph breaks and the recompile limit are watched as for the graph itself."""
+        if self.compile_backend is None:
+            return fn
+        if fn not in self._functions:
+            kw = {"options": dict(self.compile_options)} if self.compile_options else {}
+            inner = torch.compile(fn, backend=self.compile_backend, dynamic=True, **kw)
+
+            def watched(*args, **kwargs):
+                with self._watched():
+                    return inner(*args, **kwargs)
+
+            self._functions[fn] = watched
+        return self._functions[fn]
+
     def _release(self) -> None:
         # graphs first (they hold the pool's memory), then the decoders' caches, then the module
+        self._functions.clear()
         self._graphs.clear()
         self._deferred.clear()
         self._decoders.clear()
@@ -472,6 +496,8 @@ class CompiledBackend(Backend):
              "dynamic": self.dynamic, "shapes": f"bucketed {self.rule.dim}" if self.rule else "exact",
              "graphs": len(self._graphs), "evictions": self.evictions,
              "deferred_calls": self.deferred_calls, "deferred_shapes": len(self._deferred),
+             # functions of the module its callers run themselves, compiled here (Backend.compiled)
+             "compiled_functions": [getattr(f, "__name__", "?") for f in self._functions],
              "compiled": self._compiled_state(),
              "graph_breaks": self.graph_breaks, "graph_break_reasons": list(self.break_reasons),
              "compile_seconds": round(self.compile_seconds + sum(d.compile_seconds for d in decs), 3),
