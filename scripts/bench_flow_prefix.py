@@ -7,7 +7,9 @@ engine runs with flow_mode solver: the one-graph 10-step solve over all P + N fr
 captured as a CUDA graph per shape (`flow=cudagraph:bf16`, warmed before timing). `prefix` is
 flow_mode prefix: the new frames only, against each stream's kept keys / values (the eager bf16 DiT
 through `CosyVoice.solve_after_prefix`, which also stacks the streams' prefixes and splits the
-extended ones back, as in service). The (P, N) pairs are a 5 s request's rounds (125 tokens: 50
+extended ones back, as in service); with `--compiled`, also `prefix compiled`: the same with the
+DiT forward compiled by the compile backend (`flow=compile:bf16`, dynamic shapes; its first calls per
+new specialisation compile, before timing). The (P, N) pairs are a 5 s request's rounds (125 tokens: 50
 frames, then 100 after 50, then 100 after 150) and a long request's later round (200 after 350).
 Random weights: the work per frame is the real model's, the values are not.
 """
@@ -47,10 +49,11 @@ def main() -> None:
     ap.add_argument("--rounds", default=",".join(f"{p}+{n}" for p, n in ROUNDS), help="P+N pairs.")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compiled", action="store_true", help="Also the prefix forward compiled (flow=compile:bf16).")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script on a tiny preset)")
     args = ap.parse_args()
     from models.cosyvoice import PrefixSolve
-    from models.dit import DiTPrefix
+    from models.dit import DiTPrefix, dit_forward_rows
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -58,6 +61,11 @@ def main() -> None:
     captured = Pipeline(model, "llm=torch,flow=cudagraph:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
     eager = Pipeline(model, "llm=torch,flow=torch:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
     solver = eager.runners["flow_solver"].eager_module()
+    forwards = {"prefix": (solver, dit_forward_rows)}
+    if args.compiled:
+        comp = Pipeline(model, "llm=torch,flow=compile:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
+        runner = comp.runners["flow_solver"]
+        forwards["prefix_compiled"] = (runner.eager_module(), runner.compiled(dit_forward_rows))
     dit = solver.estimator
     inner = dit.cfg.heads * dit.cfg.dim_head
     chunk = model._chunk_tokens * model.cfg.token_mel_ratio
@@ -66,7 +74,8 @@ def main() -> None:
     rows_list = [int(x) for x in args.rows.split(",")]
     rounds = [tuple(int(v) for v in r.split("+")) for r in args.rounds.split(",")]
     out = []
-    print(f"{'rows':>5} {'P':>5} {'N':>5} {'solver ms':>10} {'prefix ms':>10} {'solver/prefix':>14}", flush=True)
+    names = list(forwards)
+    print(f"{'rows':>5} {'P':>5} {'N':>5} {'solver ms':>10} " + " ".join(f"{n + ' ms':>20}" for n in names), flush=True)
     for B in rows_list:
         for P, N in rounds:
             T = P + N
@@ -81,16 +90,16 @@ def main() -> None:
             parts = [rnd(1, 80, N) for _ in range(3)]
             spks = rnd(1, 80)
 
-            def prefix_round():
-                items = [PrefixSolve(solver, parts[0], parts[1], spks, parts[2], {"prefixes": steps if P else None})
-                         for _ in range(B)]
-                model.solve_after_prefix(items)
+            row = {"rows": B, "prefix_frames": P, "new_frames": N, "solver_ms": round(solve_ms, 2)}
+            for name, (module, forward) in forwards.items():
+                def prefix_round():
+                    items = [PrefixSolve(module, forward, parts[0], parts[1], spks, parts[2],
+                                         {"prefixes": steps if P else None}) for _ in range(B)]
+                    model.solve_after_prefix(items)
 
-            prefix_ms = timed(prefix_round, args.reps, sync)
-            row = {"rows": B, "prefix_frames": P, "new_frames": N, "solver_ms": round(solve_ms, 2),
-                   "prefix_ms": round(prefix_ms, 2), "speedup": round(solve_ms / prefix_ms, 2)}
+                row[f"{name}_ms"] = round(timed(prefix_round, args.reps, sync), 2)
             out.append(row)
-            print(f"{B:>5} {P:>5} {N:>5} {solve_ms:10.2f} {prefix_ms:10.2f} {solve_ms / prefix_ms:14.2f}", flush=True)
+            print(f"{B:>5} {P:>5} {N:>5} {solve_ms:10.2f} " + " ".join(f"{row[n + '_ms']:20.2f}" for n in names), flush=True)
             del feed, kept, steps
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
