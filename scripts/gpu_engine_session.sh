@@ -15,6 +15,9 @@
 # runs per level, 3 by default), then the green probe;
 # flowcompile: CosyVoice3 with every stage compiled (compile:bf16) and the captured prefill;
 # sixth: the capture test, prefill-loads (the two load tests of prefill, RUNS=1), then flowcompile until $BUDGET s;
+# prefix: the flow's kept prefix against recomputing it (scripts/bench_flow_prefix.py, eager and compiled),
+# then the CosyVoice3 load test with --flow-mode prefix against the default, same configuration ($RUNS runs);
+# newshapes: the load test with --new-shapes capture against defer (C=16, $RUNS runs);
 # default: the LM steps and the Orpheus load test.
 set -u
 cd "$(dirname "$0")/.."
@@ -163,6 +166,28 @@ if [ "${1:-}" = sixth ]; then
   RUNS=1 "$0" prefill-loads
   run 40 green-probe $PY scripts/green_probe.py --free-sms 36 --json "$OUT/green-probe.json"
   LIMIT=$(( ${BUDGET:-560} - SECONDS )) "$0" flowcompile
+  exit 0
+fi
+if [ "${1:-}" = prefix ]; then
+  run 100 bench-flow-prefix $PY scripts/bench_flow_prefix.py --model cosyvoice3-random --rows 1,8,32 \
+      --json "$OUT/flow-prefix.json"
+  run 150 bench-flow-prefix-compiled $PY scripts/bench_flow_prefix.py --model cosyvoice3-random --rows 32 \
+      --rounds 50+100,150+100,350+200 --compiled --json "$OUT/flow-prefix-compiled.json"
+  for mode in prefix solver; do
+    run 200 loadtest-cv3-flow-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 1,16,32 --requests 32 --tokens 125 --runs "${RUNS:-1}" --no-baseline --flow-mode $mode \
+        --json "$OUT/loadtest-cv3-flow-$mode.json"
+  done
+  exit 0
+fi
+if [ "${1:-}" = newshapes ]; then
+  for policy in capture defer; do
+    run 200 loadtest-cv3-shapes-$policy $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+        --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
+        --concurrency 16 --requests 48 --tokens 125 --runs "${RUNS:-1}" --no-baseline --warmup levels \
+        --new-shapes $policy --json "$OUT/loadtest-cv3-shapes-$policy.json"
+  done
   exit 0
 fi
 if [ "${1:-}" = prefill-loads ]; then
