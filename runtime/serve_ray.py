@@ -515,11 +515,42 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"Ray Serve could not start the server: {first}", "see the replica logs above") from None
     finally:
-        try:
-            if address is None:
-                serve.shutdown()
-            else:  # a shared cluster keeps running; only our application goes
-                serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
+        # a second Ctrl-C / SIGTERM while Ray stops ends the process at once
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: _exit_now("stopped at once on a second signal", 130))
+        deadline = time.monotonic() + SHUTDOWN_S
+        # a shared cluster keeps running: only our application goes from it
+        if not (stop_by(deadline, serve.shutdown if address is None else lambda: serve.delete(APP_NAME))
+                and stop_by(deadline, ray.shutdown)):
+            # Serve's controller, a replica or Ray's own shutdown hung (seen once on 2 loaded CPU cores):
+            # a stop must not wait forever. A local cluster's processes share this process's fate.
+            _exit_now(f"Ray did not stop within {SHUTDOWN_S:g} s; its processes were left to end with this one", 0)
     print("stopped.", file=sys.stderr)
+
+
+SHUTDOWN_S = 45.0  # Serve's graceful stop (replicas get graceful_shutdown_timeout_s) and Ray's, together
+
+
+def stop_by(deadline: float, fn) -> bool:
+    """Run fn in a daemon thread and wait for it until `deadline` (time.monotonic()); whether it
+    returned. A hung shutdown call cannot hold the process; its errors are printed, not raised (the
+    process is stopping anyway)."""
+    import sys
+
+    def call():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - stopping: say it and go on
+            print(f"while stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    worker = threading.Thread(target=call, name="stop", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    return not worker.is_alive()
+
+
+def _exit_now(message: str, code: int) -> None:
+    import sys
+
+    print(f"{message}.", file=sys.stderr, flush=True)
+    os._exit(code)

@@ -83,8 +83,18 @@ class RayServer:
         raise RuntimeError(f"{want} replicas did not answer in {timeout} s (saw {seen}):\n{''.join(self.log[-40:])}")
 
     def stop(self) -> int:
+        """SIGINT, as Ctrl-C; the exit code. The server bounds its own stop (serve_ray.SHUTDOWN_S), so
+        one that outlives twice that is a failure, reported with its log rather than a bare timeout."""
+        from runtime.serve_ray import SHUTDOWN_S
+
         self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(90)
+        try:
+            return self.proc.wait(2 * SHUTDOWN_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+            raise AssertionError(f"the server did not stop within {2 * SHUTDOWN_S:g} s of SIGINT:\n"
+                                 + "".join(self.log[-40:])) from None
 
 
 @pytest.fixture(scope="module")
@@ -119,23 +129,25 @@ def _wav(data: bytes) -> np.ndarray:
     return audio
 
 
+@pytest.fixture(scope="class")
+def server(tmp_path_factory):
+    """The disaggregated server of TestDisaggregated, for that class only: ended before the replicated
+    server of the tests below starts (two Ray clusters at once would crowd 2 cores)."""
+    root = tmp_path_factory.mktemp("ray-disaggregated")
+    s = RayServer(_upstream_folder(root), str(root / "voices"),
+                  ("--placement", "disaggregated", "--lm-replicas", "1", "--replicas", "1"))
+    s.folder = s.proc.args[s.proc.args.index("--model") + 1]
+    try:
+        s.ids = s.replicas(1, lm=1)
+        yield s
+    finally:
+        code = s.stop()
+    assert code == 0, "".join(s.log[-40:])
+
+
 class TestDisaggregated:
     """`--placement disaggregated --lm-replicas 1 --replicas 1`: an LM deployment streaming tokens to a
-    token2wav ingress. Its server lives only for this class (a class fixture, ended before the
-    replicated server of the tests below starts: two Ray clusters at once would crowd 2 cores)."""
-
-    @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory):
-        root = tmp_path_factory.mktemp("ray-disaggregated")
-        s = RayServer(_upstream_folder(root), str(root / "voices"),
-                      ("--placement", "disaggregated", "--lm-replicas", "1", "--replicas", "1"))
-        s.folder = s.proc.args[s.proc.args.index("--model") + 1]
-        try:
-            s.ids = s.replicas(1, lm=1)
-            yield s
-        finally:
-            code = s.stop()
-        assert code == 0, "".join(s.log[-40:])
+    token2wav ingress."""
 
     def test_it_speaks_the_full_engines_audio(self, server):
         """Ray runs both deployments; 6 concurrent requests through the official client give, seed for
@@ -398,3 +410,21 @@ def test_a_disaggregated_placement_that_does_not_fit_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"^5 replica\(s\) of 1 CPU core\(s\) and a GPU do not fit"):
         check_fits(True, 5, 1.0, local=True)  # the replicated placement's message is as it was
     check_fits(True, 3, 1.0, local=False, lm_replicas=2)  # a cluster may grow: only one replica must fit a node
+
+
+def test_a_stop_that_hangs_is_given_up_at_its_deadline(capsys):
+    # Ray's shutdown once outlived the 90 s a test gave the server to stop (2 loaded CPU cores): each
+    # shutdown call now runs against one deadline, and a call past it is left behind, not waited for
+    from runtime.serve_ray import stop_by
+
+    t0 = time.monotonic()
+    assert stop_by(t0 + 0.3, lambda: time.sleep(5)) is False
+    assert 0.25 < time.monotonic() - t0 < 1.0
+    assert stop_by(time.monotonic() + 5, lambda: None) is True
+    assert stop_by(time.monotonic() - 1, lambda: time.sleep(0.05)) is False  # the deadline has passed
+
+    def fails():
+        raise RuntimeError("the controller is gone")
+
+    assert stop_by(time.monotonic() + 5, fails) is True  # it returned: the error is said, not raised
+    assert capsys.readouterr().err == "while stopping: RuntimeError: the controller is gone\n"
