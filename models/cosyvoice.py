@@ -531,15 +531,19 @@ class CosyVoice(TTSModel):
         cond = torch.zeros(1, 80, frames - start, device=device)
         if start < prompt.shape[1]:
             cond[0, :, : prompt.shape[1] - start] = prompt[:, start:frames]
-        from models.dit import dit_forward_rows
+        from models.dit import _check_whole_chunks, dit_forward_rows
 
         # the DiT's forward as the flow's backend runs a function of its module (compiled by `compile`)
         forward = run.compiled("flow_solver", dit_forward_rows) if hasattr(run, "compiled") else dit_forward_rows
+        # checked here, not in the shared solve: a stream's own mistake must not fail its round's others
+        _check_whole_chunks(start, self._chunk_tokens * r)
         item = PrefixSolve(solver, forward, z_table[:, :, start:frames], enc["mu"][:, :, start:frames], enc["spks"],
-                           cond, state)
+                           cond, state, keep=not finalize)
         batched = getattr(run, "batched", None)
         if batched is not None:
-            mel = batched("flow_solver", self.solve_after_prefix, item, frames)
+            # grouped by new frames: the solve pads every row to the most new frames (its cost), and only
+            # its attention reads the kept frames
+            mel = batched("flow_solver", self.solve_after_prefix, item, frames - start)
         else:  # a GraphRunner of the family protocol's minimum: the stream alone
             with run.timed("flow_solver"):
                 mel = self.solve_after_prefix([item])[0]
@@ -557,8 +561,10 @@ class CosyVoice(TTSModel):
 
     def solve_after_prefix(self, items: list["PrefixSolve"]) -> list[torch.Tensor]:
         """The new frames of several streams' chunks in one solve (models.flow.solve_euler_cfg_streams),
-        each against its own kept prefix; every item's `state["prefixes"]` is extended here. Items
-        share one solver module (the same graph's)."""
+        each against its own kept prefix; every item's `state["prefixes"]` is replaced here by the
+        extended ones (taken out first: the solve lets the old ones go step by step; after a failed
+        solve the state holds none and the stream recomputes), or dropped for an item that keeps
+        nothing (its last chunk). Items share one solver module (the same graph's)."""
         from models.dit import DiTPrefix
         from models.flow import solve_euler_cfg_streams
 
@@ -569,22 +575,23 @@ class CosyVoice(TTSModel):
         lengths = [it.z.shape[2] for it in items]
         N = max(lengths)
 
-        def padded(name):
+        def padded(name, dtype=dtype):
             out = torch.zeros(len(items), 80, N, device=device, dtype=dtype)
             for b, it in enumerate(items):
                 out[b, :, : lengths[b]] = getattr(it, name)[0]
             return out
 
         steps = solver.cfg.n_timesteps
-        prefixes = [it.state.get("prefixes") or [DiTPrefix.empty(dit, 2, device, dtype) for _ in range(steps)]
+        prefixes = [it.state.pop("prefixes", None) or [DiTPrefix.empty(dit, 2, device, dtype) for _ in range(steps)]
                     for it in items]
         with torch.inference_mode():
             mel, extended = solve_euler_cfg_streams(
-                dit, solver.cfg, solver.t_steps, solver.dt_steps, padded("z"), padded("mu"),
+                dit, solver.cfg, solver.t_steps, solver.dt_steps, padded("z", torch.float32), padded("mu"),
                 torch.cat([it.spks for it in items]).to(dtype), padded("cond"), prefixes, lengths,
-                self._chunk_tokens * self.cfg.token_mel_ratio, forward=items[0].forward)
+                self._chunk_tokens * self.cfg.token_mel_ratio, forward=items[0].forward, keep=[it.keep for it in items])
         for it, kept in zip(items, extended):
-            it.state["prefixes"] = kept
+            if kept is not None:
+                it.state["prefixes"] = kept
         return [mel[b: b + 1, :, : lengths[b]] for b in range(len(items))]
 
     def vocode(self, mel, run, generator, device, source_prefix: torch.Tensor | None = None):
@@ -612,7 +619,8 @@ class CosyVoice(TTSModel):
 class PrefixSolve:
     """One stream's chunk for `solve_after_prefix`: the solver module and the DiT forward to run
     (`models.dit.dit_forward_rows`, compiled or not), its new frames' noise, encoder output and
-    condition ([1, 80, n]), its speaker vector [1, 80], and the state holding its kept prefixes."""
+    condition ([1, 80, n]), its speaker vector [1, 80], the state holding its kept prefixes, and
+    whether to keep them extended (not after the stream's last chunk)."""
 
     solver: torch.nn.Module
     forward: object
@@ -621,6 +629,7 @@ class PrefixSolve:
     spks: torch.Tensor
     cond: torch.Tensor
     state: dict
+    keep: bool = True
 
 
 class HiFTSourceCache(torch.nn.Module):

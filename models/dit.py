@@ -105,8 +105,8 @@ class TimestepEmbedding(nn.Module):
         half = self.freq_embed_dim // 2
         step = math.log(10000) / (half - 1)
         freqs = torch.exp(torch.arange(half, device=t.device).float() * -step)
-        arg = 1000 * t.unsqueeze(1) * freqs.unsqueeze(0)
-        hidden = torch.cat((arg.sin(), arg.cos()), dim=-1).to(t.dtype)
+        arg = 1000 * t.float().unsqueeze(1) * freqs.unsqueeze(0)  # float32 whatever t's dtype (see FlowSolver)
+        hidden = torch.cat((arg.sin(), arg.cos()), dim=-1).to(self.time_mlp[0].weight.dtype)
         return self.time_mlp(hidden)
 
 
@@ -138,17 +138,40 @@ class InputEmbedding(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """x-transformers RotaryEmbedding(dim) without xpos / interpolation: holds the persistent
-    `inv_freq` buffer ([dim/2], 1/base^(2i/dim)) and returns interleaved angles [1, T, dim]."""
+    `inv_freq` buffer ([dim/2], 1/base^(2i/dim)) and returns interleaved angles [1, T, dim].
+
+    Float32 whatever the module is cast to (as HF computes RoPE): in bf16 the positions past 256
+    and every angle past a few radians lose the bits that make them a rotation (position 257 reads
+    as 256; an angle of ~300 rad is off by a radian), so a cast keeps `inv_freq` in float32 and
+    the callers round only cos / sin to the compute dtype."""
 
     def __init__(self, dim: int, base: float = 10000.0):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)))
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", self._inverse_frequencies())
+
+    def _inverse_frequencies(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+
+    def _apply(self, fn, recurse=True):
+        kept = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            # a dtype cast: the float32 values (the checkpoint's) survive it, on the new device
+            self.inv_freq = kept.to(device=self.inv_freq.device, dtype=torch.float32) \
+                if kept.dtype == torch.float32 else self._inverse_frequencies(self.inv_freq.device)
+        return self
 
     def forward(self, seq_len_like: torch.Tensor) -> torch.Tensor:
-        """Angles for positions 0..T-1, T = seq_len_like.shape[1]."""
-        pos = torch.arange(seq_len_like.shape[1], device=self.inv_freq.device).to(self.inv_freq.dtype)
-        freqs = pos[:, None] * self.inv_freq[None, :]  # [T, dim/2]
-        return torch.stack((freqs, freqs), dim=-1).flatten(-2).unsqueeze(0)  # [1, T, dim], pairs interleaved
+        """Float32 angles for positions 0..T-1, T = seq_len_like.shape[1]."""
+        pos = torch.arange(seq_len_like.shape[1], device=self.inv_freq.device, dtype=torch.float32)
+        return rotary_angles(pos[None], self.inv_freq)
+
+
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Interleaved angles [R, T, dim] of positions [R, T], in float32."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [R, T, dim/2]
+    return torch.stack((freqs, freqs), dim=-1).flatten(-2)  # pairs interleaved
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -275,8 +298,8 @@ class DiT(nn.Module):
         temb = self.time_embed(t)
         h = self.input_embed(x, cond, mu, spks)
 
-        angles = self.rotary_embed(h)
-        cos, sin = angles.cos(), angles.sin()
+        angles = self.rotary_embed(h)  # float32; only cos / sin are rounded to the compute dtype
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
         attn_mask = chunk_attention_mask(mask[:, 0, :] != 0, chunk_frames).unsqueeze(1)  # [B,1,T,T]
 
         for block in self.transformer_blocks:
@@ -310,10 +333,6 @@ class DiTPrefix:
     def frames(self) -> int:
         return self.kv.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.kv, self.conv_in, self.conv_mid))
-
     @classmethod
     def empty(cls, dit: "DiT", batch: int, device, dtype) -> "DiTPrefix":
         inner = dit.cfg.heads * dit.cfg.dim_head
@@ -330,10 +349,12 @@ class DiTPrefix:
         at the end to `frames` (default the longest; the caller masks the padding)."""
         B = len(prefixes)
         first = prefixes[0]
-        L, _, rows, _, inner = first.kv.shape
+        L, _, _, _, inner = first.kv.shape
         if any(p.kv.shape[2] != 2 for p in prefixes):
             raise ValueError("stack_cfg takes one stream's [conditional, unconditional] rows per prefix")
         frames = max(p.frames for p in prefixes) if frames is None else frames
+        if B == 1 and frames == first.frames:  # already in that order and unpadded: no copy
+            return first
         kv = first.kv.new_zeros(L, 2, 2 * B, frames, inner)
         conv_in = first.conv_in.new_empty(2 * B, *first.conv_in.shape[1:])
         conv_mid = first.conv_mid.new_empty(2 * B, *first.conv_mid.shape[1:])
@@ -354,7 +375,8 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     prefix.frames + N, inner], and each row's convolution histories at the end of its new frames.
     Padding changes nothing valid: a padded key is masked out of every valid query, a padded frame
     comes after every valid one in the causal convolutions, and a padded query (whose output is
-    discarded) sees the valid frames only, so nothing is NaN. Every start must be whole chunks
+    discarded) sees the valid frames only, so nothing is NaN (every row brings at least one new
+    frame; a row with neither kept nor new frames would see no key). Every start must be whole chunks
     (see `dit_forward_after_prefix`)."""
     R, _, N = x.shape
     P = prefix.frames
@@ -372,18 +394,21 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     # each row's histories end at its last new frame: positions lengths[r] .. lengths[r] + hist - 1
     at_end = (lengths.to(device)[:, None] + torch.arange(hist, device=device)[None, :])[:, :, None].expand(-1, -1, h.shape[2])
     conv_in_end, conv_mid_end = conv_in.gather(1, at_end), conv_mid.gather(1, at_end)
-    inv_freq = dit.rotary_embed.inv_freq
     rel = torch.arange(N, device=device)
-    positions = (starts.to(device)[:, None] + rel[None, :]).to(inv_freq.dtype)  # [R, N]
-    freqs = positions[:, :, None] * inv_freq[None, None, :]
-    angles = torch.stack((freqs, freqs), dim=-1).flatten(-2)  # [R, N, dim_head]
-    cos, sin = angles.cos(), angles.sin()
+    angles = rotary_angles(starts.to(device)[:, None] + rel[None, :], dit.rotary_embed.inv_freq)  # [R, N, dim_head]
+    cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
     # new frame i sees its row's earlier frames and its row's new frames up to the end of its chunk
     chunk = chunk_frames if chunk_frames > 0 else N
     chunk_end = (rel // chunk + 1) * chunk  # [N]
     sees_prefix = torch.arange(P, device=device)[None, :] < starts.to(device)[:, None]  # [R, P]
     sees_new = rel[None, None, :] < torch.minimum(chunk_end[None, :, None], lengths.to(device)[:, None, None])
     mask = torch.cat([sees_prefix[:, None, :].expand(R, N, P), sees_new], dim=2)[:, None]  # [R, 1, N, P + N]
+    # as an additive bias in the compute dtype, made once for every layer (a bool mask is converted in
+    # each attention call), its rows 16-aligned: CUDA's memory-efficient kernel wants an aligned bias
+    # (eager pads a copy per call; a compiled graph may refuse it), so P + N arbitrary costs nothing
+    keys = P + N
+    bias = torch.full((R, 1, N, -(-keys // 16) * 16), float("-inf"), dtype=h.dtype, device=device)[..., :keys]
+    bias.masked_fill_(mask, 0.0)  # in place: the view keeps the aligned row stride
     L = len(dit.transformer_blocks)
     kv = prefix.kv.new_empty(L, 2, R, P + N, prefix.kv.shape[-1])
     kv[:, :, :, :P] = prefix.kv
@@ -395,7 +420,7 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
         kv[layer, 1, :, P:] = attn.to_v(norm)
         heads = attn.heads
         split = lambda a: a.reshape(R, a.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
-        o = F.scaled_dot_product_attention(split(q), split(kv[layer, 0]), split(kv[layer, 1]), attn_mask=mask,
+        o = F.scaled_dot_product_attention(split(q), split(kv[layer, 0]), split(kv[layer, 1]), attn_mask=bias,
                                            dropout_p=0.0)
         o = o.transpose(1, 2).reshape(R, N, -1).to(q.dtype)
         h = h + gate_msa.unsqueeze(1) * attn.to_out[1](attn.to_out[0](o))

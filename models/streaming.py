@@ -84,15 +84,22 @@ class CosyVoiceStream:
         frames to float rounding; a budget frees what ended streams held, never what live ones hold)."""
         if self.flow_state is None:
             return False
+        if self.flow_state.get("frames") and "prefixes" not in self.flow_state:
+            self._let_prefix_go()  # a failed solve took them: what the frames were computed against is gone
+            return False
         if self.budget is None:
             return True
         frames = (len(self.utt.speaker["prompt_tokens"]) + len(tokens) - (0 if finalize else self.model.lookahead)) \
             * self.model.cfg.token_mel_ratio
         if finalize or self.budget.charge(self, frames * self.model.prefix_bytes_per_frame(self.run.module("flow_solver"))):
             return True  # the last chunk keeps nothing afterwards: it needs no new budget
-        self.flow_state = None
-        self.budget.close(self)
+        self._let_prefix_go()
         return False
+
+    def _let_prefix_go(self) -> None:
+        self.flow_state = None
+        if self.budget is not None:
+            self.budget.close(self)
 
     def close(self) -> None:
         """The stream is done (or abandoned): what it kept goes (its frame count stays), and so does its

@@ -285,7 +285,8 @@ class CausalConditionalDecoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
                 cond: torch.Tensor, chunk_frames: torch.Tensor | int = 0) -> torch.Tensor:
         chunk = torch.as_tensor(chunk_frames, device=x.device, dtype=torch.int64).reshape(-1)[:1]
-        temb = self.time_mlp(sinusoidal_embedding(t, self.cfg.in_channels))
+        # t may come in float32 while the module runs in a lower dtype (models/flow.py FlowSolver)
+        temb = self.time_mlp(sinusoidal_embedding(t.float(), self.cfg.in_channels).to(self.time_mlp.linear_1.weight.dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         hiddens, masks = [], [mask]

@@ -276,20 +276,32 @@ class StateBudget:
     per mel frame at the real size in bf16), shared by every stream. A stream charges its whole
     holding before each chunk; a charge that would pass the limit is refused and that stream lets its
     state go (it recomputes from then on), so the live streams' holdings never pass the limit and an
-    ended or abandoned stream's charge is dropped with it (explicitly, or when it is collected)."""
+    ended or abandoned stream's charge is dropped with it (explicitly, or when it is collected).
 
-    def __init__(self, limit_bytes: int):
-        self.limit = int(limit_bytes)
+    `limit_bytes` None: `measure()` gives it at the first charge, i.e. once the engine's graphs are
+    captured and warmed (what they hold is not the streams' to take)."""
+
+    def __init__(self, limit_bytes: int | None, measure=None):
+        if limit_bytes is None and measure is None:
+            raise ValueError("a StateBudget needs a limit or a way to measure one")
+        self.limit = None if limit_bytes is None else int(limit_bytes)
+        self._measure = measure
         self._held: dict[int, int] = {}
         self._lock = threading.Lock()
+        # owners collected: a finalizer may run inside any allocation, also on a thread that holds
+        # _lock (a deadlock) or iterates _held; it only queues the key, drained under the lock
+        self._collected: deque[int] = deque()
         self.peak = 0
         self.refused = 0
 
     def open(self, owner) -> None:
-        weakref.finalize(owner, self._drop, id(owner))
+        weakref.finalize(owner, self._collected.append, id(owner))
 
     def charge(self, owner, total_bytes: int) -> bool:
         with self._lock:
+            self._drain()
+            if self.limit is None:
+                self.limit = int(self._measure())
             key = id(owner)
             others = sum(self._held.values()) - self._held.get(key, 0)
             if others + total_bytes > self.limit:
@@ -300,14 +312,17 @@ class StateBudget:
             return True
 
     def close(self, owner) -> None:
-        self._drop(id(owner))
-
-    def _drop(self, key: int) -> None:
         with self._lock:
-            self._held.pop(key, None)
+            self._drain()
+            self._held.pop(id(owner), None)
+
+    def _drain(self) -> None:
+        while self._collected:
+            self._held.pop(self._collected.popleft(), None)
 
     def stats(self) -> dict:
         with self._lock:
+            self._drain()
             return {"limit_bytes": self.limit, "held_bytes": sum(self._held.values()), "streams": len(self._held),
                     "peak_bytes": self.peak, "refused": self.refused}
 
@@ -645,7 +660,7 @@ class Engine:
         +12 % audio s/s at C=64 (docs/serving.md, sixth round); False runs them eagerly.
         new_shapes: capture | defer (NEW_SHAPES); warm_up and warm_graphs always capture.
         stream_state_gb: with flow_mode prefix, what the streams may keep between chunks in all (GiB);
-        default: half the device memory free once the engine has started (CPU: 4 GiB). A stream that
+        default: half the device memory free at the first charge, after start and warm-up (CPU: 4 GiB). A stream that
         would pass it recomputes its frames from then on (`StateBudget`)."""
         self.model = model
         if role not in self.ROLES:
@@ -787,12 +802,7 @@ class Engine:
         self._defer_new_shapes(self.new_shapes == "defer")
         if self.options.get("flow_mode") == "prefix" and self.role != "lm":
             gb = self.stream_state_gb
-            if gb is None:
-                free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 8 << 30
-                limit = free // 2
-            else:
-                limit = int(gb * (1 << 30))
-            self.state_budget = StateBudget(limit)
+            self.state_budget = StateBudget(None if gb is None else int(gb * (1 << 30)), self._default_state_limit)
         self.running = True
         self.batcher.running = True
         # a lower number is a higher priority; CUDA graphs replayed on the stream run at its priority
@@ -812,6 +822,14 @@ class Engine:
         return self
 
     _start_error: BaseException | None = None
+
+    def _default_state_limit(self) -> int:
+        """Half the device memory free at the first stream's first charge (CPU: 4 GiB): by then the LM's
+        graphs are captured and a warmed engine's token2wav graphs too; the other half is the solves'
+        own working memory (a round's padded keys and values) and the graphs still to come."""
+        if self.device.type != "cuda":
+            return 4 << 30
+        return torch.cuda.mem_get_info(self.device)[0] // 2
 
     def _green_stream(self, reserved: int) -> torch.cuda.Stream:
         """A stream of a green context holding all SMs but `reserved`: the token2wav batcher's calls

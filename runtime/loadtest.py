@@ -369,7 +369,7 @@ def _counts(value: str, what: str) -> list[int]:
               help="CosyVoice flow: one-graph solver (default), per-step estimator calls, or prefix: each chunk solves "
               "its new frames only against what the stream kept (CosyVoice3, flow=torch; chunks of many streams share a call).")
 @click.option("--stream-state-gb", default=None, type=float,
-              help="With --flow-mode prefix: GiB the streams may keep in all (default: half the free device memory).")
+              help="With --flow-mode prefix: GiB the streams may keep in all (default: half the device memory free at the first request).")
 @click.option("--url", default=None, help="Drive a running speech server (python -m runtime.serve) at this URL "
               "instead of an in-process engine; --model, --device, --backend and the engine options are then its own.")
 @click.option("--api-key", envvar="TTS_API_KEY", default=None, help="The server's API key (with --url).")

@@ -1003,7 +1003,7 @@ def _is_loopback(host: str) -> bool:
               help="CosyVoice flow: one-graph solver (default), per-step calls, or prefix: each chunk solves its new "
               "frames only against what its stream kept (CosyVoice3, flow=torch).")
 @click.option("--stream-state-gb", default=None, type=float,
-              help="With --flow-mode prefix: GiB all streams may keep (default: half the free device memory); a "
+              help="With --flow-mode prefix: GiB all streams may keep (default: half the device memory free at the first request); a "
               "stream past it recomputes its frames.")
 @click.option("--threads", default=None, type=int, help="CPU threads per operator (torch.set_num_threads).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a preset's random weights.")

@@ -587,3 +587,34 @@ def test_engine_refuses_flow_prefix_without_the_flows_module(exported):
                                         r"compile with flow_mode prefix"):
         Engine(load_model("cosyvoice3-tiny"), "llm=torch,flow=ort,vocoder=torch", engines_dir=exported["cosyvoice3-tiny"],
                options={"flow_mode": "prefix"})
+
+
+def test_state_budget_measures_its_default_at_the_first_charge_and_drops_collected_owners():
+    """The default limit is read at the first charge (after the engine's graphs are captured and
+    warmed, not before), and a stream collected without closing frees its charge through a queue
+    its finalizer only appends to (a finalizer can run inside any allocation, also under the lock)."""
+    import gc
+
+    from runtime.engine import StateBudget
+
+    measured = []
+    budget = StateBudget(None, lambda: measured.append(1) or 1000)
+    assert budget.stats()["limit_bytes"] is None and not measured
+
+    class Stream:
+        pass
+
+    a, b = Stream(), Stream()
+    budget.open(a)
+    budget.open(b)
+    assert budget.charge(a, 600) and measured == [1] and budget.limit == 1000
+    assert not budget.charge(b, 500) and budget.refused == 1  # 600 + 500 > 1000
+    assert budget.charge(b, 400) and budget.stats()["held_bytes"] == 1000
+    del a
+    gc.collect()
+    assert budget.stats() == {"limit_bytes": 1000, "held_bytes": 400, "streams": 1, "peak_bytes": 1000, "refused": 1}
+    assert budget.charge(b, 1000) and measured == [1]  # measured once
+    budget.close(b)
+    assert budget.stats()["held_bytes"] == 0
+    with pytest.raises(ValueError, match="needs a limit or a way to measure one"):
+        StateBudget(None)

@@ -35,6 +35,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Hello there, this is the speech server."
 # long enough (700 speech tokens per sentence) that a replica is still generating when it is killed
 LONG = "This is a long request, and the replica serving it will not live to finish it."
+# the same request through two engines whose batches hold other neighbours: float rounding of the
+# padded batches, then 16-bit PCM (a wrong seed, voice or token is off by the audio's whole scale)
+PCM_TOLERANCE = 8 / 32768
 
 
 def _free_port() -> int:
@@ -151,7 +154,7 @@ class TestDisaggregated:
 
     def test_it_speaks_the_full_engines_audio(self, server):
         """Ray runs both deployments; 6 concurrent requests through the official client give, seed for
-        seed, the audio of a full engine in this process (measured: within 0.6 of one 16-bit step);
+        seed, the audio of a full engine in this process (within PCM_TOLERANCE);
         a cloned voice's conditioning reaches the LM replica too."""
         import torch
 
@@ -181,7 +184,9 @@ class TestDisaggregated:
             torch.set_num_threads(n)
         for seed, (a, ref) in enumerate(zip(got, refs)):
             assert a.shape == ref.shape == ((30 + seed) * 960,)
-            assert np.abs(a - ref).max() <= 2 / 32768, seed  # 16-bit rounding at most
+            # float rounding: the replica's batches differ from this engine's (other neighbours, other
+            # padding); measured up to 2.5 16-bit steps in a loaded suite run, 0.6 alone
+            assert np.abs(a - ref).max() <= PCM_TOLERANCE, seed
         up = {"audio_sample": ("prompt.wav", prompt_wav(), "audio/wav")}
         r = httpx.post(server.base + "/v1/audio/voices", files=up, data={"transcript": "hello world"}, timeout=60)
         assert r.status_code in (200, 201), r.text
@@ -262,7 +267,7 @@ def test_both_replicas_answer_and_agree(ray_server):
     ref = same_seed[0][1]
     assert ref.size == 40 * 960
     for _, a in same_seed[1:]:
-        assert a.shape == ref.shape and np.abs(a - ref).max() <= 2 / 32768  # 16-bit rounding at most
+        assert a.shape == ref.shape and np.abs(a - ref).max() <= PCM_TOLERANCE  # rounding (as above)
     assert httpx.get(ray_server.base + "/diagnostics").json()["replica"]["replica_states"] == {"RUNNING": 2}
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -150,6 +151,7 @@ class CompiledBackend(Backend):
         self._pool = None
         self._decoders: OrderedDict = OrderedDict()
         self._functions: dict = {}  # compiled(fn) per function
+        self._functions_lock = threading.Lock()  # compiled() is called from request threads
         self.compile_seconds = 0.0
         self.capture_seconds = 0.0
         self.evictions = 0
@@ -236,22 +238,31 @@ class CompiledBackend(Backend):
         way (CosyVoice3's flow prefix); `compiled(fn)` compiles their functions of it."""
         return self.module
 
+    # modes whose CUDA graphs would hand out outputs that the next replay overwrites: a function's
+    # outputs here are kept by its caller (the flow prefix's keys and values), so never those
+    _NO_CUDAGRAPH_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
     def compiled(self, fn):
-        """`fn` compiled with this backend's torch.compile settings and dynamic shapes (its callers'
-        shapes change every call: rows, new frames, kept frames), without CUDA graphs; cached per
-        function; graph breaks and the recompile limit are watched as for the graph itself."""
+        """`fn` compiled with this backend's torch.compile settings (backend, options, fullgraph; the
+        mode without its CUDA graphs) and dynamic shapes (its callers' shapes change every call: rows,
+        new frames, kept frames); cached per function; graph breaks and the recompile limit are
+        watched as for the graph itself."""
         if self.compile_backend is None:
             return fn
-        if fn not in self._functions:
-            kw = {"options": dict(self.compile_options)} if self.compile_options else {}
-            inner = torch.compile(fn, backend=self.compile_backend, dynamic=True, **kw)
+        with self._functions_lock:  # two request threads must not compile the same function twice
+            if fn not in self._functions:
+                mode = self._NO_CUDAGRAPH_MODES.get(self.compile_mode, self.compile_mode)
+                # torch.compile takes a mode or options, not both (the constructor allows one of them)
+                kw = {"options": dict(self.compile_options)} if self.compile_options else \
+                    ({} if mode is None else {"mode": mode})
+                inner = torch.compile(fn, backend=self.compile_backend, dynamic=True, fullgraph=self.fullgraph, **kw)
 
-            def watched(*args, **kwargs):
-                with self._watched():
-                    return inner(*args, **kwargs)
+                def watched(*args, **kwargs):
+                    with self._watched():
+                        return inner(*args, **kwargs)
 
-            self._functions[fn] = watched
-        return self._functions[fn]
+                self._functions[fn] = watched
+            return self._functions[fn]
 
     def _release(self) -> None:
         # graphs first (they hold the pool's memory), then the decoders' caches, then the module
