@@ -582,9 +582,11 @@ class CosyVoice(TTSModel):
             return out
 
         steps = solver.cfg.n_timesteps
-        prefixes = [it.state.pop("prefixes", None) or [DiTPrefix.empty(dit, 2, device, dtype) for _ in range(steps)]
-                    for it in items]
+        # the empty prefixes too in inference mode: like the kept ones, so a compiled forward sees one
+        # kind of tensor (its guards on the dispatch keys would compile it twice)
         with torch.inference_mode():
+            prefixes = [it.state.pop("prefixes", None) or [DiTPrefix.empty(dit, 2, device, dtype) for _ in range(steps)]
+                        for it in items]
             mel, extended = solve_euler_cfg_streams(
                 dit, solver.cfg, solver.t_steps, solver.dt_steps, padded("z", torch.float32), padded("mu"),
                 torch.cat([it.spks for it in items]).to(dtype), padded("cond"), prefixes, lengths,

@@ -405,9 +405,10 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     mask = torch.cat([sees_prefix[:, None, :].expand(R, N, P), sees_new], dim=2)[:, None]  # [R, 1, N, P + N]
     # as an additive bias in the compute dtype, made once for every layer (a bool mask is converted in
     # each attention call), its rows 16-aligned: CUDA's memory-efficient kernel wants an aligned bias
-    # (eager pads a copy per call; a compiled graph may refuse it), so P + N arbitrary costs nothing
+    # (eager pads a copy per call; a compiled graph may refuse it), so P + N arbitrary costs nothing.
+    # Always some padding (1-16 columns): whether there is any would be one more compiled variant
     keys = P + N
-    bias = torch.full((R, 1, N, -(-keys // 16) * 16), float("-inf"), dtype=h.dtype, device=device)[..., :keys]
+    bias = torch.full((R, 1, N, (keys // 16 + 1) * 16), float("-inf"), dtype=h.dtype, device=device)[..., :keys]
     bias.masked_fill_(mask, 0.0)  # in place: the view keeps the aligned row stride
     L = len(dit.transformer_blocks)
     kv = prefix.kv.new_empty(L, 2, R, P + N, prefix.kv.shape[-1])
