@@ -76,9 +76,14 @@ from runtime.pipeline import Pipeline, capped_warning
 class EngineFull(UserError):
     """The engine cannot take the request now; `retry_after` seconds is a fair guess for later."""
 
-    def __init__(self, problem: str, retry_after: float):
-        super().__init__(problem, f"retry in about {retry_after:.0f} s, or start the engine with more --max-streams")
+    def __init__(self, problem: str, retry_after: float, fix: str | None = None):
+        super().__init__(problem, fix or f"retry in about {retry_after:.0f} s, or start the engine with more --max-streams")
         self.retry_after = retry_after
+
+
+def _shutting_down() -> EngineFull:
+    return EngineFull("the engine is shutting down.", 5.0, "send the request again in a few seconds (to another "
+                      "replica, or to this one once it has restarted)")
 
 
 @dataclass
@@ -111,6 +116,13 @@ class RequestStats:
 _END = object()
 
 
+def request_failed(e: BaseException, where: str = "the engine") -> UserError:
+    """A request's one-line error for an unexpected failure inside the engine."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return UserError(f"the request failed inside {where} ({type(e).__name__}: {first}).",
+                     "report it with the request; the engine goes on serving")
+
+
 class Handle:
     """One submitted request: iterate it for audio chunks (CPU float32 [n]); `stats` afterwards.
     Iteration raises the request's error (a UserError) if it failed."""
@@ -121,12 +133,14 @@ class Handle:
         self.stats = RequestStats(time.perf_counter())
         self._chunks: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._abandoned = False  # its worker left with an error: its LM rows stop at the next step
         self.error: Exception | None = None
 
     def __iter__(self):
         while True:
             item = self._chunks.get()
             if item is _END:
+                self._chunks.put(_END)  # a second audio() / get() sees the end too
                 if self.error is not None:
                     raise self.error
                 return
@@ -154,7 +168,8 @@ class Handle:
         return self._cancelled.is_set()
 
     def audio(self) -> torch.Tensor:
-        """Every chunk, concatenated (blocks until the request ends)."""
+        """Every chunk not read yet, concatenated (blocks until the request ends; once it has ended,
+        returns at once: the chunks are read once)."""
         chunks = list(self)
         return torch.cat(chunks) if chunks else torch.zeros(0)
 
@@ -356,6 +371,7 @@ class GraphBatcher:
         self._carried = False  # the pending list holds calls formed but not run in the last round
         self.busy = 0  # workers running host code (not waiting on a call or on tokens)
         self.running = False
+        self.stopped = False  # the loop has returned: calls are refused
         self.stream = torch.cuda.Stream(pipe.device) if pipe.device.type == "cuda" else None
         # where this thread captures new graphs (None: a side stream of its own, never `stream`, on
         # which the request threads enqueue their inputs; a green context's second stream when
@@ -380,10 +396,12 @@ class GraphBatcher:
 
     def _wait(self, c: _Call):
         with self.cond:
+            if self.stopped:
+                raise UserError("the engine stopped while this request was running.", "send the request again")
             self.pending.append(c)
             self.busy -= 1
             self.cond.notify_all()
-        c.done.wait()
+        c.done.wait()  # the batcher's exit fails every call still pending (run)
         with self.cond:
             self.busy += 1
         if c.error is not None:
@@ -404,8 +422,16 @@ class GraphBatcher:
     def run(self) -> None:
         if self.stream is not None:
             torch.cuda.set_stream(self.stream)
-        with capture_stream(self.capture_stream):
-            self._loop()
+        try:
+            with capture_stream(self.capture_stream):
+                self._loop()
+        finally:  # stopped, or broken: no caller may wait for a call that will never run
+            with self.cond:
+                self.stopped = True
+                left, self.pending = self.pending, []
+            for c in left:
+                c.error = UserError("the engine stopped while this request was running.", "send the request again")
+                c.done.set()
 
     def _deferred_runners(self) -> list:
         return [r for r in self.pipe.runners.values() if r.deferred_shapes]
@@ -439,7 +465,15 @@ class GraphBatcher:
                     while self.busy > 0 and time.perf_counter() < deadline:  # let running workers add theirs
                         self.cond.wait(max(deadline - time.perf_counter(), 0))
                 calls, self.pending = self.pending, []
-            left = self._execute(calls, first_only=self.policy == "call")
+            try:
+                left = self._execute(calls, first_only=self.policy == "call")
+            except Exception as e:  # noqa: BLE001 - a bug in the grouping fails this round's calls, not the engine
+                failed = request_failed(e, "the batcher")
+                for c in calls:
+                    if not c.done.is_set():
+                        c.error = failed
+                        c.done.set()
+                left = []
             with self.cond:
                 self._carried = bool(left)
                 self.pending = left + self.pending
@@ -818,6 +852,11 @@ class Engine:
             t.start()
         self._ready.wait()
         if self._start_error is not None:
+            with self.batcher.cond:  # the batcher thread is running: it must not outlive a failed start
+                self.batcher.running = False
+                self.batcher.cond.notify_all()
+            for t in self._threads:
+                t.join(timeout=30)
             raise self._start_error
         return self
 
@@ -863,11 +902,12 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
             active = list(self._active.values())
         for h, _ in waiting:
-            h._end(EngineFull("the engine is shutting down.", 5.0))
+            h._end(_shutting_down())
         for _, h in active:
             h.cancel()
+        deadline = time.monotonic() + 30  # one wait for all of them, not 30 s each
         for t, _ in active:
-            t.join(timeout=30)
+            t.join(timeout=max(deadline - time.monotonic(), 0.0))
         self.running = False
         with self._lm_cond:
             self._lm_cond.notify_all()
@@ -922,7 +962,7 @@ class Engine:
             job[1]["request"] = {"text": text, "speaker": speaker, "seed": seed, "fixed_tokens": fixed_tokens}
         with self._lock:
             if self._stopping:
-                raise EngineFull("the engine is shutting down.", 5.0)
+                raise _shutting_down()
             self._drop_cancelled()
             if len(self._active) < self.max_streams:
                 self._launch(job)
@@ -1036,9 +1076,9 @@ class Engine:
         """Fail waiting requests older than `queue_timeout` now, not when a stream next frees (the LM
         thread calls this about every 100 ms)."""
         now = time.perf_counter()
-        if not self._waiting or now - self._waiting[0][0].stats.submitted <= self.queue_timeout:
-            return  # the oldest is young enough: so are all (the queue is in arrival order)
         with self._lock:
+            if not self._waiting or now - self._waiting[0][0].stats.submitted <= self.queue_timeout:
+                return  # the oldest is young enough: so are all (the queue is in arrival order)
             keep = deque()
             for job in self._waiting:
                 if now - job[0].stats.submitted > self.queue_timeout:
@@ -1058,7 +1098,12 @@ class Engine:
             self._waiting = deque(j for j in self._waiting if not j[0].cancelled)
 
     def stats(self) -> dict:
-        return {"active_streams": len(self._active), "queued": sum(1 for h, _ in self._waiting if not h.cancelled),
+        # read from other threads while the LM thread, the batcher and the workers change these:
+        # the request queues under their lock, the rest as C-level copies (no thread switch inside)
+        with self._lock:
+            active, queued = len(self._active), sum(1 for h, _ in self._waiting if not h.cancelled)
+        graph_calls = dict(self.batcher.graph_calls)
+        return {"active_streams": active, "queued": queued,
                 "max_streams": self.max_streams,
                 "lm_rows": len(self._rows), "lm_steps": self.lm_steps, "lm_rows_total": self.lm_rows_total,
                 "lm_batch_mean": sum(self.lm_batch_sizes) / max(len(self.lm_batch_sizes), 1),
@@ -1068,7 +1113,7 @@ class Engine:
                 "new_shapes": self.new_shape_stats(),
                 **({"stream_state": self.state_budget.stats()} if self.state_budget is not None else {}),
                 "graph_calls": {g: {"calls": n, "rows": r, "seconds": round(t, 4)}
-                                for g, (n, r, t) in self.batcher.graph_calls.items()}}
+                                for g, (n, r, t) in graph_calls.items()}}
 
     def new_shape_stats(self) -> dict:
         """What the `new_shapes` policy did: calls run eagerly, shape keys waiting for a capture, and
@@ -1084,6 +1129,7 @@ class Engine:
         if stream is not None:
             torch.cuda.set_stream(stream)
         feed = decoder = None
+        end: Exception | None = request_failed(RuntimeError("the worker stopped early"))  # until it ends properly
         try:
             generator = torch.Generator().manual_seed(spec["seed"])
             runner = _Runner(self.batcher, self.options, lambda: self._deadline(handle), self.state_budget)
@@ -1123,26 +1169,18 @@ class Engine:
                         handle._put(c.float().cpu())
                 capped_warning(utt, tokens, fixed)
                 handle.stats.warnings += [f"sentence {k + 1}: {w}" for w in utt.warnings]
-            handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
+            end = None if not handle.cancelled else UserError("the request was cancelled.")
         except UserError as e:
-            handle._end(e)
+            end = e
         except Exception as e:  # noqa: BLE001 - the request fails with one line, the engine goes on
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            handle._end(UserError(f"the request failed inside the engine ({type(e).__name__}: {first}).",
-                                  "report it with the request; other requests are not affected"))
+            end = request_failed(e)
         finally:
-            if feed is not None and (handle.cancelled or handle.error is not None):
-                feed.close()
-            if decoder is not None and hasattr(decoder, "close"):  # a cancelled stream's kept state goes now
-                decoder.close()
-            with self.batcher.cond:
-                self.batcher.busy -= 1
-                self.batcher.cond.notify_all()
-            self._finished(handle)
+            self._worker_done(handle, end, feed, decoder)
 
     def _serve_tokens(self, handle: Handle, spec: dict) -> None:
         """An LM-only request's worker: each utterance's new tokens go on the handle as messages
         (utterance index, new token ids, done), every `token_batch` tokens and at the utterance's end."""
+        end: Exception | None = request_failed(RuntimeError("the worker stopped early"))
         try:
             for k, utt in enumerate(spec["utts"]):
                 if handle.cancelled:
@@ -1177,18 +1215,30 @@ class Engine:
                 handle.stats.tokens.append(tokens)
                 if handle.cancelled:
                     break
-            handle._end(None if not handle.cancelled else UserError("the request was cancelled."))
+            end = None if not handle.cancelled else UserError("the request was cancelled.")
         except UserError as e:
-            handle._end(e)
+            end = e
         except Exception as e:  # noqa: BLE001 - the request fails with one line, the engine goes on
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            handle._end(UserError(f"the request failed inside the engine ({type(e).__name__}: {first}).",
-                                  "report it with the request; other requests are not affected"))
+            end = request_failed(e)
         finally:
-            with self.batcher.cond:
-                self.batcher.busy -= 1
-                self.batcher.cond.notify_all()
+            self._worker_done(handle, end)
+
+    def _worker_done(self, handle: Handle, end: Exception | None, feed=None, decoder=None) -> None:
+        """A request's worker is leaving: its LM rows stop (a failed request's utterance could
+        otherwise decode to its token limit), its kept state and stream slot go, and only then does
+        the handle end, so a client that sends its next request at once finds the slot free."""
+        handle._abandoned = end is not None
+        if feed is not None and (handle.cancelled or end is not None):
+            feed.close()
+        if decoder is not None and hasattr(decoder, "close"):  # a cancelled stream's kept state goes now
+            decoder.close()
+        with self.batcher.cond:
+            self.batcher.busy -= 1
+            self.batcher.cond.notify_all()
+        try:
             self._finished(handle)
+        finally:
+            handle._end(end)
 
     def _consume(self, job: _Utterance, decoder, handle: Handle) -> list[int]:
         """Wait for the utterance's tokens, feeding the stream decoder whenever a chunk is due."""
@@ -1251,9 +1301,15 @@ class Engine:
                 while self.running and not self._rows and not self._lm_queue:
                     last_end = None  # idle: the wait is not the loop's overhead
                     self._lm_cond.wait(0.1)
+                    if time.perf_counter() - expired_at > 0.1:  # to the loop's top, where waiting requests
+                        break  # time out: they do while the LM idles too (not under this lock)
                 arrivals = []
                 while self._lm_queue and len(self._rows) + len(arrivals) < dec.rows and len(arrivals) < self.prefill_limit:
-                    arrivals.append(self._lm_queue.popleft())
+                    job = self._lm_queue.popleft()
+                    if job.handle.cancelled or job.handle._abandoned:  # gone before its prefill: no row for it
+                        self._finish_utterance(job)
+                    else:
+                        arrivals.append(job)
             if not self.running:
                 break
             t0 = time.perf_counter()
@@ -1263,9 +1319,9 @@ class Engine:
                 try:
                     first = dec.read(dec.prefill(start, [a.prompt for a in arrivals], [a.sampler for a in arrivals],
                                                  [a.seed for a in arrivals]))
-                except UserError as e:
+                except Exception as e:  # noqa: BLE001 - these prompts fail; the rows already decoding go on
                     for a in arrivals:
-                        self._finish_utterance(a, error=e)
+                        self._finish_utterance(a, error=e if isinstance(e, UserError) else request_failed(e, "the LM's prefill"))
                     continue
                 self._rows += arrivals
                 self._deliver(first, range(start, start + len(arrivals)))
@@ -1277,18 +1333,23 @@ class Engine:
                 t1 = time.perf_counter()
                 if last_end is not None:
                     timing["between"] += t1 - last_end - prefill_s
-                if events is not None:
-                    events[0].record()
-                tok = dec.step(n)
-                if events is not None:
-                    events[1].record()
-                t2 = time.perf_counter()
-                ids = dec.read(tok)
-                t3 = time.perf_counter()
-                self.lm_steps += 1
-                self.lm_rows_total += n
-                self.lm_batch_sizes.append(n)
-                self._deliver(ids, range(n))
+                try:
+                    if events is not None:
+                        events[0].record()
+                    tok = dec.step(n)
+                    if events is not None:
+                        events[1].record()
+                    t2 = time.perf_counter()
+                    ids = dec.read(tok)
+                    t3 = time.perf_counter()
+                    self.lm_steps += 1
+                    self.lm_rows_total += n
+                    self.lm_batch_sizes.append(n)
+                    self._deliver(ids, range(n))
+                except Exception as e:  # noqa: BLE001 - the rows' state is unknown now: they fail, the engine goes on
+                    self._fail_rows(e)
+                    last_end = None
+                    continue
                 last_end = time.perf_counter()
                 timing["launch"] += t2 - t1
                 timing["wait"] += t3 - t2
@@ -1298,7 +1359,23 @@ class Engine:
             dt = time.perf_counter() - t0
             self.lm_seconds += dt
             if n and self.batcher.on_batch is not None:
-                self.batcher.on_batch(self._lm_stage, n, dt)
+                try:
+                    self.batcher.on_batch(self._lm_stage, n, dt)
+                except Exception as e:  # noqa: BLE001 - a metrics callback must not stop the decoding
+                    warnings.warn(f"the engine's on_batch callback failed: {e}", RuntimeWarning, stacklevel=1)
+
+    def _fail_rows(self, e: BaseException) -> None:
+        """A decode step failed: every decoding utterance fails with one line and its row is freed
+        (what the cache holds is unknown now); the requests waiting and those to come are served."""
+        error = e if isinstance(e, UserError) else request_failed(e, "the LM's decode step")
+        rows, self._rows = self._rows, []
+        for job in rows:
+            self._finish_utterance(job, error=error)
+        for row in reversed(range(len(rows))):
+            try:
+                self.decoder.free(row)
+            except Exception:  # noqa: BLE001 - a broken device fails the next step again, for those rows only
+                pass
 
     def _deliver(self, ids: list[int], rows) -> None:
         lm = self.model.lm
@@ -1306,7 +1383,7 @@ class Engine:
         for i, row in enumerate(rows):
             job = self._rows[row]
             t = ids[i]
-            stop = (not job.fixed and lm.is_stop(t)) or job.handle.cancelled
+            stop = (not job.fixed and lm.is_stop(t)) or job.handle.cancelled or job.handle._abandoned
             with job.cond:
                 if not stop:
                     job.tokens.append(t)

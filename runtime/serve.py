@@ -150,6 +150,8 @@ class Server:
 
     # start-up, in a thread of its own (the event loop answers /health meanwhile)
     def prepare(self) -> None:
+        if self.ready.is_set() or self.failed:  # done already (a Ray replica prepares in its constructor)
+            return
         try:
             t0 = time.perf_counter()
             if not self.engine.running:
@@ -317,7 +319,7 @@ def resolve_voice(voice: str, srv: Server) -> dict:
         return {}
     if voice in srv.model.named_voices():
         return {"voice": voice}
-    if ID_RE.match(voice):
+    if ID_RE.fullmatch(voice):
         try:
             return {"speaker": dict(srv.store.speaker(voice))}  # a copy per request: the cached one stays as stored
         except VoiceNotFound:
@@ -416,29 +418,39 @@ class AudioStream(StreamingResponse):
         self.on_disconnect, self.on_close = on_disconnect, on_close
 
     async def __call__(self, scope, receive, send) -> None:
-        async with anyio.create_task_group() as tg:
-            async def stream():
-                try:
-                    await self.stream_response(send)
-                except OSError:  # the client went away during a send
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream():
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away during a send
+                        self.on_disconnect()
+                    except _Aborted as e:
+                        log.warning("stream cut short: %s", e)
+                    finally:
+                        tg.cancel_scope.cancel()
+
+                async def watch():
+                    try:
+                        await self.listen_for_disconnect(receive)
+                    except Exception:  # noqa: BLE001 - Ray Serve's receive raises once its client left: gone
+                        pass
                     self.on_disconnect()
-                except _Aborted as e:
-                    log.warning("stream cut short: %s", e)
-                finally:
                     tg.cancel_scope.cancel()
 
-            async def watch():
-                try:
-                    await self.listen_for_disconnect(receive)
-                except Exception:  # noqa: BLE001 - Ray Serve's receive raises once its client left: gone
-                    pass
-                self.on_disconnect()
-                tg.cancel_scope.cancel()
+                tg.start_soon(stream)
+                tg.start_soon(watch)
+        except BaseException:  # cancelled from outside (Ray's proxy, when its client left): the request goes
+            self.on_disconnect()
+            raise
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()  # also when the body never started (the client left before the headers)
 
-            tg.start_soon(stream)
-            tg.start_soon(watch)
-        await self.body_iterator.aclose()
-        self.on_close()  # also when the body never started (the client left before the headers went out)
+
+UPLOAD_MAX_SECONDS = 120  # a decode bound for voice uploads; each family refuses what it cannot use below it
 
 
 def sse(event: dict) -> bytes:
@@ -453,11 +465,13 @@ async def speech(request: Request, srv: Server):
         body = json.loads(raw)
     except ValueError as e:
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:100]}).", None, "invalid_json") from None
+    except RecursionError:  # [[[[... deeper than Python's parser goes: not a request anyone means
+        raise ApiError(400, "the request body is not valid JSON (nested too deeply).", None, "invalid_json") from None
     req = parse_speech(body, srv)
     voice = await run_in_threadpool(resolve_voice, req.voice, srv)
     engine = srv.engine
     try:
-        handle = await run_in_threadpool(engine.submit, req.input, seed=req.seed, fixed_tokens=req.tokens,
+        handle = await _submit_or_cancel(engine.submit, req.input, seed=req.seed, fixed_tokens=req.tokens,
                                          stream=True, **voice)
     except EngineFull as e:
         raise ApiError(429, http_words(str(e)), None, "engine_full", "rate_limit_error",
@@ -483,6 +497,29 @@ async def speech(request: Request, srv: Server):
         srv.telemetry.request_ended(key, first, handle.stats.audio_seconds, state["outcome"], req.stream)
         srv.profiler.request_ended(arrived)
 
+    try:
+        return await _respond(request, srv, req, handle, pump, state, ended, arrived)
+    except BaseException:  # cancelled (Ray's proxy cancels the task of a client that left) or failed
+        if not state["ended"]:  # before the response took over: the request must not run for nobody
+            if state["outcome"] == "failed":
+                state["outcome"] = "cancelled"
+            ended()
+        raise
+
+
+async def _submit_or_cancel(submit, *args, **kwargs):
+    """`submit` in a worker thread; if this task is cancelled meanwhile (the client left), the handle
+    the thread still returns is cancelled then, instead of running a request nobody will read."""
+    future = asyncio.get_running_loop().run_in_executor(None, lambda: submit(*args, **kwargs))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().cancel())
+        raise
+
+
+async def _respond(request, srv, req, handle, pump, state, ended, arrived):
+    """The response of a submitted request (its first item decides the status)."""
     first = await next_item(pump, request)
     if first is _GONE or isinstance(first, BaseException):
         state["outcome"] = "cancelled" if first is _GONE else "failed"
@@ -634,7 +671,16 @@ def _clone(srv: Server, audio: bytes, filename: str, transcript: str, name: str)
         raise ApiError(400, "audio_sample is empty. Fix: upload a recording of a few seconds.", "audio_sample",
                        "invalid_audio")
     try:
+        # the length first, from the header: a small compressed file can decode to hours (GBs of
+        # float32), and no family takes a prompt of more than UPLOAD_MAX_SECONDS
+        info = sf.info(io.BytesIO(audio))
+        if info.samplerate > 0 and info.frames > UPLOAD_MAX_SECONDS * info.samplerate:
+            raise ApiError(400, f"audio_sample is {info.frames / info.samplerate:.0f} s long. Fix: upload a recording "
+                                f"of a few seconds (the model takes at most tens of seconds).", "audio_sample",
+                           "audio_too_long")
         data, rate = sf.read(io.BytesIO(audio), dtype="float32", always_2d=True)
+    except ApiError:
+        raise
     except Exception as e:  # noqa: BLE001 - soundfile raises its own error types
         why = str(getattr(e, "error_string", "") or str(e).splitlines()[0])[:120]  # without the BytesIO's repr
         raise ApiError(400, f"audio_sample cannot be decoded as audio ({why}). Fix: upload a WAV, FLAC, OGG or MP3 "
@@ -669,7 +715,7 @@ def _voice_id(value: str, srv: Server) -> str:
     if value in ("default", *srv.model.named_voices()):
         raise ApiError(400, f"{value!r} is a built-in voice of {srv.model.name}; only created voices can be deleted.",
                        "voice_id", "builtin_voice")
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         shown = value if len(value) <= 80 else value[:80] + "..."
         raise ApiError(400, f"{shown!r} is not a voice id (64 hex digits). Fix: use an id from GET /v1/audio/voices.",
                        "voice_id", "invalid_voice_id")

@@ -116,6 +116,13 @@ class SpeechReplica:
         # `app` is a name Ray Serve's wrapper uses for itself
         self.speech_app = create_app(engine, ServeConfig(**settings.serve, replica_facts=self.facts,
                                                          cluster_metrics=self.cluster_metrics if self.board else None))
+        # started and warmed here, not in the app's lifespan: Ray routes to a replica once its constructor
+        # returns, and a replica still warming up would answer its share of the traffic with 503s (minutes
+        # with a compiled backend, at every scale-up) while warm replicas sit idle
+        srv = self.speech_app.state.server
+        srv.prepare()
+        if srv.failed:
+            raise RuntimeError(f"the replica failed to start: {srv.failed}")
         if self.board is not None:
             threading.Thread(target=self._push_metrics, name="metrics-push", daemon=True).start()
 
@@ -419,12 +426,16 @@ def deployment(settings: ReplicaSettings, replicas: int | None, autoscale: tuple
 
     gpu = settings.device.startswith("cuda")
     streams = settings.max_streams or 64
+    queue = settings.max_queue if settings.max_queue is not None else 4 * streams
     opts: dict = {
         "name": DEPLOYMENT,
         "ray_actor_options": {"num_gpus": 1 if gpu else 0, "num_cpus": replica_cpus,
                               "runtime_env": {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}},
-        # what one engine holds: its streams and its queue; beyond that the proxy queues or refuses
-        "max_ongoing_requests": streams + (settings.max_queue if settings.max_queue is not None else 4 * streams),
+        # what one engine holds: its streams and its queue; beyond that the proxy queues,
+        "max_ongoing_requests": streams + queue,
+        # and refuses (503) past one more engine queue per replica: Ray's default queues without bound,
+        # so an overloaded cluster would never say so (the engine's own 429 needs the request to reach it)
+        "max_queued_requests": queue * max(autoscale[1] if autoscale is not None else (replicas or 1), 1),
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 10,

@@ -40,7 +40,7 @@ from models.errors import UserError, from_os_error
 from models.family import TTSModel
 from models.files import temp_path
 
-ID_RE = re.compile(r"^[0-9a-f]{64}$")
+ID_RE = re.compile(r"[0-9a-f]{64}")  # matched whole (fullmatch): "$" would take a trailing newline
 BUNDLE_FORMAT = 1
 TENSORS = "speaker.safetensors"
 META = "voice.json"
@@ -68,7 +68,7 @@ def voice_id(fingerprint: str, audio_sha256: str, transcript: str) -> str:
 
 
 def check_id(value: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         shown = value if isinstance(value, str) and len(value) <= 80 else f"{str(value)[:80]}..."
         raise UserError(f"{shown!r} is not a voice id (64 hex digits).",
                         "use an id from POST /v1/audio/voices or GET /v1/audio/voices")
@@ -77,6 +77,10 @@ def check_id(value: str) -> str:
 
 class VoiceNotFound(UserError):
     pass
+
+
+class VoiceOfAnotherModel(UserError):
+    """A stored voice made for other weights: not this server's to use, nor to delete."""
 
 
 class StoreFailed(UserError):
@@ -173,7 +177,7 @@ class VoiceStore:
             raise UserError(f"the stored voice {vid} is not a bundle this server reads.",
                             "delete it and create it again")
         if meta.get("model_fingerprint") != self.fingerprint:
-            raise UserError(f"the voice {vid} was created for another model ({meta.get('model')}, other weights).",
+            raise VoiceOfAnotherModel(f"the voice {vid} was created for another model ({meta.get('model')}, other weights).",
                             f"create it again on this server (model {self.model.name})")
         if voice_id(self.fingerprint, str(meta.get("audio_sha256")), str(meta.get("transcript", ""))) != vid:
             raise UserError(f"the stored voice {vid} does not match its id (its voice.json was changed).",
@@ -224,16 +228,21 @@ class VoiceStore:
             return []
         out = []
         for name in names:
-            if ID_RE.match(name):
+            if ID_RE.fullmatch(name):
                 try:
                     out.append(self.record(name))
-                except UserError:
+                except (UserError, KeyError, TypeError):  # another model's, damaged, or missing a field
                     continue
         return sorted(out, key=lambda r: (r["created_at"], r["id"]))
 
     def delete(self, vid: str) -> None:
         path = self._path(vid)
-        self._meta(vid)  # not found / another model's voice: said before anything is removed
+        try:
+            self._meta(vid)  # not found / another model's voice: said before anything is removed
+        except (VoiceNotFound, VoiceOfAnotherModel):
+            raise
+        except UserError:  # damaged: deleting it is the fix its own error names
+            pass
         gone = temp_path(path)
         try:
             os.rename(path, gone)  # readers see the whole bundle or nothing

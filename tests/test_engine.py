@@ -618,3 +618,85 @@ def test_state_budget_measures_its_default_at_the_first_charge_and_drops_collect
     assert budget.stats()["held_bytes"] == 0
     with pytest.raises(ValueError, match="needs a limit or a way to measure one"):
         StateBudget(None)
+
+
+def test_engine_survives_failures_in_its_lm_thread_batcher_and_workers(monkeypatch):
+    """Every failure inside the engine fails the requests it touched with one line, frees what they
+    held, and the engine serves the next request: a decode step that raises (it used to end the LM
+    thread, and every later request waited forever), a batcher round that raises (every worker waited
+    forever), a worker whose chunk fails (its LM row decoded on to its token limit)."""
+    from runtime.engine import GraphBatcher
+
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=2, max_queue=2) as engine:
+        ref = engine.submit(TEXT, seed=3, fixed_tokens=20).audio()
+        # 1. the LM's decode step fails once
+        step, failures = engine.decoder.step, []
+
+        def broken_step(n):
+            if not failures:
+                failures.append(n)
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            return step(n)
+
+        monkeypatch.setattr(engine.decoder, "step", broken_step)
+        h = engine.submit(TEXT, seed=1, fixed_tokens=20)
+        with pytest.raises(UserError) as err:
+            h.audio()
+        assert str(err.value) == (
+            "the request failed inside the LM's decode step (RuntimeError: CUDA error: an illegal memory access was "
+            "encountered (simulated)). Fix: report it with the request; the engine goes on serving")
+        assert engine.stats()["lm_rows"] == 0
+        assert rel(engine.submit(TEXT, seed=3, fixed_tokens=20).audio(), ref) < 1e-5  # it goes on
+        # 2. a batcher round fails once (a bug in grouping the calls)
+        execute, rounds = GraphBatcher._execute, []
+
+        def broken_execute(self, calls, first_only=False):
+            if not rounds:
+                rounds.append(len(calls))
+                raise KeyError("flow_solver")
+            return execute(self, calls, first_only)
+
+        monkeypatch.setattr(GraphBatcher, "_execute", broken_execute)
+        with pytest.raises(UserError, match=r"^the request failed inside the batcher \(KeyError: 'flow_solver'\)"):
+            engine.submit(TEXT, seed=1, fixed_tokens=20).audio()
+        assert rel(engine.submit(TEXT, seed=3, fixed_tokens=20).audio(), ref) < 1e-5
+        # 3. a worker's first chunk fails: its row stops at the next step instead of decoding 400 tokens
+        from models.streaming import CosyVoiceStream
+
+        push = CosyVoiceStream.push
+
+        def broken_push(self, tokens):
+            raise RuntimeError("out of memory (simulated)")
+
+        monkeypatch.setattr(CosyVoiceStream, "push", broken_push)
+        steps = engine.lm_steps
+        h = engine.submit(TEXT, seed=1, fixed_tokens=400)
+        with pytest.raises(UserError, match=r"out of memory \(simulated\)"):
+            h.audio()
+        deadline = time.time() + 10
+        while engine.stats()["lm_rows"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["lm_rows"] == 0 and engine.lm_steps - steps < 100  # not its 400 tokens
+        monkeypatch.setattr(CosyVoiceStream, "push", push)
+        assert rel(engine.submit(TEXT, seed=3, fixed_tokens=20).audio(), ref) < 1e-5
+        with pytest.raises(UserError, match=r"out of memory \(simulated\)"):  # read again: the end again, not a hang
+            h.get(timeout=1)
+
+
+def test_a_slot_is_free_when_its_request_ends_and_prompts_that_fill_the_cache_are_refused():
+    """With one stream and no queue, the next request sent the moment the last one ended is admitted
+    (the slot was freed after the handle ended, so it could find the engine full); a prompt as long
+    as the cache is refused with the fix, not left to fail the LM thread."""
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=1, max_queue=0) as engine:
+        for seed in range(6):
+            h = engine.submit(TEXT, seed=seed, fixed_tokens=4)
+            assert h.audio().numel() == 4 * 2 * 480
+            assert h.audio().numel() == 0  # the chunks were read; the end stays: it returns at once, not blocks
+    with Engine(model, "torch", max_streams=1, max_len=16) as engine:
+        long = "This sentence has far more text tokens than the sixteen cache columns of this engine hold."
+        with pytest.raises(UserError, match=r"a request needs \d+ prompt \+ up to 1 generated tokens, more than the 16 "
+                                            r"cache columns of this engine.*--max-len"):
+            engine.submit(long)
+        assert engine.stats()["active_streams"] == 0

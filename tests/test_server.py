@@ -174,6 +174,12 @@ def prompt_wav(seconds: float = 2.0, hz: float = 180.0) -> bytes:
     return wav_of((0.3 * np.sin(2 * np.pi * hz * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32))
 
 
+def silent_flac(seconds: float, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(rate * seconds), dtype=np.float32), rate, format="FLAC")
+    return buf.getvalue()
+
+
 def flac_with_length(data: bytes, samples: int) -> bytes:
     """A streamed FLAC says "length unknown" in STREAMINFO; python-soundfile cannot read that, so the
     test writes the length in (what a non-streaming encoder patches at its end) before decoding."""
@@ -346,6 +352,9 @@ def test_bad_bodies_and_paths(cv3):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = post(b"[1, 2]")
     assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"]
+    r = post(b"[" * 100_000)  # deeper than the JSON parser recurses: a 400 too, not a 500
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+        "the request body is not valid JSON (nested too deeply).")
     r = post(b"{" + b" " * (1 << 20) + b"}")
     assert r.status_code == 413 and "the limit is 1048576" in r.json()["error"]["message"]
     r = httpx.get(cv3 + "/v1/nothing", headers=auth())
@@ -566,6 +575,9 @@ def test_voice_upload_errors(voices):
         (post({"audio_sample": ("x.wav", prompt_wav(0.2))}), 400, "audio_sample is 200 ms long"),
         (post({"audio_sample": ("x.wav", b"")}), 400, "audio_sample is empty"),
         (post({"audio_sample": ("x.wav", prompt_wav(12.0))}), 413, "the limit is 300000"),
+        # 200 s of silence in 4.7 kB: refused from its header, before decoding it (a small file can
+        # decode to GBs of samples)
+        (post({"audio_sample": ("x.flac", silent_flac(200))}), 400, "audio_sample is 200 s long"),
         (post({"transcript": (None, "hi")}), 400, "audio_sample is missing"),
         (post({"audio_sample": ("x.wav", prompt_wav())}, {"voice": "x"}), 400, "unknown field(s) voice"),
         (post({"audio_sample": ("x.wav", prompt_wav())}, {"type": "prompt"}), 400, "voice type 'prompt'"),
@@ -608,7 +620,18 @@ def test_voice_store_is_shared_and_checked(voices, tmp_path):
         VoiceStore(str(tmp_path / "v"), load_model(folder)).speaker(rec["id"])
     with pytest.raises(UserError, match="was created for another model"):
         VoiceStore(str(tmp_path / "v"), load_model("cosyvoice3-tiny")).speaker(rec["id"])
-    for bad_id in ("../" + rec["id"][:61], rec["id"].upper(), rec["id"] + "/x", ""):
+    with pytest.raises(UserError, match="was created for another model"):  # nor deleted by that model's server
+        VoiceStore(str(tmp_path / "v"), load_model("cosyvoice3-tiny")).delete(rec["id"])
+    # a bundle missing a field is left out of the list (it made the whole list a 500), and a damaged
+    # one is deleted (its own error says "delete it": the delete refused it with that same advice)
+    (bundle / "voice.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "created_at"}))
+    assert b.list() == []
+    (bundle / "voice.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot be read"):
+        VoiceStore(str(tmp_path / "v"), load_model(folder)).speaker(rec["id"])
+    b.delete(rec["id"])
+    assert not bundle.exists() and b.list() == []
+    for bad_id in ("../" + rec["id"][:61], rec["id"].upper(), rec["id"] + "/x", "", rec["id"] + "\n"):
         with pytest.raises(UserError, match="is not a voice id"):
             check_id(bad_id)
     blocked = tmp_path / "a-file"
@@ -728,3 +751,43 @@ def test_orpheus_named_voices(orpheus):
     r = httpx.post(base + "/v1/audio/voices", files={"audio_sample": ("a.wav", prompt_wav())})
     assert r.status_code == 400 and "cannot clone a voice" in r.json()["error"]["message"]
     assert "tara" in r.json()["error"]["message"]
+
+
+def test_a_request_whose_task_is_cancelled_is_cancelled_in_the_engine():
+    """Ray's proxy cancels the replica's task of a client that left: during the engine's submit (in a
+    worker thread) the handle it still returns is cancelled, so no row decodes for nobody."""
+    import asyncio
+    import threading
+
+    from runtime.serve import _submit_or_cancel
+
+    release = threading.Event()
+
+    class FakeHandle:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    handle = FakeHandle()
+
+    def submit(text):
+        assert text == "hello"
+        release.wait(5)
+        return handle
+
+    async def main():
+        task = asyncio.create_task(_submit_or_cancel(submit, "hello"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not handle.cancelled  # the submit is still running
+        release.set()
+        for _ in range(200):
+            if handle.cancelled:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert handle.cancelled

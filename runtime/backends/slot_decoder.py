@@ -389,6 +389,7 @@ class SlotDecoder:
 def check_room(prompt_len: int, max_new: int, max_len: int) -> None:
     """Refuse a request whose prompt and generated tokens cannot fit `max_len` cache columns (also
     checked by an engine without a decoder of its own: the token2wav side of a disaggregated placement)."""
+    max_new = max(max_new, 1)  # a prompt that fills the cache leaves no room for even one token
     if prompt_len + max_new > max_len:
         raise UserError(f"a request needs {prompt_len} prompt + up to {max_new} generated tokens, more than the "
                         f"{max_len} cache columns of this engine.",
