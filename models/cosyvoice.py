@@ -317,13 +317,30 @@ class CosyVoice(TTSModel):
         return self.cfg.flow.vocab_size if self.family == "cosyvoice3" else self.cfg.flow[0].vocab_size
 
     # -- front end --------------------------------------------------------------------------------
-    def split_text(self, text: str) -> list[str]:
+    MIN_SENTENCE_TOKENS = 16  # the shortest sentence room a speaker's prompt may leave
+
+    def split_text(self, text: str, speaker: dict | None = None) -> list[str]:
         text = normalize_text(require_text(text))
-        # a sentence's text must leave room in one LM prompt for the specials and a prompt transcript
-        utts = split_sentences(text, self.tokenizer.encode, hard_max=max(self.cfg.limits.llm_new - 64, 16))
+        # a sentence's text must leave room in one LM prompt for the specials and the speaker's prompt
+        # (a cloned voice's transcript and speech tokens: 25 per second of recording)
+        utts = split_sentences(text, self.tokenizer.encode, hard_max=self.sentence_room(speaker))
         if not utts:
             raise UserError("the text has nothing to speak (only punctuation or symbols).", "pass some words with --text")
         return utts
+
+    def sentence_room(self, speaker: dict | None = None) -> int:
+        """Text tokens one sentence may have in the LM prompt beside `speaker`'s prompt (without a
+        speaker: room for the specials and a short prompt transcript). UserError when a speaker's
+        prompt leaves less than MIN_SENTENCE_TOKENS."""
+        llm_new = self.cfg.limits.llm_new
+        if speaker is None:
+            return max(llm_new - 64, self.MIN_SENTENCE_TOKENS)
+        taken = self.cfg.lm.prompt_ids([], speaker["prompt_text_ids"], speaker["llm_prompt_tokens"]).numel()
+        room = llm_new - taken - 8  # 8: text pieces encoded apart can take a few tokens more than together
+        if room < self.MIN_SENTENCE_TOKENS:
+            raise UserError(f"the voice's prompt takes {taken} of the {llm_new} tokens of one LM prompt, leaving "
+                            f"{max(room, 0)} for a sentence.", "use a shorter prompt recording or transcript")
+        return min(room, max(llm_new - 64, self.MIN_SENTENCE_TOKENS))  # a short prompt splits as without one
 
     @property
     def zero_shot(self) -> bool:

@@ -189,8 +189,10 @@ class TTSModel(abc.ABC):
 
     # -- front end --------------------------------------------------------------------------------
     @abc.abstractmethod
-    def split_text(self, text: str) -> list[str]:
-        """Normalise and split text into utterances; UserError on empty text."""
+    def split_text(self, text: str, speaker: dict | None = None) -> list[str]:
+        """Normalise and split text into utterances; UserError on empty text. With `speaker`, each
+        utterance also leaves room for what that speaker adds to the LM prompt (a cloned voice's
+        transcript and speech tokens): a long prompt makes shorter sentences, not failed requests."""
 
     @abc.abstractmethod
     def make_speaker(self, prompt_wav: str | None, prompt_text: str | None, voice: str | None = None) -> dict:

@@ -111,8 +111,9 @@ class Orpheus(TTSModel):
         return {os.path.relpath(p, root): p for p in paths}, config
 
     # -- front end --------------------------------------------------------------------------------
-    def split_text(self, text: str) -> list[str]:
-        # the voice name and the prompt's specials share one LM prompt with the text
+    def split_text(self, text: str, speaker: dict | None = None) -> list[str]:
+        # the voice name and the prompt's specials share one LM prompt with the text (a named voice:
+        # the speaker adds no more than the 32 kept for them)
         utts = split_sentences(normalize_text(require_text(text)), self.tokenizer.encode,
                                hard_max=max(self.llm_limits[1] - 32, 16))
         if not utts:

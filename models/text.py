@@ -172,12 +172,13 @@ def split_sentences(text: str, count_tokens, max_tokens: int = 80, min_tokens: i
     pieces = [q for p in pieces for q in _cut_long(p, length, hard_max)]
     utts, cur = [], ""
     for p in pieces:
-        if length(cur + p) > max_tokens and length(cur) > min_tokens:
+        # upstream's rule, and never a join past hard_max (short pieces joined to a long one could)
+        if cur and ((length(cur + p) > max_tokens and length(cur) > min_tokens) or length(cur + p) > hard_max):
             utts.append(cur)
             cur = ""
         cur += p
     if cur:
-        if utts and length(cur) < merge_len:
+        if utts and length(cur) < merge_len and length(utts[-1] + cur) <= hard_max:
             utts[-1] += cur
         else:
             utts.append(cur)

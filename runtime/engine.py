@@ -386,7 +386,12 @@ class GraphBatcher:
 
     # worker side
     def call(self, graph: str, feed: dict, deadline: float) -> dict:
-        return self._wait(_Call(graph, feed, deadline))
+        # below the graph's smallest size on its bucketable dim: padded up to it (exact, the spec's pad
+        # rule) and cut back, as Pipeline.call does (a sentence the LM ends after 3 tokens is ordinary)
+        spec = self.pipe.runners[graph].spec
+        feed, sizes = spec.pad_to_min(feed)
+        out = self._wait(_Call(graph, feed, deadline))
+        return out if sizes is None else spec.slice_outputs(out, sizes)
 
     def call_batched(self, graph: str, solve, item, size: int, deadline: float):
         """A family's own batchable call (GraphRunner.batched): pending items of the same `solve`
@@ -948,9 +953,9 @@ class Engine:
                 tokens_only: bool) -> Handle:
         if not self.running:
             raise UserError("the engine is not running.", "call Engine.start() first")
-        sentences = self.model.split_text(text)
         if speaker is None:
             speaker = self.model.make_speaker(prompt_wav, prompt_text, voice)
+        sentences = self.model.split_text(text, speaker)
         utts = [self.model.make_utterance(s, speaker) for s in sentences]
         for u in utts:
             u.check_fixed(fixed_tokens)

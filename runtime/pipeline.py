@@ -364,7 +364,8 @@ class Pipeline:
         run = RequestRun(self.model.stages)
         generator, noise = request_generators(seed)
         speaker = self.model.make_speaker(None, None, voice)
-        rows = [(k, self.model.make_utterance(s, speaker)) for k, text in enumerate(texts) for s in self.model.split_text(text)]
+        rows = [(k, self.model.make_utterance(s, speaker)) for k, text in enumerate(texts)
+                for s in self.model.split_text(text, speaker)]
         limit = self.model.batch_limit(self.options)
         pieces: list[list[torch.Tensor]] = [[] for _ in texts]
         tokens: list[list[list[int]]] = [[] for _ in texts]
@@ -417,9 +418,10 @@ class Stream:
         run = RequestRun(model.stages)
         calls = pipe.calls(run)
         generator, noise = request_generators(seed)
-        sentences = model.split_text(text)
+        model.split_text(text)  # empty text fails before a prompt recording is read
         if speaker is None:
             speaker = model.make_speaker(prompt_wav, prompt_text, voice)
+        sentences = model.split_text(text, speaker)
         # every sentence checked before any work (limits of the graphs, a fixed token count)
         utts = [model.make_utterance(s, speaker) for s in sentences]
         for utt in utts:

@@ -119,6 +119,8 @@ class VoiceStore:
         except VoiceNotFound:
             pass
         speaker = self.model.make_speaker(prompt_wav, transcript or None)
+        # a voice whose prompt leaves no room for a sentence would refuse every request: refused now
+        self.model.split_text("Hello.", speaker)
         tensors = {k: v.detach().cpu().contiguous() for k, v in speaker.items() if isinstance(v, torch.Tensor)}
         fields = {k: v for k, v in speaker.items() if not isinstance(v, torch.Tensor)}
         try:

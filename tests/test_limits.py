@@ -10,6 +10,7 @@ from models.errors import UserError
 from models.orpheus import SNAC_CONTEXT_FRAMES
 from models.registry import load_model
 from models.snac import FrameNoise
+from runtime.engine import Engine
 from runtime.pipeline import Pipeline
 
 PRESETS = ["cosyvoice3-tiny", "cosyvoice2-tiny", "orpheus-tiny"]
@@ -41,9 +42,16 @@ def test_every_family_takes_long_and_many_sentences(name, text):
 @pytest.mark.parametrize("tokens", [1, 2, 3])
 @pytest.mark.parametrize("name", ["cosyvoice3-tiny", "cosyvoice2-tiny"])
 def test_fewer_tokens_than_a_graph_minimum(name, tokens):
-    """One token is below the flow graphs' smallest size: padded (exactly, by the pad rule), not refused."""
-    res = Pipeline(load_model(name), "torch").synthesize("Hello there.", seed=1, fixed_tokens=tokens)
+    """One token is below the flow graphs' smallest size: padded (exactly, by the pad rule), not refused;
+    through the serving engine too (its batcher checked the raw size and refused a 3-token sentence)."""
+    model = load_model(name)
+    res = Pipeline(model, "torch").synthesize("Hello there.", seed=1, fixed_tokens=tokens)
     assert res.audio.numel() == tokens * 2 * 480
+    with Engine(model, "torch", max_streams=2) as engine:
+        streamed = engine.submit("Hello there.", seed=1, fixed_tokens=tokens).audio()
+        whole = engine.submit("Hello there.", seed=1, fixed_tokens=tokens, stream=False).audio()
+    assert streamed.numel() == whole.numel() == tokens * 2 * 480 and torch.isfinite(streamed).all()
+    assert (streamed - whole).abs().max() <= 1e-5 * whole.abs().max()
 
 
 def test_fixed_count_beyond_the_graphs_is_refused_before_work(monkeypatch):
@@ -123,3 +131,27 @@ def test_a_call_past_the_elements_limit_runs_in_row_groups_with_the_same_values(
     for name, value in whole.items():
         assert split[name].shape == value.shape
         assert (split[name] - value).abs().max() <= 1e-5 * max(value.abs().max().item(), 1e-6), name
+
+
+def test_a_long_voice_prompt_makes_shorter_sentences_not_failed_requests():
+    """A cloned voice's transcript and speech tokens share the LM prompt with each sentence: the text
+    is split to the room they leave (before, a 6 s recording's 150 speech tokens made a sentence of
+    the usual length a 400 "the LLM prompt of a sentence is N tokens"); a prompt that leaves less
+    than MIN_SENTENCE_TOKENS is refused with the fix, and a voice store refuses to create it."""
+    model = load_model("cosyvoice3-tiny")
+    speaker = {**model.make_speaker(None, None), "llm_prompt_tokens": list(range(150))}
+    text = "Short one. " * 3 + LONG[:600]
+    assert max(len(model.tokenizer.encode(s)) for s in model.split_text(text)) > 100  # too long beside the prompt
+    sentences = model.split_text(text, speaker)
+    assert len(sentences) > len(model.split_text(text))
+    spec = model.graph_specs()["llm"]
+    assert all(len(model.make_utterance(s, speaker).prompt_ids) <= spec.dim("S").max for s in sentences)
+    with Engine(model, "torch", max_streams=2) as engine:
+        handle = engine.submit(text, speaker=speaker, seed=1, fixed_tokens=3)
+        assert handle.audio().numel() == len(sentences) * 3 * 2 * 480
+    res = Pipeline(model, "torch").synthesize(text, speaker=speaker, seed=1, fixed_tokens=3)
+    assert len(res.tokens) == len(sentences)
+    full = {**speaker, "llm_prompt_tokens": list(range(240))}
+    with pytest.raises(UserError, match=r"^the voice's prompt takes \d+ of the 256 tokens of one LM prompt, leaving \d+ "
+                                        r"for a sentence\. Fix: use a shorter prompt recording or transcript$"):
+        model.split_text("Hello.", full)
