@@ -791,3 +791,42 @@ def test_a_request_whose_task_is_cancelled_is_cancelled_in_the_engine():
 
     asyncio.run(main())
     assert handle.cancelled
+
+
+def test_an_engine_failure_after_the_first_audio_cuts_the_stream(monkeypatch):
+    """The audio so far went out with a 200; when the engine fails after that, the chunked body ends
+    without its terminating chunk (the client's HTTP library reports an incomplete body, not a short
+    file that looks whole), and an SSE stream ends with an error event instead of speech.audio.done."""
+    from models.registry import load_model
+    from models.streaming import CosyVoiceStream
+    from runtime.engine import Engine
+    from runtime.serve import create_app
+
+    chunk = CosyVoiceStream._chunk
+
+    def fails_after_the_first(self, tokens, finalize):
+        if self.offset > 0:  # the first chunk went out
+            raise RuntimeError("out of memory (simulated)")
+        return chunk(self, tokens, finalize)
+
+    monkeypatch.setattr(CosyVoiceStream, "_chunk", fails_after_the_first)
+    s = InThread(create_app(Engine(load_model("cosyvoice3-tiny"), "torch", max_streams=2), voices_dir=os.devnull,
+                            warmup="none"))
+    try:
+        body = {"model": "cosyvoice3-tiny", "input": TEXT, "voice": "default", "response_format": "pcm", "seed": 1,
+                "tokens": 150}
+        got = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", s.base + "/v1/audio/speech", json=body, timeout=60) as r:
+                assert r.status_code == 200
+                for part in r.iter_raw():
+                    got += part
+        assert 0 < len(got) < 150 * 960 * 2  # the first chunk's audio, then the cut
+        with httpx.stream("POST", s.base + "/v1/audio/speech", json={**body, "stream_format": "sse"}, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[0]["type"] == "speech.audio.delta" and events[-1]["type"] == "error"
+        assert "out of memory (simulated)" in events[-1]["error"]["message"]
+        assert not any(e["type"] == "speech.audio.done" for e in events)
+        assert httpx.get(s.base + "/health").status_code == 200  # and the server goes on
+    finally:
+        s.stop()
