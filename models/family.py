@@ -90,6 +90,8 @@ class Utterance:
 
     def check_fixed(self, fixed_tokens: int | None) -> None:
         """A fixed token count (benchmarks) beyond what the graphs take is refused before any work."""
+        if fixed_tokens is not None and fixed_tokens < 1:  # 0 would read as "no fixed count" in places
+            raise UserError(f"--tokens {fixed_tokens} is not a positive count.", "pass --tokens 1 or more", param="tokens")
         if fixed_tokens is not None and self.token_limit is not None and fixed_tokens > self.token_limit:
             raise UserError(f"--tokens {fixed_tokens} is more than the {self.token_limit} speech tokens this model "
                             f"takes for one sentence here (the limit of its graphs).",

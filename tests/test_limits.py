@@ -61,6 +61,9 @@ def test_fixed_count_beyond_the_graphs_is_refused_before_work(monkeypatch):
     with pytest.raises(UserError, match=r"--tokens 900 is more than the 800 speech tokens this model takes for one "
                                          r"sentence here .* Fix: pass --tokens 800 or fewer"):
         pipe.synthesize("Hello there.", fixed_tokens=900)
+    for n in (0, -3):  # 0 read as "no fixed count" in the engine's room check, and still made one token
+        with pytest.raises(UserError, match=rf"^--tokens {n} is not a positive count\. Fix: pass --tokens 1 or more$"):
+            pipe.synthesize("Hello there.", fixed_tokens=n)
 
 
 def test_orpheus_long_decode_is_split_and_equals_one_decode():
