@@ -16,7 +16,8 @@
 # flowcompile: CosyVoice3 with every stage compiled (compile:bf16) and the captured prefill;
 # sixth: the capture test, prefill-loads (the two load tests of prefill, RUNS=1), then flowcompile until $BUDGET s;
 # prefix: the flow's kept prefix against recomputing it (scripts/bench_flow_prefix.py, eager and compiled),
-# then the CosyVoice3 load test with --flow-mode prefix against the default, same configuration ($RUNS runs);
+# then the CosyVoice3 load test with --flow-mode prefix against the default, same configuration ($RUNS runs)
+# (prefix-bench: without the compiled benchmark; prefix-compiled: that one alone; prefix-loads: the load tests);
 # newshapes: the load test with --new-shapes capture against defer (C=16, $RUNS runs);
 # default: the LM steps and the Orpheus load test.
 set -u
@@ -168,11 +169,16 @@ if [ "${1:-}" = sixth ]; then
   LIMIT=$(( ${BUDGET:-560} - SECONDS )) "$0" flowcompile
   exit 0
 fi
-if [ "${1:-}" = prefix ]; then
-  run 100 bench-flow-prefix $PY scripts/bench_flow_prefix.py --model cosyvoice3-random --rows 1,8,32 \
+if [ "${1:-}" = prefix ] || [ "${1:-}" = prefix-bench ]; then
+  run 110 bench-flow-prefix $PY scripts/bench_flow_prefix.py --model cosyvoice3-random --rows 1,8,32 \
       --json "$OUT/flow-prefix.json"
-  run 150 bench-flow-prefix-compiled $PY scripts/bench_flow_prefix.py --model cosyvoice3-random --rows 32 \
-      --rounds 50+100,150+100,350+200 --compiled --json "$OUT/flow-prefix-compiled.json"
+fi
+if [ "${1:-}" = prefix ] || [ "${1:-}" = prefix-compiled ]; then
+  run 150 bench-flow-prefix-compiled $PY scripts/bench_flow_prefix.py --model cosyvoice3-random \
+      --rows 1,32 --rounds 50+100,150+100,350+200 --compiled --json "$OUT/flow-prefix-compiled.json"
+  [ "${1:-}" = prefix-compiled ] && exit 0
+fi
+if [ "${1:-}" = prefix ] || [ "${1:-}" = prefix-bench ] || [ "${1:-}" = prefix-loads ]; then
   for mode in prefix solver; do
     run 200 loadtest-cv3-flow-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
