@@ -305,6 +305,21 @@ def test_compile_graph_breaks_are_recorded_and_the_recompile_limit_is_an_error()
     torch._dynamo.reset()
 
 
+def test_the_recompile_limit_check_holds_while_any_thread_is_inside_a_compiled_call():
+    # interleaved calls from two threads: the first one out must not switch the check off under the other
+    from runtime.backends.compiled import _fail_on_recompile_limit
+
+    cfg = torch._dynamo.config
+    before = cfg.fail_on_recompile_limit_hit
+    a, b = _fail_on_recompile_limit(), _fail_on_recompile_limit()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert cfg.fail_on_recompile_limit_hit is True
+    b.__exit__(None, None, None)
+    assert cfg.fail_on_recompile_limit_hit == before
+
+
 # -- 4. the audio check never compares cut signals ----------------------------------------------------
 def test_audio_lengths_must_match():
     from export.validate import log_mel_distance, snr_db

@@ -77,6 +77,35 @@ from models.spec import DTYPES, PRECISION_DTYPES, GraphSpec, dtype_name
 from runtime.backends.base import Backend, BackendKind, cast_input, cast_module
 from runtime.backends.cuda_graphs import capture, graph_mode
 
+# dynamo's config is one per process, and the engine calls compiled graphs from several threads at once: a
+# per-call `config.patch` restored by whichever call leaves first would switch the check off under another
+# call still compiling (and leave it on for good when the calls interleave the other way). So the first
+# call in sets it and the last one out restores it.
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit_saved = None
+
+
+@contextlib.contextmanager
+def _fail_on_recompile_limit():
+    global _limit_users, _limit_saved
+    cfg = torch._dynamo.config
+    if not hasattr(cfg, "fail_on_recompile_limit_hit"):
+        yield
+        return
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit_saved = cfg.fail_on_recompile_limit_hit
+            cfg.fail_on_recompile_limit_hit = True
+        _limit_users += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                cfg.fail_on_recompile_limit_hit = _limit_saved
+
 def bucket_size(n: int, minimum: int = 16) -> int:
     """Round n up to its bucket: `minimum` for n <= minimum, else a multiple of
     2**(floor(log2(n-1)) - 2) (four buckets per octave, at most 25 % padding)."""
@@ -186,9 +215,8 @@ class CompiledBackend(Backend):
 
         before = dict(counters["graph_break"])
         cfg = torch._dynamo.config
-        patch = {"fail_on_recompile_limit_hit": True} if hasattr(cfg, "fail_on_recompile_limit_hit") else {}
         try:
-            with cfg.patch(**patch):
+            with _fail_on_recompile_limit():
                 yield
         except Exception as e:
             if type(e).__name__ != "FailOnRecompileLimitHit":
