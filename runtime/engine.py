@@ -688,7 +688,7 @@ class Engine:
                  prefill_limit: int = 16, switch_interval: float | None = None, lm_buckets: list[int] | None = None,
                  batcher_policy: str = "round", lm_priority: str = "normal", role: str = "full",
                  token_source=None, token_batch: int = 4, lm_reserved_sms: int = 0, lm_prefill_graphs: bool = True,
-                 new_shapes: str = "capture", stream_state_gb: float | None = None):
+                 new_shapes: str = "capture", stream_state_gb: float | None = None, token_stall_s: float = 60.0):
         """role: full | lm | token2wav (the module docstring); token_source: the token2wav role's
         `token_source(request) -> iterator of (utterance index, new token ids, done)`; token_batch:
         the lm role sends a request's new tokens every this many tokens (and at each utterance's end);
@@ -700,7 +700,10 @@ class Engine:
         new_shapes: capture | defer (NEW_SHAPES); warm_up and warm_graphs always capture.
         stream_state_gb: with flow_mode prefix, what the streams may keep between chunks in all (GiB);
         default: half the device memory free at the first charge, after start and warm-up (CPU: 4 GiB). A stream that
-        would pass it recomputes its frames from then on (`StateBudget`)."""
+        would pass it recomputes its frames from then on (`StateBudget`).
+        token_stall_s: a request whose next speech token does not come for this long fails (a hung LM
+        replica in the disaggregated placement would otherwise hold its stream, and the listener, for
+        good); longer than any queue timeout, so a request still waiting for an LM row is not cut."""
         self.model = model
         if role not in self.ROLES:
             raise UserError(f"unknown engine role {role!r}.", f"choose one of {', '.join(self.ROLES)}")
@@ -710,6 +713,9 @@ class Engine:
         if token_batch < 1:
             raise UserError(f"token_batch {token_batch} is not a positive count.", "pass 1 or more")
         self.role, self.token_source, self.token_batch = role, token_source, token_batch
+        if not token_stall_s > 0:
+            raise UserError(f"token_stall_s {token_stall_s} is not a positive number of seconds.", "pass more than 0 (default 60)")
+        self.token_stall_s = token_stall_s
         if lm_priority not in self.LM_PRIORITIES:
             raise UserError(f"unknown LM stream priority {lm_priority!r}.", f"choose one of {', '.join(self.LM_PRIORITIES)}")
         self.lm_priority = lm_priority
@@ -1246,13 +1252,23 @@ class Engine:
             handle._end(end)
 
     def _consume(self, job: _Utterance, decoder, handle: Handle) -> list[int]:
-        """Wait for the utterance's tokens, feeding the stream decoder whenever a chunk is due."""
+        """Wait for the utterance's tokens, feeding the stream decoder whenever a chunk is due; fail the
+        request when no token comes for `token_stall_s`."""
+        seen, since = -1, time.monotonic()
         while True:
             with job.cond:
                 self.batcher.worker_waiting(1)
-                while not job.done and len(job.tokens) < job.wake_at and not handle.cancelled:
-                    job.cond.wait(0.5)
-                self.batcher.worker_waiting(-1)
+                try:
+                    while not job.done and len(job.tokens) < job.wake_at and not handle.cancelled:
+                        if len(job.tokens) != seen:
+                            seen, since = len(job.tokens), time.monotonic()
+                        elif time.monotonic() - since > self.token_stall_s:
+                            raise UserError(f"no speech token came for {self.token_stall_s:g} s (after {seen} of "
+                                            f"this sentence's).", "see the LM's log (a replica may be hung); "
+                                            "other requests are not affected")
+                        job.cond.wait(min(0.5, self.token_stall_s))
+                finally:
+                    self.batcher.worker_waiting(-1)
                 tokens, done = list(job.tokens), job.done
             if handle.cancelled:
                 return tokens

@@ -9,6 +9,7 @@ decoder computes what the explicit-cache graph computes; the load test writes it
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -511,6 +512,38 @@ def test_token2wav_role_fails_a_request_whose_tokens_do_not_come():
         Engine(model, "torch", role="both")
     with pytest.raises(UserError, match="a token2wav engine needs a token source"):
         Engine(model, "torch", role="token2wav")
+
+
+def test_a_request_whose_tokens_stall_fails_and_its_token_source_is_stopped():
+    """A hung LM (the source sends a few tokens, then nothing and never ends) fails its request after
+    token_stall_s with one line, and the source is cancelled (the LM side frees the row)."""
+    class Hung:
+        def __init__(self):
+            self.cancelled = threading.Event()
+
+        def __iter__(self):
+            yield (0, [1, 2, 3], False)
+            self.cancelled.wait(30)
+
+        def cancel(self):
+            self.cancelled.set()
+
+    sources = []
+
+    def hung(request):
+        sources.append(Hung())
+        return sources[-1]
+
+    model = load_model("cosyvoice3-tiny")
+    with Engine(model, "torch", max_streams=2, role="token2wav", token_source=hung, token_stall_s=0.5) as t2w:
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=r"no speech token came for 0.5 s \(after 3 of this sentence's\)\. "
+                                            r"Fix: see the LM's log \(a replica may be hung\)"):
+            t2w.submit(TEXT, seed=1).audio()
+        assert 0.5 <= time.monotonic() - t0 < 10
+        assert sources[0].cancelled.wait(5)
+    with pytest.raises(UserError, match=r"token_stall_s 0 is not a positive number of seconds"):
+        Engine(model, "torch", token_stall_s=0)
 
 
 def test_warm_graphs_seen_only_calls_the_buckets_up_to_the_longest_length_met():
