@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import UserError
-from models.layers import chunk_attention_mask
+from models.layers import InverseFrequencies, chunk_attention_mask
 
 
 @dataclass(frozen=True)
@@ -136,31 +136,10 @@ class InputEmbedding(nn.Module):
         return self.conv_pos_embed(h) + h
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(InverseFrequencies):
     """x-transformers RotaryEmbedding(dim) without xpos / interpolation: holds the persistent
-    `inv_freq` buffer ([dim/2], 1/base^(2i/dim)) and returns interleaved angles [1, T, dim].
-
-    Float32 whatever the module is cast to (as HF computes RoPE): in bf16 the positions past 256
-    and every angle past a few radians lose the bits that make them a rotation (position 257 reads
-    as 256; an angle of ~300 rad is off by a radian), so a cast keeps `inv_freq` in float32 and
-    the callers round only cos / sin to the compute dtype."""
-
-    def __init__(self, dim: int, base: float = 10000.0):
-        super().__init__()
-        self.dim, self.base = dim, base
-        self.register_buffer("inv_freq", self._inverse_frequencies())
-
-    def _inverse_frequencies(self, device=None) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
-
-    def _apply(self, fn, recurse=True):
-        kept = self.inv_freq
-        super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
-            # a dtype cast: the float32 values (the checkpoint's) survive it, on the new device
-            self.inv_freq = kept.to(device=self.inv_freq.device, dtype=torch.float32) \
-                if kept.dtype == torch.float32 else self._inverse_frequencies(self.inv_freq.device)
-        return self
+    `inv_freq` buffer (float32 through any cast: `models.layers.InverseFrequencies`) and returns
+    interleaved angles [1, T, dim]."""
 
     def forward(self, seq_len_like: torch.Tensor) -> torch.Tensor:
         """Float32 angles for positions 0..T-1, T = seq_len_like.shape[1]."""

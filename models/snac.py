@@ -51,6 +51,7 @@ from torch import nn
 
 from models.checkpoint import fold_weight_norm, load_strict, read_state_dict
 from models.errors import UserError
+from models.layers import InverseFrequencies
 
 # -- config -----------------------------------------------------------------------------------------
 
@@ -213,12 +214,9 @@ class DecoderBlock(nn.Module):
         return x
 
 
-class SinusoidalEmbeddings(nn.Module):
-    """Only the persistent `inv_freq` buffer (a state-dict key upstream); xpos is off upstream."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+class SinusoidalEmbeddings(InverseFrequencies):
+    """Only the persistent `inv_freq` buffer (a state-dict key upstream; float32 through any cast);
+    xpos is off upstream."""
 
 
 def _rotate_half(x):
@@ -250,8 +248,8 @@ class LocalMHA(nn.Module):
             return t.reshape(B, -1, self.window_size, self.heads, self.dim_head).permute(0, 3, 1, 2, 4)
 
         q, k, v = split(q), split(k), split(v)
-        pos = torch.arange(self.window_size, device=x.device, dtype=self.rel_pos.inv_freq.dtype)
-        freqs = pos[:, None] * self.rel_pos.inv_freq[None, :]
+        pos = torch.arange(self.window_size, device=x.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.rel_pos.inv_freq.float()[None, :]
         freqs = torch.cat((freqs, freqs), dim=-1)  # [n, d]
         cos, sin = freqs.cos().to(q.dtype), freqs.sin().to(q.dtype)
         q = q * cos + _rotate_half(q) * sin

@@ -3,6 +3,7 @@ streaming-window vs whole decode, export. CPU only, a few seconds."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -152,6 +153,10 @@ def test_attention_config_matches_package(monkeypatch):
     assert (decode_whole(ours, codes, noise=noise) - want).abs().max() < 1e-5
     with pytest.raises(UserError, match="attention windows"):
         check_codes(cfg, rand_codes(cfg, 1, 3))
+    # a bf16 cast keeps the rotary table float32 (the package's, exactly) and only cos / sin are rounded
+    half = copy.deepcopy(ours).to(torch.bfloat16)
+    assert half.state_dict()["decoder.model.2.rel_pos.inv_freq"].dtype == torch.float32
+    assert torch.equal(half.state_dict()["decoder.model.2.rel_pos.inv_freq"], pkg.state_dict()["decoder.model.2.rel_pos.inv_freq"])
 
 
 # -- loading --------------------------------------------------------------------------------------
