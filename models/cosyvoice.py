@@ -548,10 +548,11 @@ class CosyVoice(TTSModel):
         cond = torch.zeros(1, 80, frames - start, device=device)
         if start < prompt.shape[1]:
             cond[0, :, : prompt.shape[1] - start] = prompt[:, start:frames]
-        from models.dit import _check_whole_chunks, dit_forward_rows
+        from models.dit import _check_whole_chunks, dit_forward_rows_into
 
-        # the DiT's forward as the flow's backend runs a function of its module (compiled by `compile`)
-        forward = run.compiled("flow_solver", dit_forward_rows) if hasattr(run, "compiled") else dit_forward_rows
+        # the DiT's forward as the flow's backend runs a function of its module (compiled by `compile`,
+        # replayed as CUDA graphs per padded shape by `cudagraph`)
+        forward = run.compiled("flow_solver", dit_forward_rows_into) if hasattr(run, "compiled") else dit_forward_rows_into
         # checked here, not in the shared solve: a stream's own mistake must not fail its round's others
         _check_whole_chunks(start, self._chunk_tokens * r)
         item = PrefixSolve(solver, forward, z_table[:, :, start:frames], enc["mu"][:, :, start:frames], enc["spks"],
@@ -637,8 +638,8 @@ class CosyVoice(TTSModel):
 @dataclass
 class PrefixSolve:
     """One stream's chunk for `solve_after_prefix`: the solver module and the DiT forward to run
-    (`models.dit.dit_forward_rows`, compiled or not), its new frames' noise, encoder output and
-    condition ([1, 80, n]), its speaker vector [1, 80], the state holding its kept prefixes, and
+    (`models.dit.dit_forward_rows_into`, compiled, captured or as it is), its new frames' noise,
+    encoder output and condition ([1, 80, n]), its speaker vector [1, 80], the state holding its kept prefixes, and
     whether to keep them extended (not after the stream's last chunk)."""
 
     solver: torch.nn.Module

@@ -352,13 +352,29 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     t [R], spks [R, 80], starts / lengths int64 [R]. Returns the velocity [R, 80, N] (valid for each
     row's new frames), the keys / values of prefix and new frames side by side, kv [layers, 2, R,
     prefix.frames + N, inner], and each row's convolution histories at the end of its new frames.
+    (`dit_forward_rows_into` with a buffer made here.)"""
+    L, _, R, P, inner = prefix.kv.shape
+    kv = prefix.kv.new_empty(L, 2, R, P + x.shape[2], inner)
+    kv[:, :, :, :P] = prefix.kv
+    return dit_forward_rows_into(dit, x, mu, t, spks, cond, kv, prefix.conv_in, prefix.conv_mid, starts, lengths,
+                                 chunk_frames)
+
+
+def dit_forward_rows_into(dit: "DiT", x, mu, t, spks, cond, kv: torch.Tensor, conv_in: torch.Tensor,
+                          conv_mid: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, chunk_frames: int):
+    """`dit_forward_rows` with the keys / values in one buffer the caller made: kv [layers, 2, R,
+    P + N, inner] holds the rows' kept frames in its first P = kv.shape[3] - N frames, and the new
+    frames' keys / values are written into the rest (in place; kv is also returned). conv_in /
+    conv_mid [R, kernel-1, dim]: the rows' convolution histories. Every tensor is an argument and
+    every shape a function of the arguments' shapes, so a backend can replay it as one CUDA graph per
+    shape key (the cudagraph backend's `compiled`).
     Padding changes nothing valid: a padded key is masked out of every valid query, a padded frame
     comes after every valid one in the causal convolutions, and a padded query (whose output is
     discarded) sees the valid frames only, so nothing is NaN (every row brings at least one new
     frame; a row with neither kept nor new frames would see no key). Every start must be whole chunks
     (see `dit_forward_after_prefix`)."""
     R, _, N = x.shape
-    P = prefix.frames
+    P = kv.shape[3] - N
     device = x.device
     emb = dit.input_embed
     temb = dit.time_embed(t)
@@ -366,9 +382,9 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     h = emb.proj(torch.cat([x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spk], dim=-1))
     pos = emb.conv_pos_embed
     hist = pos.kernel_size - 1
-    conv_in = torch.cat([prefix.conv_in, h], dim=1)  # the left zero padding, or the frames before
+    conv_in = torch.cat([conv_in, h], dim=1)  # the left zero padding, or the frames before
     mid = pos.conv1(conv_in.transpose(1, 2)).transpose(1, 2)  # [R, N, D]
-    conv_mid = torch.cat([prefix.conv_mid, mid], dim=1)
+    conv_mid = torch.cat([conv_mid, mid], dim=1)
     h = pos.conv2(conv_mid.transpose(1, 2)).transpose(1, 2) + h
     # each row's histories end at its last new frame: positions lengths[r] .. lengths[r] + hist - 1
     at_end = (lengths.to(device)[:, None] + torch.arange(hist, device=device)[None, :])[:, :, None].expand(-1, -1, h.shape[2])
@@ -389,9 +405,6 @@ def dit_forward_rows(dit: "DiT", x, mu, t, spks, cond, prefix: DiTPrefix, starts
     keys = P + N
     bias = torch.full((R, 1, N, (keys // 16 + 1) * 16), float("-inf"), dtype=h.dtype, device=device)[..., :keys]
     bias.masked_fill_(mask, 0.0)  # in place: the view keeps the aligned row stride
-    L = len(dit.transformer_blocks)
-    kv = prefix.kv.new_empty(L, 2, R, P + N, prefix.kv.shape[-1])
-    kv[:, :, :, :P] = prefix.kv
     for layer, block in enumerate(dit.transformer_blocks):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.attn_norm(h, temb)
         attn = block.attn

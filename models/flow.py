@@ -177,17 +177,24 @@ def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, sp
     solved `prefixes[b][0].frames` frames before (its `models.dit.DiTPrefix` per Euler step, the
     stream's [conditional, unconditional] rows) and brings `lengths[b]` (>= 1) new frames, the first
     of z, mu, cond [B, 80, N] (padded past them; spks [B, 80]). One estimator call per Euler step for
-    every stream (keys padded per row and masked, see `models.dit.dit_forward_rows`). Returns the
+    every stream (keys padded per row and masked, see `models.dit.dit_forward_rows_into`). Returns the
     new frames' mel [B, 80, N] (row b valid up to lengths[b]) and every stream's prefixes extended
     by its new frames (None for a stream whose `keep[b]` is False: its last chunk). Equal per stream
-    to solving it alone. `forward`: `dit_forward_rows` (default) or a compiled form of it.
+    to solving it alone.
+
+    `forward`: `models.dit.dit_forward_rows_into` (default) or a backend's form of it. One whose
+    `fixed_shapes` is true replays a captured graph per shape (the cudagraph backend): the round is
+    then padded to the shapes it asks for (`forward.rows(n)` streams, `forward.size(n)` kept and new
+    frames; a padded stream keeps nothing and brings one zero frame), so a few graphs serve every
+    round, and what it returns is its static buffers (copied here before its next call).
 
     The `prefixes` lists are consumed: each step's entries are let go once stacked, so a round holds
     little more than its streams' prefixes at any time (the old and the extended ones would be twice)."""
-    from models.dit import DiTPrefix, _check_whole_chunks, dit_forward_rows
+    from models.dit import DiTPrefix, _check_whole_chunks, dit_forward_rows_into
 
-    forward = forward or dit_forward_rows
-    B = z.shape[0]
+    forward = forward or dit_forward_rows_into
+    fixed = bool(getattr(forward, "fixed_shapes", False))
+    B, _, N = z.shape
     keep = [True] * B if keep is None else keep
     starts = [p[0].frames for p in prefixes]
     for s in starts:
@@ -196,32 +203,52 @@ def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, sp
         raise ValueError(f"every stream brings new frames (lengths {lengths})")
     dtype = spks.dtype
     r = cfg.inference_cfg_rate
+    P = max(starts)
+    lengths = list(lengths)
+    if fixed:  # padded streams (empty prefix, one zero frame), kept and new frames to the graph's sizes
+        rows, N_in, P = forward.rows(B), forward.size(N), forward.size(P) if P else 0
+        pad = lambda a, n: torch.nn.functional.pad(a, (0, n - a.shape[-1])) if a.shape[-1] < n else a  # noqa: E731
+        extra = rows - B
+        z, mu, cond = (torch.cat([pad(a, N_in), a.new_zeros(extra, 80, N_in)]) for a in (z, mu, cond))
+        spks = torch.cat([spks, spks.new_zeros(extra, spks.shape[1])])
+        empty = DiTPrefix.empty(dit, 2, z.device, dtype)
+        prefixes = prefixes + [[empty] * cfg.n_timesteps for _ in range(extra)]
+        starts, lengths, keep = starts + [0] * extra, lengths + [1] * extra, keep + [False] * extra
+        B, N = rows, N_in
 
-    def rows(v: list[int]) -> torch.Tensor:  # both CFG halves; pinned, so the copy does not wait for the stream
+    def both(v: list[int]) -> torch.Tensor:  # both CFG halves; pinned, so the copy does not wait for the stream
         t = torch.tensor(v + v, dtype=torch.int64)
         return t.pin_memory().to(z.device, non_blocking=True) if z.is_cuda else t
 
-    starts_in, lengths_in = rows(starts), rows(list(lengths))
+    starts_in, lengths_in = both(starts), both(lengths)
     mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0).to(dtype)
     spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
     cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0).to(dtype)
     x = z.float()  # the Euler state stays float32 whatever the estimator's dtype (as FlowSolver's)
     extended: list[list] = [[] for _ in range(B)]
     for i in range(cfg.n_timesteps):
-        stacked = DiTPrefix.stack_cfg([p[i] for p in prefixes])
-        for p in prefixes:
+        # every stream's kept frames in one buffer with room for the new ones (the forward writes them
+        # there): rows b and B + b are stream b's conditional and unconditional rows
+        first = prefixes[0][i]
+        L, _, _, _, inner = first.kv.shape
+        kv = first.kv.new_empty(L, 2, 2 * B, P + N, inner)
+        if min(starts) < P:
+            kv[:, :, :, :P].zero_()  # a masked key's value still meets a zero weight: never garbage (NaN)
+        conv_in = first.conv_in.new_empty(2 * B, *first.conv_in.shape[1:])
+        conv_mid = first.conv_mid.new_empty(2 * B, *first.conv_mid.shape[1:])
+        for b, p in enumerate(prefixes):
+            kv[:, :, b::B, : starts[b]] = p[i].kv
+            conv_in[b::B], conv_mid[b::B] = p[i].conv_in, p[i].conv_mid
             p[i] = None
-        P = stacked.frames
         x_in = torch.cat([x, x], dim=0).to(dtype)
         t_in = t_steps[i].reshape(1).expand(2 * B)  # float32: see FlowSolver
-        v, kv, conv_in, conv_mid = forward(dit, x_in, mu_in, t_in, spks_in, cond_in, stacked, starts_in, lengths_in,
-                                           chunk_frames)
-        del stacked
-        if B == 1 and starts[0] == P and lengths[0] == x.shape[2]:  # nothing padded: the round's buffer is it
+        v, kv, conv_in, conv_mid = forward(dit, x_in, mu_in, t_in, spks_in, cond_in, kv, conv_in, conv_mid,
+                                           starts_in, lengths_in, chunk_frames)
+        if not fixed and B == 1 and starts[0] == P and lengths[0] == N:  # nothing padded: the buffer is it
             extended[0].append(DiTPrefix(kv, conv_in, conv_mid) if keep[0] else None)
         else:
             for b in range(B):  # this stream's rows (b and B + b): its earlier frames, then its new ones,
-                # copied, so the round's padded buffers go
+                # copied, so the round's padded buffers go (or the captured graph's are free again)
                 if keep[b]:
                     mine = kv[:, :, b::B]
                     extended[b].append(DiTPrefix(torch.cat([mine[:, :, :, : starts[b]], mine[:, :, :, P: P + lengths[b]]],
@@ -229,7 +256,8 @@ def solve_euler_cfg_streams(dit, cfg: SolverConfig, t_steps, dt_steps, z, mu, sp
         del kv
         v = (1.0 + r) * v[:B] - r * v[B:]
         x = x + dt_steps[i] * v
-    return x.float(), [e if k else None for e, k in zip(extended, keep)]
+    real = len(keep) if not fixed else len(keep) - extra
+    return x[:real].float(), [e if k else None for e, k in zip(extended[:real], keep[:real])]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ engine runs with flow_mode solver: the one-graph 10-step solve over all P + N fr
 captured as a CUDA graph per shape (`flow=cudagraph:bf16`, warmed before timing). `prefix` is
 flow_mode prefix: the new frames only, against each stream's kept keys / values (the eager bf16 DiT
 through `CosyVoice.solve_after_prefix`, which also stacks the streams' prefixes and splits the
-extended ones back, as in service); with `--compiled`, also `prefix compiled`: the same with the
+extended ones back, as in service); on CUDA also `prefix captured`: the same with the DiT forward
+replayed as one CUDA graph per padded call signature (`flow=cudagraph:bf16`, what that backend runs
+in the engine; rows padded to a power of two, kept and new frames to the bucket sizes; captured in
+the warm-up calls); with `--compiled`, also `prefix compiled`: the same with the
 DiT forward compiled by the compile backend (`flow=compile:bf16`, dynamic shapes; its first calls per
 new specialisation compile, before timing). The (P, N) pairs are a 5 s request's rounds (125 tokens: 50
 frames, then 100 after 50, then 100 after 150) and a long request's later round (200 after 350).
@@ -53,7 +56,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script on a tiny preset)")
     args = ap.parse_args()
     from models.cosyvoice import PrefixSolve
-    from models.dit import DiTPrefix, dit_forward_rows
+    from models.dit import DiTPrefix, dit_forward_rows_into
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -61,11 +64,14 @@ def main() -> None:
     captured = Pipeline(model, "llm=torch,flow=cudagraph:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
     eager = Pipeline(model, "llm=torch,flow=torch:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
     solver = eager.runners["flow_solver"].eager_module()
-    forwards = {"prefix": (solver, dit_forward_rows)}
+    forwards = {"prefix": (solver, dit_forward_rows_into)}
+    if dev.type == "cuda":  # the cudagraph backend's form: one CUDA graph per padded call signature
+        runner = captured.runners["flow_solver"]
+        forwards["prefix_captured"] = (runner.eager_module(), runner.compiled(dit_forward_rows_into))
     if args.compiled:
         comp = Pipeline(model, "llm=torch,flow=compile:bf16,vocoder=torch", device=args.device, stages=("flow",)).activate()
         runner = comp.runners["flow_solver"]
-        forwards["prefix_compiled"] = (runner.eager_module(), runner.compiled(dit_forward_rows))
+        forwards["prefix_compiled"] = (runner.eager_module(), runner.compiled(dit_forward_rows_into))
     dit = solver.estimator
     inner = dit.cfg.heads * dit.cfg.dim_head
     chunk = model._chunk_tokens * model.cfg.token_mel_ratio
@@ -107,7 +113,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            extra = {n: f.stats() for n, (_, f) in forwards.items() if hasattr(f, "stats")}
+            json.dump({"model": args.model, "captured": extra,
+                       "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
                        "rows": out}, f, indent=1)
 
 

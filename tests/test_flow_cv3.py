@@ -407,6 +407,59 @@ def test_solver_after_prefix_equals_the_whole_solve(flow, inf_io, chunk, pieces)
                                             torch.zeros(2), spks.repeat(2, 1), cond[:, :, 4:8].repeat(2, 1, 1), partial, 10)
 
 
+def test_streams_solved_through_a_captured_forward_equal_the_eager_solve(flow, inf_io):
+    """The cudagraph backend's form of the prefix forward (`CapturedFunction`: one graph per padded
+    call signature, static inputs from one shared arena; graph bookkeeping emulated on the CPU): three
+    streams at different places (0, 10 and 20 kept frames; 14, 10 and 4 new) are padded to 4 streams,
+    kept and new frames to the bucket sizes, and give the eager solve's mel and extended prefixes; a
+    second round of other sizes in the same buckets replays the graph (no capture); a call too large
+    for the arena runs as it is, with the same result."""
+    from models.dit import DiTPrefix, dit_forward_rows_into
+    from models.flow import solve_euler_cfg_streams
+    from runtime.backends.compiled import bucket_size
+    from runtime.backends.cuda_graphs import CapturedFunction
+
+    z, _, mu, spks, cond, _ = _solver_args(inf_io, "stream_")
+    solver = flow.decoder
+    dit, steps = solver.estimator, solver.cfg.n_timesteps
+    chunk = 10
+
+    def prefixes_after(frames: int):  # what a stream keeps after solving its first `frames` frames
+        empty = [DiTPrefix.empty(dit, 2, z.device, z.dtype) for _ in range(steps)]
+        if not frames:
+            return empty
+        _, kept = solve_euler_cfg_streams(dit, solver.cfg, solver.t_steps, solver.dt_steps, z[:, :, :frames],
+                                          mu[:, :, :frames], spks, cond[:, :, :frames], [empty], [frames], chunk)
+        return kept[0]
+
+    def round_of(starts, lengths, forward):
+        N = max(lengths)
+        take = lambda a, s, n: torch.nn.functional.pad(a[0, :, s: s + n], (0, N - n))  # noqa: E731
+        args = [torch.stack([take(a, s, n) for s, n in zip(starts, lengths)]) for a in (z, mu, cond)]
+        return solve_euler_cfg_streams(dit, solver.cfg, solver.t_steps, solver.dt_steps, args[0], args[1],
+                                       spks.repeat(len(starts), 1), args[2], [prefixes_after(s) for s in starts],
+                                       lengths, chunk, forward=forward)
+
+    captured = CapturedFunction(dit_forward_rows_into, torch.device("cpu"), "emulate", bucket_size, arena_bytes=64 << 20)
+    with torch.inference_mode():
+        for starts, lengths in (((0, 10, 20), (14, 10, 4)), ((10, 0, 20), (4, 12, 3))):
+            want_mel, want_kept = round_of(starts, lengths, None)
+            mel, kept = round_of(starts, lengths, captured)
+            for b, n in enumerate(lengths):
+                assert _maxdiff(mel[b, :, :n], want_mel[b, :, :n]) < 1e-5
+                assert kept[b][0].frames == starts[b] + n and len(kept[b]) == steps
+                for got, want in zip(kept[b], want_kept[b]):
+                    assert _maxdiff(got.kv, want.kv) < 1e-5 and _maxdiff(got.conv_in, want.conv_in) < 1e-5
+                    assert _maxdiff(got.conv_mid, want.conv_mid) < 1e-5
+        # one signature for both rounds: 4 streams (8 CFG rows), 20 kept + 16 new frames -> buckets of 16 and 20
+        assert captured.stats()["captures"] == 1 and captured.stats()["replays"] == 2 * steps - 1
+        small = CapturedFunction(dit_forward_rows_into, torch.device("cpu"), "emulate", bucket_size, arena_bytes=1024)
+        mel, _ = round_of((0, 10, 20), (14, 10, 4), small)
+        assert small.stats()["captures"] == 0 and small.stats()["uncaptured_calls"] == steps
+        want_mel, _ = round_of((0, 10, 20), (14, 10, 4), None)
+        assert all(_maxdiff(mel[b, :, :n], want_mel[b, :, :n]) < 1e-5 for b, n in enumerate((14, 10, 4)))
+
+
 def test_rotary_angles_stay_float32_when_the_dit_is_cast(flow):
     """A bf16 cast (Module.to, the runtime's cast_module) keeps the rotary table in float32 and the
     angles exact: in bf16, position 257 reads as 256 and an angle of ~300 rad is off by a radian,

@@ -75,7 +75,7 @@ from torch import nn
 from models.errors import UserError
 from models.spec import DTYPES, PRECISION_DTYPES, GraphSpec, dtype_name
 from runtime.backends.base import Backend, BackendKind, cast_input, cast_module
-from runtime.backends.cuda_graphs import capture, graph_mode
+from runtime.backends.cuda_graphs import CapturedFunction, capture, graph_mode
 
 # dynamo's config is one per process, and the engine calls compiled graphs from several threads at once: a
 # per-call `config.patch` restored by whichever call leaves first would switch the check off under another
@@ -181,6 +181,9 @@ class CompiledBackend(Backend):
         self._decoders: OrderedDict = OrderedDict()
         self._functions: dict = {}  # compiled(fn) per function
         self._functions_lock = threading.Lock()  # compiled() is called from request threads
+        # the static inputs of every signature of a captured function share one arena of this size
+        # (runtime.backends.cuda_graphs.CapturedFunction); larger calls run eagerly
+        self.capture_arena_bytes = 2 << 30 if self.graph_mode == "cuda" else 64 << 20
         self.compile_seconds = 0.0
         self.capture_seconds = 0.0
         self.evictions = 0
@@ -276,7 +279,14 @@ class CompiledBackend(Backend):
         new frames, kept frames); cached per function; graph breaks and the recompile limit are
         watched as for the graph itself."""
         if self.compile_backend is None:
-            return fn
+            if not self.cuda_graphs:
+                return fn
+            # the cudagraph backend: replayed as one CUDA graph per padded call signature
+            with self._functions_lock:
+                if fn not in self._functions:
+                    self._functions[fn] = CapturedFunction(fn, self.device, self.graph_mode, bucket_size, self._pool,
+                                                           arena_bytes=self.capture_arena_bytes)
+                return self._functions[fn]
         with self._functions_lock:  # two request threads must not compile the same function twice
             if fn not in self._functions:
                 mode = self._NO_CUDAGRAPH_MODES.get(self.compile_mode, self.compile_mode)
@@ -537,6 +547,8 @@ class CompiledBackend(Backend):
              "deferred_calls": self.deferred_calls, "deferred_shapes": len(self._deferred),
              # functions of the module its callers run themselves, compiled here (Backend.compiled)
              "compiled_functions": [getattr(f, "__name__", "?") for f in self._functions],
+             "captured_functions": {getattr(f, "__name__", "?"): c.stats() for f, c in self._functions.items()
+                                    if isinstance(c, CapturedFunction)},
              "compiled": self._compiled_state(),
              "graph_breaks": self.graph_breaks, "graph_break_reasons": list(self.break_reasons),
              "compile_seconds": round(self.compile_seconds + sum(d.compile_seconds for d in decs), 3),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import OrderedDict
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
@@ -127,3 +128,105 @@ def capture(fn, args, device: torch.device, mode: str, pool=None, warmup: int = 
     current.wait_stream(side)
     side.synchronize()
     return graph, outs, t1 - t0, time.perf_counter() - t1
+
+
+class CapturedFunction:
+    """A function of a backend's module (a family runs it itself: CosyVoice3's prefix solve) replayed
+    as one CUDA graph per call signature: the shapes and dtypes of its tensor arguments and the values
+    of the others (the module, ints). The caller pads its calls to few signatures with `rows(n)` and
+    `size(n)` (it knows which padding is exact; `fixed_shapes` tells it to).
+
+    Static inputs come from one arena shared by every signature (calls are serialised by a lock, and
+    a graph reads its inputs only while it replays), so a hundred signatures cost the largest call's
+    inputs once, not a hundred times: a function that writes its results into an input (the prefix
+    keys and values) and returns it adds no memory per signature either. A call whose inputs do not
+    fit the arena runs as it is (such a call is large enough to keep the GPU busy without a graph).
+    What a replay returns is the graph's static buffers: valid until the next call of this function
+    (the caller copies what it keeps)."""
+
+    fixed_shapes = True
+
+    def __init__(self, fn, device: torch.device, mode: str, size, pool=None, arena_bytes: int = 2 << 30,
+                 max_graphs: int = 256):
+        """size: the backend's bucket rule for lengths (n -> padded n)."""
+        self.fn, self.device, self.mode, self.pool = fn, device, mode, pool
+        self.arena_bytes, self.max_graphs = arena_bytes, max_graphs
+        self._bucket = size
+        self.__name__ = getattr(fn, "__name__", "captured")
+        self._arena: torch.Tensor | None = None
+        self._graphs: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.captures = self.replays = self.uncaptured_calls = self.evictions = 0
+        self.capture_seconds = 0.0
+
+    def rows(self, n: int) -> int:
+        """Rows a call of n runs as: the next power of two."""
+        return 1 << max(n - 1, 0).bit_length()
+
+    def size(self, n: int) -> int:
+        """A padded length of n (the backend's bucket rule)."""
+        return self._bucket(n)
+
+    @staticmethod
+    def _aligned(nbytes: int) -> int:
+        return -(-nbytes // 256) * 256
+
+    def _signature(self, args) -> tuple:
+        return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else ("value", id(a) if isinstance(a, torch.nn.Module) else a)
+                     for a in args)
+
+    def _static(self, args) -> list:
+        """The arguments' static copies, carved from the arena (tensors) or as they are (the rest)."""
+        if self._arena is None:
+            self._arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
+        out, offset = [], 0
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                n = a.numel() * a.element_size()
+                view = self._arena[offset: offset + n].view(a.dtype).view(a.shape)
+                view.copy_(a)
+                out.append(view)
+                offset += self._aligned(n)
+            else:
+                out.append(a)
+        return out
+
+    def __call__(self, *args):
+        need = sum(self._aligned(a.numel() * a.element_size()) for a in args if isinstance(a, torch.Tensor))
+        if self.mode == "off" or need > self.arena_bytes:
+            self.uncaptured_calls += 1
+            return self.fn(*args)
+        key = self._signature(args)
+        with self._lock, torch.inference_mode():  # the arena and the graphs' buffers are inference tensors
+            entry = self._graphs.get(key)
+            if entry is None:
+                static = self._static(args)
+                if self.mode == "cuda":
+                    torch.cuda.synchronize(self.device)
+                graph, outs, first, rest = capture(self.fn, static, self.device, self.mode, self.pool, warmup=1)
+                self.captures += 1
+                self.capture_seconds += first + rest
+                entry = self._graphs[key] = (graph, static, outs)
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+                    self.evictions += 1
+                return outs
+            self._graphs.move_to_end(key)
+            graph, static, outs = entry
+            for dst, src in zip(static, args):
+                if isinstance(src, torch.Tensor):
+                    dst.copy_(src)
+            graph.replay()
+            self.replays += 1
+            return outs
+
+    def stats(self) -> dict:
+        return {"graphs": len(self._graphs), "captures": self.captures, "replays": self.replays,
+                "uncaptured_calls": self.uncaptured_calls, "evictions": self.evictions,
+                "capture_seconds": round(self.capture_seconds, 3),
+                "arena_bytes": 0 if self._arena is None else self.arena_bytes}
+
+    def release(self) -> None:
+        with self._lock:
+            self._graphs.clear()
+            self._arena = None
