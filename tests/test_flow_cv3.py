@@ -407,7 +407,7 @@ def test_solver_after_prefix_equals_the_whole_solve(flow, inf_io, chunk, pieces)
                                             torch.zeros(2), spks.repeat(2, 1), cond[:, :, 4:8].repeat(2, 1, 1), partial, 10)
 
 
-def test_streams_solved_through_a_captured_forward_equal_the_eager_solve(flow, inf_io):
+def test_streams_solved_through_a_captured_forward_equal_the_eager_solve(flow, inf_io, monkeypatch):
     """The cudagraph backend's form of the prefix forward (`CapturedFunction`: one graph per padded
     call signature, static inputs from one shared arena; graph bookkeeping emulated on the CPU): three
     streams at different places (0, 10 and 20 kept frames; 14, 10 and 4 new) are padded to 4 streams,
@@ -457,6 +457,15 @@ def test_streams_solved_through_a_captured_forward_equal_the_eager_solve(flow, i
         mel, _ = round_of((0, 10, 20), (14, 10, 4), small)
         assert small.stats()["captures"] == 0 and small.stats()["uncaptured_calls"] == steps
         want_mel, _ = round_of((0, 10, 20), (14, 10, 4), None)
+        assert all(_maxdiff(mel[b, :, :n], want_mel[b, :, :n]) < 1e-5 for b, n in enumerate((14, 10, 4)))
+        # a capture that fails is said once and kept; the calls go on uncaptured, with the same result
+        broken = CapturedFunction(dit_forward_rows_into, torch.device("cpu"), "emulate", bucket_size)
+        with monkeypatch.context() as m:
+            m.setattr("runtime.backends.cuda_graphs.capture", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no\nmore")))
+            with pytest.warns(RuntimeWarning, match=r"could not be captured as a CUDA graph \(RuntimeError: no\); it runs "
+                                                    r"uncaptured from now on"):
+                mel, _ = round_of((0, 10, 20), (14, 10, 4), broken)
+        assert broken.stats()["failed"] == "RuntimeError: no" and broken.stats()["uncaptured_calls"] == steps
         assert all(_maxdiff(mel[b, :, :n], want_mel[b, :, :n]) < 1e-5 for b, n in enumerate((14, 10, 4)))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -140,7 +141,8 @@ class CapturedFunction:
     a graph reads its inputs only while it replays), so a hundred signatures cost the largest call's
     inputs once, not a hundred times: a function that writes its results into an input (the prefix
     keys and values) and returns it adds no memory per signature either. A call whose inputs do not
-    fit the arena runs as it is (such a call is large enough to keep the GPU busy without a graph).
+    fit the arena runs as it is (such a call is large enough to keep the GPU busy without a graph), and
+    so does every call after a capture that failed (a warning says why; `stats()["failed"]` keeps it).
     What a replay returns is the graph's static buffers: valid until the next call of this function
     (the caller copies what it keeps)."""
 
@@ -158,6 +160,7 @@ class CapturedFunction:
         self._lock = threading.Lock()
         self.captures = self.replays = self.uncaptured_calls = self.evictions = 0
         self.capture_seconds = 0.0
+        self.failed: str | None = None  # why a capture failed (then every call runs uncaptured)
 
     def rows(self, n: int) -> int:
         """Rows a call of n runs as: the next power of two."""
@@ -193,7 +196,7 @@ class CapturedFunction:
 
     def __call__(self, *args):
         need = sum(self._aligned(a.numel() * a.element_size()) for a in args if isinstance(a, torch.Tensor))
-        if self.mode == "off" or need > self.arena_bytes:
+        if self.mode == "off" or need > self.arena_bytes or self.failed is not None:
             self.uncaptured_calls += 1
             return self.fn(*args)
         key = self._signature(args)
@@ -203,7 +206,17 @@ class CapturedFunction:
                 static = self._static(args)
                 if self.mode == "cuda":
                     torch.cuda.synchronize(self.device)
-                graph, outs, first, rest = capture(self.fn, static, self.device, self.mode, self.pool, warmup=1)
+                try:
+                    graph, outs, first, rest = capture(self.fn, static, self.device, self.mode, self.pool, warmup=1)
+                except Exception as e:  # noqa: BLE001 - said loudly and kept in stats(); the calls go on uncaptured
+                    first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    self.failed = f"{type(e).__name__}: {first_line}"
+                    warnings.warn(f"{self.__name__} could not be captured as a CUDA graph ({self.failed}); it runs "
+                                  "uncaptured from now on", RuntimeWarning, stacklevel=2)
+                    self._graphs.clear()
+                    self._arena = None
+                    self.uncaptured_calls += 1
+                    return self.fn(*args)
                 self.captures += 1
                 self.capture_seconds += first + rest
                 entry = self._graphs[key] = (graph, static, outs)
@@ -223,7 +236,7 @@ class CapturedFunction:
     def stats(self) -> dict:
         return {"graphs": len(self._graphs), "captures": self.captures, "replays": self.replays,
                 "uncaptured_calls": self.uncaptured_calls, "evictions": self.evictions,
-                "capture_seconds": round(self.capture_seconds, 3),
+                "capture_seconds": round(self.capture_seconds, 3), "failed": self.failed,
                 "arena_bytes": 0 if self._arena is None else self.arena_bytes}
 
     def release(self) -> None:
