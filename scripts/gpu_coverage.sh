@@ -1,73 +1,146 @@
 #!/usr/bin/env bash
-# The GPU coverage of CosyVoice2 and Orpheus at the real sizes (random weights), every step bounded (all of it
-# outlasts one 600 s device call: start it under setsid and let the next calls wait for it),
-# once onnxruntime-gpu is installed there (scripts/ort_gpu_carry.sh: four calls carry it, then `unpack`):
-#   OUT=results ENGINES=/tmp/engines PYTHONPATH=/tmp/ortsite scripts/gpu_coverage.sh [steps...]
-# steps (default all, in this order):
-#   export     fp32 ONNX of whatever is missing (CosyVoice2 in the per-step flow layout, Orpheus whole)
-#   validate   fp32 against torch on CUDA at min/opt/max, $SEEDS seeds, audio included
-#   build      fp16 + int8 of the CosyVoice2 flow graphs and vocoder and the Orpheus vocoder, validated
-#              while built, then validated again with $SEEDS seeds (certificates)
-#   llm16      fp16 of both LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
-#   bench      ORT fp32 / fp16 against torch eager, per stage, CosyVoice2 (steps) and Orpheus
-# Every step is bounded by $STEP_S seconds so a slow one leaves the rest; one log ($OUT/coverage.log)
-# plus the validation.md copies and the bench JSON come back (the device returns at most 8 files).
+# The GPU coverage of CosyVoice2 and Orpheus at the real sizes (random weights), every step bounded.
+# All of it outlasts one 600 s device call, and onnxruntime-gpu arrives in parts over four calls
+# (scripts/ort_gpu_carry.sh), so a session is a chain of calls on one warm machine:
+#   call 1:  scripts/ort_gpu_carry.sh keep 00 && scripts/gpu_coverage.sh background
+#            (the exports need no GPU build of ORT: they start at once, under setsid, in /tmp/cov)
+#   call 2-3: scripts/ort_gpu_carry.sh keep 0k        call 4: ... keep 03 && scripts/ort_gpu_carry.sh unpack
+#   then:    OUT=... scripts/gpu_coverage.sh collect 560   (waits for the chain or 560 s, packs /tmp/cov
+#            into $OUT/coverage.tgz, prints the log's end), again until the log says "chain done"
+# Or in one process (a laptop smoke test with the tiny presets and DEVICE=cpu):
+#   OUT=results ENGINES=/tmp/engines scripts/gpu_coverage.sh [steps...]
+# steps (default: all, in this order, most wanted first):
+#   export           fp32 ONNX of whatever is missing, both families at once (CPU work)
+#   calibrate        the INT8 calibration captures the builds read (CPU work, cached beside the artifacts)
+#   wait-ort         wait (up to $ORT_WAIT_S) for onnxruntime-gpu in $ORTSITE, then use it
+#   validate-cv2     fp32 against torch on $DEVICE at min/opt/max, $SEEDS seeds, audio included
+#   build-cv2        fp16 + int8 of the CosyVoice2 flow graphs and vocoder, validated while built
+#   bench-cv2        ORT fp32 / fp16 against torch eager, per stage (flow in steps)
+#   validate-orpheus, build-orpheus (the SNAC vocoder)
+#   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
+#   bench-orpheus    ORT fp32 against torch eager
+#   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
+# Every step is bounded by its own limit (its typical time on an H100 with room; $STEP_S, if set, replaces
+# them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
+# slow step leaves time to the rest. $EXPORT_CPUS pins the exports (e.g. 4-15, leaving cores to a benchmark
+# run beside them). One log ($OUT/coverage.log),
+# the validation.md copies and the bench JSON are what comes back.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-results}"; ENGINES="${ENGINES:-/tmp/engines}"; PY="${PY:-python3}"
-STEP_S="${STEP_S:-150}"; SEEDS="${SEEDS:-2}"; BISECT="${BISECT:-8}"; DEVICE="${DEVICE:-cuda}"
+SEEDS="${SEEDS:-2}"; BISECT="${BISECT:-8}"; DEVICE="${DEVICE:-cuda}"
+BUDGET_S="${BUDGET_S:-100000}"; MIN_STEP_S="${MIN_STEP_S:-30}"
+ORTSITE="${ORTSITE:-/tmp/ortsite}"; ORT_WAIT_S="${ORT_WAIT_S:-400}"; CHAIN="${CHAIN:-/tmp/cov}"
 # the tiny presets and DEVICE=cpu run the same steps on a laptop (a smoke test of this script)
 CV2="${CV2:-cosyvoice2-random}"; ORP="${ORP:-orpheus-random}"
 CV2_GRAPHS=llm,flow_encoder,flow_estimator,vocoder
+PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
+ALL="export calibrate wait-ort validate-cv2 build-cv2 bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
+
+case "${1:-}" in
+  background)
+    # the chain outlives this call only in a process session of its own
+    shift
+    rm -rf "$CHAIN" && mkdir -p "$CHAIN"
+    OUT="$CHAIN" setsid nohup "$0" "$@" > "$CHAIN/stdout.log" 2>&1 < /dev/null &
+    sleep 2; echo "chain started in $CHAIN (pid $!)"; cat "$CHAIN/coverage.log" 2>/dev/null
+    exit 0
+    ;;
+  collect)
+    wait_s="${2:-560}"
+    for ((i = 0; i < wait_s; i += 5)); do grep -q "^chain done" "$CHAIN/coverage.log" 2>/dev/null && break; sleep 5; done
+    mkdir -p "$OUT"
+    tar -C "$CHAIN" -czf "$OUT/coverage.tgz" . 2>/dev/null
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
+    tail -n 60 "$CHAIN/coverage.log"
+    # the step under way, if any (its own log; coverage.log gets it when it ends)
+    grep -q "^chain done" "$CHAIN/coverage.log" 2>/dev/null || tail -n 5 "$(ls -t "$CHAIN"/*.log | head -1)"
+    exit 0
+    ;;
+esac
+
 mkdir -p "$OUT"
 log="$OUT/coverage.log"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null | tee -a "$log"
 # ONNX Runtime's cuDNN frontend prints one line per convolution it finds no plan for: counted, not kept
 quiet() { grep -v "cudnn_frontend\|plugin EP device\|^\s*$\|^.\[m$"; }
 run() {
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$log"
-  timeout -k 5 "$STEP_S" "$@" 2>&1 | quiet >> "$log"
-  echo "   rc=${PIPESTATUS[0]} ($SECONDS s)" | tee -a "$log"
+  local name=$1 limit=${STEP_S:-$2}; shift 2
+  local left=$((BUDGET_S - SECONDS))
+  ((left < limit)) && limit=$left
+  if ((limit < MIN_STEP_S)); then echo "== $name: skipped, ${left} s of the chain's budget left" | tee -a "$log"; return; fi
+  echo "== $name (limit ${limit} s): $*" | tee -a "$log"
+  touch "$OUT/.started-$name"
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  quiet < "$OUT/$name.log" >> "$log"
+  echo "   $name rc=$rc ($SECONDS s)" | tee -a "$log"
 }
 has() { [ -f "$ENGINES/$1/onnx/fp32/$2.onnx" ]; }
-keep() { cp "$ENGINES/$1/validation.md" "$OUT/validation-$1-$2.md" 2>/dev/null; }
-steps="${*:-export validate build llm16 bench}"
+# a step's validation.md, only if that step wrote it (a skipped or failed one leaves an older file there)
+keep() { [ "$ENGINES/$1/validation.md" -nt "$OUT/.started-$3" ] && cp "$ENGINES/$1/validation.md" "$OUT/validation-$1-$2.md"; }
+export_cv2() {
+  local missing
+  missing=$(for g in ${CV2_GRAPHS//,/ }; do has $CV2 $g || printf '%s,' $g; done)
+  [ -z "$missing" ] || run export-cv2 150 $PIN $PY -m export onnx --model $CV2 --graphs "${missing%,}" --out-dir "$ENGINES/$CV2"
+}
+export_orpheus() {
+  has $ORP llm && has $ORP vocoder || run export-orpheus 200 $PIN $PY -m export onnx --model $ORP --out-dir "$ENGINES/$ORP"
+}
+steps="${*:-$ALL}"
 for s in $steps; do
   case "$s" in
     export)
-      missing=$(for g in ${CV2_GRAPHS//,/ }; do has $CV2 $g || printf '%s,' $g; done)
-      [ -n "$missing" ] && run export-cv2 $PY -m export onnx --model $CV2 --graphs "${missing%,}" --out-dir "$ENGINES/$CV2"
-      has $ORP llm && has $ORP vocoder || run export-orpheus $PY -m export onnx --model $ORP --out-dir "$ENGINES/$ORP"
+      # both on the CPU at once (the Orpheus LLM alone takes ~130 s): the longest sets the time
+      export_cv2 & export_orpheus & wait
       ;;
-    validate)
-      run validate-cv2 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --graphs $CV2_GRAPHS --seeds "$SEEDS"
-      keep $CV2 fp32
-      run validate-orpheus $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --seeds "$SEEDS"
-      keep $ORP fp32
+    calibrate)
+      # what `export build --precision int8` would capture first, made while the GPU build of ORT travels
+      calib() { run calibrate-$1 200 $PIN $PY -c "import sys; from models.registry import load_model; from export.calibration \
+import load_or_capture; load_or_capture(load_model(sys.argv[1], device='cpu'), sys.argv[2].split(','), sys.argv[3])" \
+        "$1" "$2" "$ENGINES/$1/calibration"; }
+      calib $CV2 flow_encoder,flow_estimator,vocoder & calib $ORP vocoder & wait
       ;;
-    build)
-      run build-cv2 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
-        --graphs flow_encoder,flow_estimator,vocoder --bisect-rounds "$BISECT"
-      run validate-cv2-low $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
-        --graphs flow_encoder,flow_estimator,vocoder --seeds "$SEEDS"
-      keep $CV2 fp16-int8
-      run build-orpheus-vocoder $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
-        --graphs vocoder --bisect-rounds "$BISECT"
+    wait-ort)
+      for ((i = 0; i < ORT_WAIT_S; i += 5)); do [ -d "$ORTSITE/onnxruntime" ] && break; sleep 5; done
+      if [ -d "$ORTSITE/onnxruntime" ]; then
+        export PYTHONPATH="$ORTSITE${PYTHONPATH:+:$PYTHONPATH}"
+        $PY -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$log"
+      else
+        echo "== wait-ort: no onnxruntime-gpu in $ORTSITE after $ORT_WAIT_S s; going on with what is installed" | tee -a "$log"
+      fi
       ;;
-    llm16)
-      run llm16-cv2 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT"
-      run llm16-orpheus $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT"
-      run validate-orpheus-low $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 --seeds "$SEEDS"
-      keep $ORP fp16-int8
-      ;;
-    bench)
-      run bench-cv2 $PY -m runtime.bench --model $CV2 --device "$DEVICE" --engines-dir "$ENGINES/$CV2" --flow-mode steps \
-        --backends "torch|ort|llm=ort,flow=ort:fp16,vocoder=ort" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json"
-      run bench-orpheus $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
-        --backends "torch,ort" --lengths 50,500 --reps 5 --json "$OUT/bench-$ORP.json"
-      ;;
-    *) echo "unknown step $s" | tee -a "$log"; exit 2 ;;
+    validate-cv2)
+      run validate-cv2 200 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --graphs $CV2_GRAPHS --seeds "$SEEDS"
+      keep $CV2 fp32 validate-cv2 ;;
+    validate-orpheus)
+      run validate-orpheus 200 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --seeds "$SEEDS"
+      keep $ORP fp32 validate-orpheus ;;
+    build-cv2)
+      run build-cv2 240 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
+        --graphs flow_encoder,flow_estimator,vocoder --bisect-rounds "$BISECT" ;;
+    build-orpheus)
+      run build-orpheus 120 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
+        --graphs vocoder --bisect-rounds "$BISECT" ;;
+    llm16-cv2)
+      run llm16-cv2 150 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
+    llm16-orpheus)
+      run llm16-orpheus 200 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
+    certify-cv2)
+      run certify-cv2 150 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
+        --graphs $CV2_GRAPHS --seeds "$SEEDS"
+      keep $CV2 fp16-int8 certify-cv2 ;;
+    certify-orpheus)
+      run certify-orpheus 150 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 --seeds "$SEEDS"
+      keep $ORP fp16-int8 certify-orpheus ;;
+    bench-cv2)
+      run bench-cv2 150 $PY -m runtime.bench --model $CV2 --device "$DEVICE" --engines-dir "$ENGINES/$CV2" --flow-mode steps \
+        --backends "torch|ort|llm=ort,flow=ort:fp16,vocoder=ort" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
+    bench-orpheus)
+      run bench-orpheus 150 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
+        --backends "torch,ort" --lengths 50,500 --reps 5 --json "$OUT/bench-$ORP.json" ;;
+    *) echo "unknown step $s (steps: $ALL)" | tee -a "$log"; exit 2 ;;
   esac
 done
+echo "chain done ($SECONDS s)" | tee -a "$log"

@@ -30,8 +30,11 @@ case "${1:-}" in
     ;;
   unpack)
     # the same files a `pip install --target` of the wheel leaves (a wheel is unpacked as it is)
-    mkdir -p /tmp/ortsite
-    cat /tmp/ort/part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/ortsite', filter='data')"
+    # into a side folder first: a chain already waiting for /tmp/ortsite (gpu_coverage.sh wait-ort)
+    # must never import a half-written package
+    rm -rf /tmp/ortsite.part && mkdir -p /tmp/ortsite.part
+    cat /tmp/ort/part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/ortsite.part', filter='data')"
+    rm -rf /tmp/ortsite && mv /tmp/ortsite.part /tmp/ortsite
     PYTHONPATH=/tmp/ortsite python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
     ;;
   *)
