@@ -195,12 +195,15 @@ class CosyVoice(TTSModel):
         # The vocoders have none: zero-padded mel changes the last frame(s) of audio.
         encoder_sensitive = TokenEncoder.SENSITIVE_PARTS
         # attention scores per call (GraphSpec.largest): CosyVoice2's conformer attends over the
-        # upsampled frames; CosyVoice3's token encoder has no attention; the estimators attend over T
-        # (the solver runs each request's conditional and unconditional rows together)
+        # upsampled frames T = N*r, and its relative-position scores are padded to [B, H, T, 2T] before
+        # the shift (conformer.rel_shift: twice the [B, H, T, T] scores; counting those alone let 29 rows
+        # of 3000 frames into one call, 4.2e9 elements; the fp16 build then failed in ORT with an illegal
+        # memory access); CosyVoice3's token encoder has no attention; the estimators attend over T (the
+        # solver runs each request's conditional and unconditional rows together)
         if c.family == "cosyvoice3":
             enc_scores, est_heads = "", c.flow.estimator.heads
         else:
-            enc_scores, est_heads = f"B*{c.flow[0].encoder.attention_heads}*(N*{r})*(N*{r})", c.flow[1].num_heads
+            enc_scores, est_heads = f"B*{c.flow[0].encoder.attention_heads}*(N*{r})*(2*N*{r})", c.flow[1].num_heads
         estimator_sensitive = DiT.SENSITIVE_PARTS if c.family == "cosyvoice3" else ()
         specs["flow_encoder"] = GraphSpec(
             "flow_encoder", "flow", tuple(enc_inputs),

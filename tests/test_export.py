@@ -177,3 +177,45 @@ def test_a_failing_candidate_stops_at_its_first_failing_seed_when_asked():
     res, calls = run("fp16", fail_fast=True)  # a passing candidate runs everything either way
     assert (res["passed"], "stopped_at" in res, [p["point"] for p in res["points"]], calls) == (
         True, False, ["min", "opt", "max"], 9)
+
+
+def test_outputs_compared_piece_by_piece_give_the_whole_comparisons_verdict(capsys):
+    """Real-size LLM caches are compared in pieces on the validation's device (the host took minutes
+    per seed over 1.2G values): the worst error, the scale, the NaN/Inf count and both Polygraphy
+    verdicts must be those of one whole-array comparison, whichever piece holds the worst value."""
+    import numpy as np
+
+    from export import validate as v
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 5, 7)).astype(np.float32)
+    scale = float(np.abs(ref).max())
+
+    def check(got, tol, piece):
+        return v.compare_output("out", ref, got, tol, "cpu", piece=piece)
+
+    got = ref.copy()
+    got.flat[101] += np.float32(0.5 * 1e-2 * scale)  # the worst error sits in one late piece
+    whole, pieces = check(got, 1e-2, None), check(got, 1e-2, 7)
+    assert whole == pieces
+    assert (pieces["finite"], pieces["accurate"], pieces["nonfinite_values"]) == (True, True, 0)
+    assert pieces["ref_max_abs"] == scale
+    assert pieces["max_rel_error"] == pytest.approx(0.5e-2, rel=1e-4)
+    got.flat[101] = ref.flat[101] + np.float32(1.5 * 1e-2 * scale)  # past the tolerance: fails
+    failing = check(got, 1e-2, 7)
+    assert (failing["accurate"], failing["max_rel_error"] > 1e-2) == (False, True)
+    got.flat[3], got.flat[60] = np.nan, np.inf  # counted, not averaged away; the error is then infinite
+    bad = check(got, 1e-2, 7)
+    assert (bad["finite"], bad["nonfinite_values"], bad["max_rel_error"]) == (False, 2, float("inf"))
+    cut = check(got[:2], 1e-2, 7)  # a shorter output never passes
+    assert (cut["accurate"], cut["max_rel_error"]) == (False, float("inf"))
+    # a device on which a Polygraphy statistic cannot be taken (here: meta tensors hold no values)
+    # falls back to the host with one note, and gives the same answer
+    v._DEVICE_COMPARE_FAILED.clear()
+    try:
+        moved = v.compare_output("out", ref, ref + np.float32(1e-3 * scale), 1e-2, "meta", piece=7)
+        assert v._DEVICE_COMPARE_FAILED == ["meta"]
+    finally:
+        v._DEVICE_COMPARE_FAILED.clear()
+    assert moved == check(ref + np.float32(1e-3 * scale), 1e-2, 7)
+    assert capsys.readouterr().out.count("comparing outputs on meta failed") == 1

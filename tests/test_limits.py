@@ -158,3 +158,53 @@ def test_a_long_voice_prompt_makes_shorter_sentences_not_failed_requests():
     with pytest.raises(UserError, match=r"^the voice's prompt takes \d+ of the 256 tokens of one LM prompt, leaving \d+ "
                                         r"for a sentence\. Fix: use a shorter prompt recording or transcript$"):
         model.split_text("Hello.", full)
+
+
+@pytest.mark.parametrize("name", ["cosyvoice2-tiny", "cosyvoice3-tiny", "orpheus-tiny"])
+def test_the_declared_largest_tensor_covers_every_attention_tensor_the_graph_makes(name):
+    """GraphSpec.largest decides how many rows one call may take before a tensor passes ELEMENTS_LIMIT.
+    It undercounted CosyVoice2's conformer (its relative-position scores are padded to [B, H, T, 2T]);
+    the real-size fp16 encoder then failed in ORT with an illegal memory access at the max point (a
+    tensor past 2^31 elements fits that). Every 4-D tensor the
+    torch graph materialises whose last two dims are both at least the attended length must fit in
+    the declaration (attention through SDPA is fused in torch and shows only its mask here; ONNX
+    Runtime materialises those scores as the declaration says)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import models.spec
+
+    class Largest(TorchDispatchMode):
+        def __init__(self, length):
+            super().__init__()
+            self.length, self.top = length, (0, None)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dim() == 4 and min(o.shape[-2:]) >= self.length \
+                        and o.numel() > self.top[0]:
+                    self.top = (o.numel(), f"{func} {tuple(o.shape)}")
+            return out
+
+    model = load_model(name)
+    specs = model.graph_specs()
+    checked = []
+    for graph, sizes in [("llm", {"B": 1, "S": 48, "P": 16}), ("flow_encoder", {"B": 1, "N": 40}),
+                         ("flow_estimator", {"B": 2, "T": 96}), ("flow_solver", {"B": 1, "T": 96})]:
+        spec = specs.get(graph)
+        if spec is None or not spec.largest:
+            continue
+        feed = spec.sample_feed(sizes, seed=0)
+        module = model.graph_module(graph).float().eval()
+        declared = models.spec._eval(spec.largest, spec.sizes_of(feed))
+        # the attended length: the LLM's new positions, the mel frames, the conformer's upsampled frames
+        length = sizes.get("S") or sizes.get("T")
+        if graph == "flow_encoder":
+            with torch.inference_mode():
+                length = module(*[feed[t.name] for t in spec.inputs])[0].shape[-1]
+        with torch.inference_mode(), Largest(length) as seen:
+            module(*[feed[t.name] for t in spec.inputs])
+        assert seen.top[0] <= declared, f"{graph}: {seen.top[1]} has {seen.top[0]} elements, declared {declared}"
+        checked.append((graph, seen.top[0] == declared))
+    if name == "cosyvoice2-tiny":  # the conformer's padded scores are exactly what it declares
+        assert ("flow_encoder", True) in checked
