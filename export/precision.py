@@ -202,11 +202,22 @@ def _exact_fp32_islands(model: onnx.ModelProto, src: str) -> int:
     return len(drop)
 
 
+def _load_inferred(src: str) -> onnx.ModelProto:
+    """The model at `src` with every value's type inferred, which the FP16 converter needs to place its
+    casts. ONNX's shape inference takes a serialised model, and one past protobuf's 2 GB cannot be
+    serialised (the Orpheus LLM's 13 GB of weights: "Failed to serialize proto"): the inference runs on
+    the graph without its weights (their shapes are in the proto), and the weights are loaded after."""
+    model = onnx.load(src, load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    onnx.external_data_helper.load_external_data_for_model(inferred, os.path.dirname(os.path.abspath(src)))
+    return inferred
+
+
 def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None, label: str | None = None) -> dict:
     """Write an FP16 variant of `src` keeping `level`'s nodes (or exactly `keep`) in FP32; returns what was kept."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(src)
+    model = _load_inferred(src)
     meta = {p.key: p.value for p in model.metadata_props}
     if keep is None:
         keep = fp32_nodes(model, level, GraphSpec.from_json(meta["tts.spec"]))
@@ -223,8 +234,9 @@ def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None,
     if level.all_fp32:
         converted = model
     else:
+        # the value types come from _load_inferred (the converter's own inference fails past 2 GB)
         converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-                                             node_block_list=keep, disable_shape_infer=False)
+                                             node_block_list=keep, disable_shape_infer=True)
         _dedupe_casts(converted)
         _exact_fp32_islands(converted, src)
     del converted.metadata_props[:]

@@ -211,3 +211,44 @@ def test_tensorrt_plans_match_onnxruntime(built):
     res = CliRunner().invoke(export_main, ["validate", "--model", "cosyvoice3-tiny", "--backends", "trt", "--device", "cuda",
                                            "--precision", "fp32,fp16,int8", "--out-dir", built["cosyvoice3-tiny"]])
     assert res.exit_code == 0, res.output
+
+
+def test_fp16_of_a_model_past_protobufs_limit(exported, tmp_path, monkeypatch):
+    """The Orpheus LLM (13 GB of weights in external data) failed its fp16 conversion: ONNX's shape
+    inference serialises the model it is given, and protobuf cannot past 2 GB. The types are now
+    inferred on the graph without its weights. Here a serialisation of weights is what fails (as it
+    does past 2 GB), and the fp16 file must come out the same as from the model held in one file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.precision import FP16_LEVELS, to_fp16
+
+    src = os.path.join(exported["orpheus-tiny"], "onnx", "fp32", "llm.onnx")
+    whole = str(tmp_path / "whole.onnx")
+    want = to_fp16(src, whole, FP16_LEVELS[1])
+    external = str(tmp_path / "external" / "llm.onnx")
+    os.makedirs(os.path.dirname(external))
+    onnx.save(onnx.load(src), external, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="llm.onnx.data", size_threshold=0)
+    real = onnx.shape_inference.infer_shapes
+
+    def no_weights_in_it(model, *args, **kwargs):
+        if any(t.raw_data or t.float_data for t in model.graph.initializer if t.dims and np.prod(t.dims) > 64):
+            raise ValueError("Failed to serialize proto")  # what protobuf says past 2 GB
+        return real(model, *args, **kwargs)
+
+    import onnxruntime.transformers.float16 as converter
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", no_weights_in_it)
+    monkeypatch.setattr(converter, "infer_shapes", no_weights_in_it)  # the converter's own import of it
+    split = str(tmp_path / "split.onnx")
+    facts = to_fp16(external, split, FP16_LEVELS[1])
+    assert {k: facts[k] for k in ("matmul_conv_in_fp16", "fp32_nodes", "nodes")} == \
+        {k: want[k] for k in ("matmul_conv_in_fp16", "fp32_nodes", "nodes")}
+    assert reached_precision(split) == reached_precision(whole) and reached_precision(split)["matmul_conv_fp16"] > 0
+    spec = load_model("orpheus-tiny").graph_specs()["llm"]
+    feed = {k: v.numpy() for k, v in spec.sample_feed("opt", seed=1).items()}
+    a = ort.InferenceSession(whole, providers=["CPUExecutionProvider"]).run(None, feed)
+    b = ort.InferenceSession(split, providers=["CPUExecutionProvider"]).run(None, feed)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
