@@ -20,8 +20,8 @@
 #   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
 #   bench-orpheus    ORT fp32 against torch eager
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
-# Every step is bounded by its own limit (its typical time on an H100 with room; $STEP_S, if set, replaces
-# them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
+# Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
+# set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
 # slow step leaves time to the rest. $EXPORT_CPUS pins the exports (e.g. 4-15, leaving cores to a benchmark
 # run beside them). One log ($OUT/coverage.log),
 # the validation.md copies and the bench JSON are what comes back.
@@ -36,13 +36,17 @@ ORTSITE="${ORTSITE:-/tmp/ortsite}"; ORT_WAIT_S="${ORT_WAIT_S:-400}"; CHAIN="${CH
 CV2="${CV2:-cosyvoice2-random}"; ORP="${ORP:-orpheus-random}"
 CV2_GRAPHS=llm,flow_encoder,flow_estimator,vocoder
 PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
+# two CPU jobs side by side get half the cores each: with torch's default (every core each) two
+# calibrations on 12 cores ran 24x slower than one alone
+HALF=$(( $($PIN nproc) / 2 )); ((HALF < 1)) && HALF=1
 ALL="export calibrate wait-ort validate-cv2 build-cv2 bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
 
 case "${1:-}" in
   background)
     # the chain outlives this call only in a process session of its own
     shift
-    rm -rf "$CHAIN" && mkdir -p "$CHAIN"
+    # a chain started again keeps the last one's logs beside it
+    rm -rf "$CHAIN.prev"; [ -d "$CHAIN" ] && mv "$CHAIN" "$CHAIN.prev"; mkdir -p "$CHAIN"
     OUT="$CHAIN" setsid nohup "$0" "$@" > "$CHAIN/stdout.log" 2>&1 < /dev/null &
     sleep 2; echo "chain started in $CHAIN (pid $!)"; cat "$CHAIN/coverage.log" 2>/dev/null
     exit 0
@@ -77,30 +81,32 @@ run() {
   quiet < "$OUT/$name.log" >> "$log"
   echo "   $name rc=$rc ($SECONDS s)" | tee -a "$log"
 }
-has() { [ -f "$ENGINES/$1/onnx/fp32/$2.onnx" ]; }
+# a graph is exported when the manifest lists it (a file alone may be what a killed export left)
+has() { $PY -c "import sys; from runtime.artifacts import Manifest
+sys.exit(0 if Manifest.load(sys.argv[1], required=False).get(sys.argv[2], 'fp32', 'onnx') else 1)" "$ENGINES/$1" "$2" 2>/dev/null; }
 # a step's validation.md, only if that step wrote it (a skipped or failed one leaves an older file there)
 keep() { [ "$ENGINES/$1/validation.md" -nt "$OUT/.started-$3" ] && cp "$ENGINES/$1/validation.md" "$OUT/validation-$1-$2.md"; }
 export_cv2() {
   local missing
   missing=$(for g in ${CV2_GRAPHS//,/ }; do has $CV2 $g || printf '%s,' $g; done)
-  [ -z "$missing" ] || run export-cv2 150 $PIN $PY -m export onnx --model $CV2 --graphs "${missing%,}" --out-dir "$ENGINES/$CV2"
+  [ -z "$missing" ] || run export-cv2 240 $PIN $PY -m export onnx --model $CV2 --graphs "${missing%,}" --out-dir "$ENGINES/$CV2"
 }
 export_orpheus() {
-  has $ORP llm && has $ORP vocoder || run export-orpheus 200 $PIN $PY -m export onnx --model $ORP --out-dir "$ENGINES/$ORP"
+  has $ORP llm && has $ORP vocoder || run export-orpheus 240 $PIN $PY -m export onnx --model $ORP --out-dir "$ENGINES/$ORP"
 }
 steps="${*:-$ALL}"
 for s in $steps; do
   case "$s" in
     export)
       # both on the CPU at once (the Orpheus LLM alone takes ~130 s): the longest sets the time
-      export_cv2 & export_orpheus & wait
+      OMP_NUM_THREADS=$HALF export_cv2 & OMP_NUM_THREADS=$HALF export_orpheus & wait
       ;;
     calibrate)
       # what `export build --precision int8` would capture first, made while the GPU build of ORT travels
       calib() { run calibrate-$1 200 $PIN $PY -c "import sys; from models.registry import load_model; from export.calibration \
 import load_or_capture; load_or_capture(load_model(sys.argv[1], device='cpu'), sys.argv[2].split(','), sys.argv[3])" \
         "$1" "$2" "$ENGINES/$1/calibration"; }
-      calib $CV2 flow_encoder,flow_estimator,vocoder & calib $ORP vocoder & wait
+      OMP_NUM_THREADS=$HALF calib $CV2 flow_encoder,flow_estimator,vocoder & OMP_NUM_THREADS=$HALF calib $ORP vocoder & wait
       ;;
     wait-ort)
       for ((i = 0; i < ORT_WAIT_S; i += 5)); do [ -d "$ORTSITE/onnxruntime" ] && break; sleep 5; done
@@ -112,21 +118,21 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device='cpu'), s
       fi
       ;;
     validate-cv2)
-      run validate-cv2 200 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --graphs $CV2_GRAPHS --seeds "$SEEDS"
+      run validate-cv2 240 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --graphs $CV2_GRAPHS --seeds "$SEEDS"
       keep $CV2 fp32 validate-cv2 ;;
     validate-orpheus)
-      run validate-orpheus 200 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --seeds "$SEEDS"
+      run validate-orpheus 300 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --seeds "$SEEDS"
       keep $ORP fp32 validate-orpheus ;;
     build-cv2)
       run build-cv2 240 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
         --graphs flow_encoder,flow_estimator,vocoder --bisect-rounds "$BISECT" ;;
     build-orpheus)
-      run build-orpheus 120 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
+      run build-orpheus 240 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
         --graphs vocoder --bisect-rounds "$BISECT" ;;
     llm16-cv2)
       run llm16-cv2 150 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
     llm16-orpheus)
-      run llm16-orpheus 200 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
+      run llm16-orpheus 300 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
     certify-cv2)
       run certify-cv2 150 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
         --graphs $CV2_GRAPHS --seeds "$SEEDS"
