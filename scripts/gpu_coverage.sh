@@ -3,7 +3,9 @@
 # All of it outlasts one 600 s device call, and onnxruntime-gpu arrives in parts over four calls
 # (scripts/ort_gpu_carry.sh), so a session is a chain of calls on one warm machine:
 #   call 1:  scripts/ort_gpu_carry.sh keep 00 && scripts/gpu_coverage.sh background
-#            (the exports need no GPU build of ORT: they start at once, under setsid, in /tmp/cov)
+#            (carrying .ortgpu/part00 and .whl/, which holds the polygraphy wheel: the device machine has
+#            none, and background installs what .whl/ holds into /tmp/site; the exports need no GPU build
+#            of ORT: they start at once, under setsid, in /tmp/cov)
 #   call 2-3: scripts/ort_gpu_carry.sh keep 0k        call 4: ... keep 03 && scripts/ort_gpu_carry.sh unpack
 #   then:    OUT=... scripts/gpu_coverage.sh collect 560   (waits for the chain or 560 s, packs /tmp/cov
 #            into $OUT/coverage.tgz, prints the log's end), again until the log says "chain done"
@@ -37,7 +39,7 @@ CV2="${CV2:-cosyvoice2-random}"; ORP="${ORP:-orpheus-random}"
 CV2_GRAPHS=llm,flow_encoder,flow_estimator,vocoder
 PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
 # two CPU jobs side by side get half the cores each: with torch's default (every core each) two
-# calibrations on 12 cores ran 24x slower than one alone
+# calibrations on 12 cores ran over 10x slower than one alone
 HALF=$(( $($PIN nproc) / 2 )); ((HALF < 1)) && HALF=1
 ALL="export calibrate wait-ort validate-cv2 build-cv2 bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
 
@@ -45,6 +47,10 @@ case "${1:-}" in
   background)
     # the chain outlives this call only in a process session of its own
     shift
+    if ls .whl/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     # a chain started again keeps the last one's logs beside it
     rm -rf "$CHAIN.prev"; [ -d "$CHAIN" ] && mv "$CHAIN" "$CHAIN.prev"; mkdir -p "$CHAIN"
     OUT="$CHAIN" setsid nohup "$0" "$@" > "$CHAIN/stdout.log" 2>&1 < /dev/null &
@@ -113,6 +119,7 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device='cpu'), s
       if [ -d "$ORTSITE/onnxruntime" ]; then
         export PYTHONPATH="$ORTSITE${PYTHONPATH:+:$PYTHONPATH}"
         $PY -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$log"
+        $PY -c "import polygraphy" 2>/dev/null || echo "== no polygraphy: validations and builds will fail (carry .whl/)" | tee -a "$log"
       else
         echo "== wait-ort: no onnxruntime-gpu in $ORTSITE after $ORT_WAIT_S s; going on with what is installed" | tee -a "$log"
       fi
