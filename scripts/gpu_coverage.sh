@@ -4,7 +4,8 @@
 # (scripts/ort_gpu_carry.sh), so a session is a chain of calls on one warm machine:
 #   call 1:  scripts/ort_gpu_carry.sh keep 00 && scripts/gpu_coverage.sh background
 #            (carrying .ortgpu/part00 and .whl/, which holds the polygraphy wheel: the device machine has
-#            none, and background installs what .whl/ holds into /tmp/site; the exports need no GPU build
+#            none; fill it once with `python3 -m pip download --no-deps -d .whl polygraphy==0.53.6`, the
+#            pin of requirements.txt; background installs what .whl/ holds into /tmp/site; the exports need no GPU build
 #            of ORT: they start at once, under setsid, in /tmp/cov)
 #   call 2-3: scripts/ort_gpu_carry.sh keep 0k        call 4: ... keep 03 && scripts/ort_gpu_carry.sh unpack
 #   then:    OUT=... scripts/gpu_coverage.sh collect 560   (waits for the chain or 560 s, packs /tmp/cov
