@@ -197,7 +197,7 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: float, devi
                 diff = (gc.to(wide) - rc.to(wide)).abs()
                 top = float("inf") if not bool(torch.isfinite(diff).all()) else max(top, float(diff.max()))
                 del rc, gc, diff, one
-    except (RuntimeError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it was, the host gives the same verdict or raises it
         if dev.type == "cpu":
             raise
         # a Polygraphy statistic it cannot take on this device: the host does it (slower, same verdict)
