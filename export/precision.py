@@ -202,6 +202,42 @@ def _exact_fp32_islands(model: onnx.ModelProto, src: str) -> int:
     return len(drop)
 
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def index_arithmetic(model: onnx.ModelProto, types: dict[str, int] | None = None) -> list[str]:
+    """Nodes that turn integer indices (positions, lengths) into floats and compute on them with
+    constants only: RoPE's positions x inverse frequencies and their cos / sin. They stay FP32 at every
+    level, as the torch models compute them (in float32 whatever the model's dtype): FP16 has 11
+    significant bits, so a position past 2048 rounds (4608 to a multiple of 4) and its rotation angle is
+    off by radians. Measured on the real-size CosyVoice2 LLM on an H100: every FP16 level missed the
+    tolerance at the max profile point (relative error 0.81, norms kept FP32 or not) while torch's own
+    FP16 model is within 1.5e-3 there. Seeds are the Casts of integer / boolean tensors to a float type;
+    a node joins when one of its float inputs is in the set and every other one is in it too or a
+    constant (initializer or Constant node). Where an activation comes in (x * cos), the set ends."""
+    types = types if types is not None else _elem_types(model)
+    g = model.graph
+    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+
+    def is_float(name):
+        return types.get(name) in FLOAT_TYPES
+
+    derived: set[str] = set()
+    names = []
+    for n in g.node:  # ONNX graphs are topologically sorted
+        ins = [i for i in n.input if i]
+        float_ins = [i for i in ins if is_float(i)]
+        if n.op_type in ("Cast", "CastLike") and ins and not is_float(ins[0]) and any(is_float(o) for o in n.output):
+            seed = n.op_type == "Cast" or all(i in consts or i in derived for i in float_ins)
+        else:
+            seed = False
+        joins = bool(float_ins) and any(i in derived for i in float_ins) and all(i in derived or i in consts for i in float_ins)
+        if seed or joins:
+            derived.update(o for o in n.output if is_float(o))
+            names.append(n.name)
+    return names
+
+
 def _load_inferred(src: str) -> onnx.ModelProto:
     """The model at `src` with every value's type inferred, which the FP16 converter needs to place its
     casts. ONNX's shape inference takes a serialised model, and one past protobuf's 2 GB cannot be
@@ -222,6 +258,9 @@ def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None,
     if keep is None:
         keep = fp32_nodes(model, level, GraphSpec.from_json(meta["tts.spec"]))
     level = FP16Level(label, all_fp32=False) if label else level
+    # index arithmetic stays FP32 at every level and in every bisection (index_arithmetic says why)
+    index_nodes = [n for n in index_arithmetic(model, _elem_types(model, infer=False)) if n not in set(keep)]
+    keep = [*keep, *index_nodes]
     # the counts come from the source graph: the converter rewrites `model` in place
     ops: dict[str, int] = {}
     kept = set(keep)
@@ -243,7 +282,8 @@ def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None,
     for k, v in {**meta, "tts.precision": "fp16", "tts.fp16_level": level.name}.items():
         converted.metadata_props.add(key=k, value=v)
     _save(converted, dst)
-    return {"level": level.name, "fp32_nodes": len(keep), "nodes": total_nodes, "fp32_ops": ops,
+    return {"level": level.name, "fp32_nodes": len(keep), "index_arithmetic_fp32": len(index_nodes),
+            "nodes": total_nodes, "fp32_ops": ops,
             "matmul_conv_in_fp16": f"{fp16_compute}/{total_compute}", "fp32_node_names": keep}
 
 
@@ -318,10 +358,11 @@ def write_sidecar(path: str, facts: dict) -> None:
 
 
 # -- what a file really computes in -------------------------------------------------------------------
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> ONNX element type, after type inference (no external data needed)."""
+def _elem_types(model: onnx.ModelProto, infer: bool = True) -> dict[str, int]:
+    """Tensor name -> ONNX element type, after type inference (no external data needed; `infer=False`
+    for a model already inferred, whose weights may be past what inference can serialise)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False) if infer else model
     except Exception:  # noqa: BLE001 - inference is best effort; the declared types remain
         inferred = model
     g = inferred.graph
