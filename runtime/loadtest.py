@@ -19,7 +19,7 @@ underruns (a chunk that arrives after the audio before it has finished playing, 
 the first chunk; counted per stream), requests completed and failed. Capacity at the SLO: the largest
 level with p99 first audio <= --slo-ms and no underrun. The baseline, measured in the same run: the
 single-request Pipeline with the same backends, one request at a time (its streaming first audio and
-audio seconds per second). `--runs N` repeats every level N times and reports the median run.
+audio seconds per second). `--runs N` repeats every level N times and reports the median run (the lower middle one for an even N).
 `--json` writes every number, `--plot` a PNG of throughput and latency against the level.
 """
 
@@ -282,9 +282,11 @@ def capacity(levels: list[dict], slo_ms: float) -> dict:
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run with the median audio seconds per second (all of them kept in `runs`)."""
+    """The run with the median audio seconds per second (all of them kept in `runs`); for an even
+    count the lower of the two middle runs: one real run's numbers (its latencies belong to its
+    throughput), and two runs never report the better one as their median."""
     ordered = sorted(runs, key=lambda r: r["audio_s_per_s"])
-    return {**ordered[len(ordered) // 2], "runs": [{"audio_s_per_s": r["audio_s_per_s"], "ttfa_ms": r["ttfa_ms"],
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [{"audio_s_per_s": r["audio_s_per_s"], "ttfa_ms": r["ttfa_ms"],
                                                     "underruns": r["underruns"]} for r in runs]}
 
 

@@ -733,3 +733,20 @@ def test_a_slot_is_free_when_its_request_ends_and_prompts_that_fill_the_cache_ar
                                             r"cache columns of this engine.*--max-len"):
             engine.submit(long)
         assert engine.stats()["active_streams"] == 0
+
+
+def test_loadtest_reports_the_median_run_and_never_the_better_of_two():
+    """Two runs of C=16 measured 86.5 and 61.5 audio s/s on the H100, and the level reported 86.5 as
+    their "median" (the upper middle run). The reported run is now the lower middle one for an even
+    count, with every run kept beside it."""
+    from runtime.loadtest import median_run
+
+    def run(x, p99):
+        return {"audio_s_per_s": x, "ttfa_ms": {"p50": p99 / 2, "p95": p99, "p99": p99}, "underruns": 0}
+
+    two = median_run([run(86.5, 313.9), run(61.5, 700.5)])
+    assert (two["audio_s_per_s"], two["ttfa_ms"]["p99"]) == (61.5, 700.5)
+    assert [r["audio_s_per_s"] for r in two["runs"]] == [86.5, 61.5]
+    three = median_run([run(90.0, 1.0), run(50.0, 3.0), run(70.0, 2.0)])
+    assert (three["audio_s_per_s"], three["ttfa_ms"]["p99"]) == (70.0, 2.0)
+    assert median_run([run(5.0, 9.0)])["audio_s_per_s"] == 5.0
