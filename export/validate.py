@@ -418,7 +418,8 @@ def write_report(root: str, graph_results: list[dict], audio: list[dict], meta: 
     report = {"meta": meta, "graphs": graph_results, "audio": audio,
               "certificates": [{"graph": g, "backend": b, **c} for g, b, c in certificates],
               "passed": all(g["passed"] for g in graph_results) and all(a["passed"] for a in audio)
-              and all(c["passed"] for _, _, c in certificates)}
+              and all(c["passed"] for _, _, c in certificates)
+              and not any(n.get("named") for n in meta.get("not_validated") or [])}
     jpath = os.path.join(root, "validation.json")
     with open(jpath, "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -453,7 +454,12 @@ def write_report(root: str, graph_results: list[dict], audio: list[dict], meta: 
             lines.append(f"| {b} | {a['precision']} | {a['snr_db']:.1f} | {a['log_mel_distance']:.2e} "
                          f"| {a['tokens_identical']} | {'; '.join(a.get('problems', [])) or '-'} "
                          f"| {'yes' if a['passed'] else 'NO'} |")
-    lines += ["", f"Overall: {'PASS' if report['passed'] else 'FAIL'}", ""]
+    missing = meta.get("not_validated") or []
+    if missing:
+        lines += ["", "Not validated (no artifact in this folder):", "",
+                  *[f"- {n['graph']} {n['backend']}: `{n['fix']}`" for n in missing]]
+    lines += ["", f"Overall: {'PASS' if report['passed'] else 'FAIL'}"
+              f"{f' ({len(missing)} not validated)' if missing else ''}", ""]
     mpath = os.path.join(root, "validation.md")
     with open(mpath, "w") as f:
         f.write("\n".join(lines))

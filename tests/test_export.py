@@ -88,6 +88,33 @@ def test_validate_passes_at_min_opt_max(exported, name):
     assert os.path.isfile(os.path.join(exported[name], "validation.md"))
 
 
+def test_validate_says_which_graphs_it_could_not_validate(exported, tmp_path):
+    """On the H100 a killed export left the Orpheus vocoder out of the manifest, and `export validate`
+    printed PASS for the LLM alone. A graph without an artifact is now named with the command that makes
+    it, listed in the report, and fails the run when the user asked for it (--graphs)."""
+    root = str(tmp_path / "no-vocoder")
+    shutil.copytree(exported["orpheus-tiny"], root)
+    manifest = Manifest.load(root)
+    manifest.artifacts.pop(("vocoder", "fp32", "onnx"))
+    manifest.save()
+    fix = f"python -m export onnx --model orpheus-tiny --graphs vocoder --out-dir {root}"
+    args = ["validate", "--model", "orpheus-tiny", "--points", "opt", "--seeds", "1", "--no-audio", "--out-dir", root]
+    whole = CliRunner().invoke(export_main, args, catch_exceptions=False)
+    assert whole.exit_code == 0, whole.output
+    assert f"NOT VALIDATED: vocoder ort-fp32: no artifact in {root}. Fix: run {fix}" in whole.output
+    assert f"PASS (1 not validated: vocoder ort-fp32): report in {root}/validation.md" in whole.output
+    report = json.load(open(os.path.join(root, "validation.json")))
+    assert report["passed"] and report["meta"]["not_validated"] == \
+        [{"graph": "vocoder", "backend": "ort-fp32", "named": False, "fix": fix}]
+    with open(os.path.join(root, "validation.md")) as f:
+        md = f.read()
+    assert f"- vocoder ort-fp32: `{fix}`" in md and "Overall: PASS (1 not validated)" in md
+    named = CliRunner().invoke(export_main, [*args, "--graphs", "llm,vocoder"], catch_exceptions=False)
+    assert named.exit_code == 1, named.output
+    assert "FAIL (1 not validated: vocoder ort-fp32)" in named.output
+    assert not json.load(open(os.path.join(root, "validation.json")))["passed"]
+
+
 def test_mixed_backends_and_flow_modes_agree(exported):
     model = load_model("cosyvoice3-tiny")
     root = exported["cosyvoice3-tiny"]
