@@ -214,10 +214,24 @@ def index_arithmetic(model: onnx.ModelProto, types: dict[str, int] | None = None
     tolerance at the max profile point (relative error 0.81, norms kept FP32 or not) while torch's own
     FP16 model is within 1.5e-3 there. Seeds are the Casts of integer / boolean tensors to a float type;
     a node joins when one of its float inputs is in the set and every other one is in it too or a
-    constant (initializer or Constant node). Where an activation comes in (x * cos), the set ends."""
+    constant (initializer or Constant node). Where an activation comes in (x * cos), the set ends; so
+    does it at a constant past FP16's range: that is a mask's fill value ((1 - mask) * -1e10 in the
+    CosyVoice2 estimator), which the converter clamps to -65504 in FP16 and which, kept FP32, would reach
+    the FP16 scores as -inf at the boundary cast."""
+    from onnx import numpy_helper
+
     types = types if types is not None else _elem_types(model)
     g = model.graph
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    # small float constants by the name a node reads them under (a Constant node's is its output)
+    small = {t.name: t for t in g.initializer if not t.external_data and int(np.prod(t.dims)) <= 4096}
+    small.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    out_of_fp16 = set()
+    for name, t in small.items():
+        if t.data_type in FLOAT_TYPES and int(np.prod(t.dims)) <= 4096:
+            v = numpy_helper.to_array(t)
+            if v.size and float(np.abs(v).max()) > 65504:
+                out_of_fp16.add(name)
 
     def is_float(name):
         return types.get(name) in FLOAT_TYPES
@@ -231,7 +245,8 @@ def index_arithmetic(model: onnx.ModelProto, types: dict[str, int] | None = None
             seed = n.op_type == "Cast" or all(i in consts or i in derived for i in float_ins)
         else:
             seed = False
-        joins = bool(float_ins) and any(i in derived for i in float_ins) and all(i in derived or i in consts for i in float_ins)
+        joins = bool(float_ins) and any(i in derived for i in float_ins) and \
+            all(i in derived or (i in consts and i not in out_of_fp16) for i in float_ins)
         if seed or joins:
             derived.update(o for o in n.output if is_float(o))
             names.append(n.name)

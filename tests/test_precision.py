@@ -282,3 +282,36 @@ def test_fp16_keeps_rope_positions_exact_past_2048(exported, tmp_path):
         for name, a, b in zip(("logits", "present_keys", "present_values"), want.run(None, feed), got.run(None, feed)):
             rel = float(np.abs(a - b).max() / np.abs(a).max())
             assert rel < 2e-3, (past, name, rel)
+
+
+def test_index_arithmetic_stops_at_activations_and_mask_fill_values():
+    """What stays fp32: positions cast to float and computed on with constants (RoPE's angles, their
+    cos). What does not: a node reading an activation, and a mask's fill value past fp16's range
+    ((1 - mask) * -1e10 in the CosyVoice2 estimator), which the converter clamps to -65504 in fp16 and
+    which, kept fp32, would reach the fp16 scores as -inf."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.precision import index_arithmetic
+
+    nodes = [
+        helper.make_node("Cast", ["pos"], ["pos_f"], name="cast_pos", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["pos_f", "inv_freq"], ["angle"], name="angle"),
+        helper.make_node("Cos", ["angle"], ["cos"], name="cos"),
+        helper.make_node("Mul", ["x", "cos"], ["rotated"], name="rotate"),  # an activation: not index arithmetic
+        helper.make_node("Cast", ["mask"], ["mask_f"], name="cast_mask", to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "mask_f"], ["inverse"], name="inverse"),
+        helper.make_node("Constant", [], ["fill"], name="fill_value",
+                         value=numpy_helper.from_array(np.array(-1e10, dtype=np.float32))),
+        helper.make_node("Mul", ["inverse", "fill"], ["bias"], name="bias"),
+        helper.make_node("Add", ["rotated", "bias"], ["y"], name="add_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("pos", TensorProto.INT64, [4]), helper.make_tensor_value_info("mask", TensorProto.BOOL, [4]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.full(4, 0.5, dtype=np.float32), "inv_freq"),
+         numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert index_arithmetic(model) == ["cast_pos", "angle", "cos", "cast_mask", "inverse"]
