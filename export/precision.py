@@ -43,7 +43,13 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 NORM_OPS = ["LayerNormalization", "SimplifiedLayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare",
             "ReduceL2", "Pow", "Sqrt", "Reciprocal", "Softmax", "CumSum"]
-SPECIAL_OPS = ["Exp", "Log", "Sin", "Cos", "Erf", "Tanh", "Mod", "Floor", "Round", "Div"]
+# the activations that are whole special functions in one ONNX op (Mish = x tanh(softplus(x)), 43 of them in
+# the CosyVoice2 estimator) belong with Exp / Tanh: on the H100 its fp16 estimator kept missing the tolerance
+# with norms and the other special functions fp32 (2.19e-02 against 0.02) and passed with everything but
+# matmul / conv fp32 (2.22e-03), while the same fp16 graph on ORT's CPU provider was 7.2e-03 off: the
+# culprit is a CUDA fp16 kernel outside both lists (which one is not measured yet)
+SPECIAL_OPS = ["Exp", "Log", "Sin", "Cos", "Erf", "Tanh", "Mod", "Floor", "Round", "Div",
+               "Mish", "Softplus", "Sigmoid", "Gelu"]
 HEAVY_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
 
 
