@@ -161,8 +161,8 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
       run bench-cv2 240 $PY -m runtime.bench --model $CV2 --device "$DEVICE" --engines-dir "$ENGINES/$CV2" --flow-mode steps \
         --backends "torch|ort|ort:fp16|llm=ort,flow=ort:int8,vocoder=ort:int8" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
     bench-orpheus)
-      run bench-orpheus 150 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
-        --backends "torch|ort|ort:fp16|llm=ort,vocoder=ort:int8" --lengths 50,500 --reps 5 --json "$OUT/bench-$ORP.json" ;;
+      run bench-orpheus 240 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
+        --backends "torch|ort|ort:fp16|llm=ort,vocoder=ort:int8" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;
     *) echo "unknown step $s (steps: $ALL)" | tee -a "$log"; exit 2 ;;
   esac
 done
