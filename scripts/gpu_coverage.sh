@@ -42,6 +42,9 @@ ORTSITE="${ORTSITE:-/tmp/ortsite}"; ORT_WAIT_S="${ORT_WAIT_S:-400}"; CHAIN="${CH
 # the tiny presets and DEVICE=cpu run the same steps on a laptop (a smoke test of this script)
 CV2="${CV2:-cosyvoice2-random}"; ORP="${ORP:-orpheus-random}"
 CV2_GRAPHS=llm,flow_encoder,flow_estimator,vocoder
+# ORP_GRAPHS=vocoder leaves the 13 GB LLM out (its export is ~175 s of CPU and its fp16 build 420 s of GPU)
+# when a session has too little device time for it
+ORP_GRAPHS="${ORP_GRAPHS:-llm,vocoder}"
 PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
 # two CPU jobs side by side get half the cores each: with torch's default (every core each) two
 # calibrations on 12 cores ran over 10x slower than one alone
@@ -104,7 +107,9 @@ export_cv2() {
 }
 export_orpheus() {
   # 360: the 13 GB LLM took 140-175 s beside the CosyVoice2 export, and a 240 s limit cut the vocoder after it
-  has $ORP llm && has $ORP vocoder || run export-orpheus 360 $PIN $PY -m export onnx --model $ORP --out-dir "$ENGINES/$ORP"
+  local missing
+  missing=$(for g in ${ORP_GRAPHS//,/ }; do has $ORP $g || printf '%s,' $g; done)
+  [ -z "$missing" ] || run export-orpheus 360 $PIN $PY -m export onnx --model $ORP --graphs "${missing%,}" --out-dir "$ENGINES/$ORP"
 }
 steps="${*:-$ALL}"
 for s in $steps; do
@@ -136,7 +141,7 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
       run validate-cv2 240 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --graphs $CV2_GRAPHS --seeds "$SEEDS"
       keep $CV2 fp32 validate-cv2 ;;
     validate-orpheus)
-      run validate-orpheus 300 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --seeds "$SEEDS"
+      run validate-orpheus 300 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --graphs $ORP_GRAPHS --seeds "$SEEDS"
       keep $ORP fp32 validate-orpheus ;;
     build-cv2)
       run build-cv2 240 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
@@ -154,7 +159,8 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
         --graphs $CV2_GRAPHS --seeds "$SEEDS"
       keep $CV2 fp16-int8 certify-cv2 ;;
     certify-orpheus)
-      run certify-orpheus 150 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 --seeds "$SEEDS"
+      run certify-orpheus 150 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
+        --graphs $ORP_GRAPHS --seeds "$SEEDS"
       keep $ORP fp16-int8 certify-orpheus ;;
     bench-cv2)
       # a precision without its artifact (a build that failed or was cut) is listed as skipped
@@ -162,7 +168,7 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
         --backends "torch|ort|ort:fp16|llm=ort,flow=ort:int8,vocoder=ort:int8" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
     bench-orpheus)
       run bench-orpheus 240 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
-        --backends "torch|ort|ort:fp16|llm=ort,vocoder=ort:int8" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;
+        --backends "torch|ort|vocoder=ort:fp16|vocoder=ort:int8|ort:fp16" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;
     *) echo "unknown step $s (steps: $ALL)" | tee -a "$log"; exit 2 ;;
   esac
 done
