@@ -30,6 +30,16 @@ _SIZES = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a module of tiny graphs: faster than many, immune to a busy machine's OpenMP
+    contention, and (for the engine's worker threads) results that do not depend on how many run at once."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def golden(*parts):
     return torch.load(os.path.join(GOLDEN, *parts), map_location="cpu", weights_only=True)
 

@@ -33,13 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny graphs in several threads: one intra-op thread each keeps results independent of the batch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_counter_uniforms_are_per_row_and_uniform():
