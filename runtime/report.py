@@ -192,13 +192,19 @@ def measure_concurrency(pipe, req: Request, level: int, warmup: int, reps: int, 
     # one pool for all rounds: a new OS thread pays for its own OpenMP / CUDA set-up on its first call,
     # which the warm-up round absorbs only if the same threads serve the timed rounds
     with ThreadPoolExecutor(max(level - 1, 1)) as pool:
-        for _ in range(warmup):
-            concurrent_round(pool, pipe, req, level, seed)
-        walls, recs = [], []
-        for _ in range(max(2, math.ceil(reps / level))):
-            wall, rs = concurrent_round(pool, pipe, req, level, seed)
-            walls.append(wall)
-            recs += rs
+        return timed_rounds(lambda k: concurrent_round(pool, pipe, req, level, seed), level, warmup, reps)
+
+
+def timed_rounds(round_, level: int, warmup: int, reps: int) -> dict:
+    """`warmup` untimed rounds, then at least two timed ones (enough for `reps` requests); a round of
+    `level` requests returns (wall s, [(first audio s, finished s, audio s) per request])."""
+    for k in range(warmup):
+        round_(k)
+    walls, recs = [], []
+    for k in range(max(2, math.ceil(reps / level))):
+        wall, rs = round_(warmup + k)
+        walls.append(wall)
+        recs += rs
     wall = summarize(walls)["median_ms"] / 1e3
     firsts, totals = summarize([r[0] for r in recs]), summarize([r[1] for r in recs])
     return {"requests_per_s": level / wall, "audio_s_per_s": sum(r[2] for r in recs[:level]) / wall,
@@ -216,19 +222,7 @@ def measure_engine_concurrency(engine, req: Request, level: int, warmup: int, re
             h.audio()
         return time.perf_counter() - t0, [(h.stats.first_audio, h.stats.finished, h.stats.audio_seconds) for h in handles]
 
-    for k in range(warmup):
-        round_(k)
-    walls, recs = [], []
-    for k in range(max(2, math.ceil(reps / level))):
-        wall, rs = round_(warmup + k)
-        walls.append(wall)
-        recs += rs
-    wall = summarize(walls)["median_ms"] / 1e3
-    firsts, totals = summarize([r[0] for r in recs]), summarize([r[1] for r in recs])
-    return {"requests_per_s": level / wall, "audio_s_per_s": sum(r[2] for r in recs[:level]) / wall,
-            "first_chunk_median_ms": firsts["median_ms"], "first_chunk_p95_ms": firsts["p95_ms"],
-            "latency_median_ms": totals["median_ms"], "latency_p95_ms": totals["p95_ms"], "requests": len(recs),
-            "via": "engine"}
+    return {**timed_rounds(round_, level, warmup, reps), "via": "engine"}
 
 
 def artifacts_used(pipe, model, engines_dir: str | None) -> list[dict]:
