@@ -99,9 +99,12 @@ def capture(model: TTSModel, graphs: list[str], device: str = "cpu", max_tokens:
 
 
 def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: str = "cpu",
-                    max_tokens: int = 120, log=print, count: int | None = None) -> dict[str, list[dict]]:
+                    max_tokens: int = 120, log=print, count: int | None = None,
+                    capture_model=None) -> dict[str, list[dict]]:
     """Cached captures: `<cache_dir>/<graph>.pt` (+ .json key); recapture what is missing, stale or
-    unreadable (a cache heals itself: a damaged file costs a recapture and a one-line note, not the build)."""
+    unreadable (a cache heals itself: a damaged file costs a recapture and a one-line note, not the build).
+    `capture_model`, if given, makes the model that runs a capture (called only when one is needed):
+    a copy on `device`, so that `model` (the one being exported) stays where it is."""
     from models.files import AtomicFile
 
     texts = calibration_texts()[:count]  # count: the first texts only (quick builds; tests)
@@ -118,7 +121,7 @@ def load_or_capture(model: TTSModel, graphs: list[str], cache_dir: str, device: 
         missing.append(g)
     if missing:
         log(f"calibration: running the torch pipeline over {len(texts)} texts for {', '.join(missing)}")
-        fresh = capture(model, missing, device, max_tokens, texts)
+        fresh = capture(capture_model() if capture_model else model, missing, device, max_tokens, texts)
         for g in missing:
             # the data first, its key last: a key is only ever next to the complete data it describes
             with AtomicFile(os.path.join(cache_dir, f"{g}.pt")) as f:

@@ -348,8 +348,15 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
 
     feeds = {}
     if "int8" in precs:
-        feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device="cpu", log=click.echo,
-                                count=calibration_texts)
+        # the capture runs the torch pipeline over every text: on the GPU when building for one (the
+        # Orpheus 3B LM writes the vocoder's codes: ~10 s a text on the CPU), in a copy of the model
+        # there, since the one exported here must stay on the CPU (same weights: presets draw on the CPU)
+        on_gpu = device.startswith("cuda")
+        feeds = load_or_capture(model, names, os.path.join(root, "calibration"), device=device, log=click.echo,
+                                count=calibration_texts,
+                                capture_model=(lambda: _model(model_name, device=device, seed=seed)) if on_gpu else None)
+        if on_gpu:
+            torch.cuda.empty_cache()  # the copy is gone: its memory goes back for the ORT sessions
     refused = []  # (graph, precision, why): not recorded, the build fails at the end
     with progress:
         for g in names:

@@ -120,12 +120,19 @@ class TTSModel(abc.ABC):
         """The eager torch module of graph `name`; forward takes the spec inputs in order."""
 
     def seeded_build(self, build, offset: int):
-        """Construct a module with seeded random weights (presets) on the build device, without
-        touching the global RNG. `offset` gives each component its own stream."""
+        """Construct a module with seeded random weights (presets), without touching the global RNG,
+        and move it to the build device. `offset` gives each component its own stream.
+
+        The weights are always drawn on the CPU: CUDA's generator gives other numbers for the same
+        seed, so a preset drawn on the GPU would be another model than the one exported, validated and
+        calibrated on the CPU under the same name and seed (and the same fingerprint). Drawing the 3B
+        Orpheus LM on the CPU costs seconds at load; a model that is not the artifacts' costs the
+        meaning of every comparison."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(getattr(self, "seed", 0) * 1000 + offset)
-            with torch.device(getattr(self, "build_device", "cpu")):
-                return build()
+            with torch.device("cpu"):
+                module = build()
+        return module.to(getattr(self, "build_device", torch.device("cpu")))
 
     def graphs_of(self, stage: str) -> list[str]:
         return [n for n, s in self.graph_specs().items() if s.stage == stage]

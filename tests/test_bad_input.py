@@ -372,6 +372,21 @@ def test_corrupt_calibration_cache_heals_itself(tmp_path, monkeypatch):
     assert sorted(os.listdir(cache)) == ["flow_encoder.json", "flow_encoder.pt", "vocoder.json", "vocoder.pt"]
 
 
+def test_calibration_copy_on_the_device_is_made_only_for_a_capture(tmp_path, monkeypatch):
+    """`export build --device cuda` captures in a copy of the model on the GPU (the exported one stays on the
+    CPU): the copy runs the capture and is made only when the cache lacks a graph."""
+    model = models.registry.load_model("cosyvoice3-tiny")
+    copy = models.registry.load_model("cosyvoice3-tiny")
+    ran_in, made = [], []
+    monkeypatch.setattr("export.calibration.capture",
+                        lambda m, graphs, *a: ran_in.append(m) or {g: [{"x": torch.ones(1)}] for g in graphs})
+    make = lambda: made.append(1) or copy
+    load_or_capture(model, ["vocoder"], str(tmp_path), device="cuda", log=lambda _: None, capture_model=make)
+    assert made == [1] and ran_in == [copy]
+    load_or_capture(model, ["vocoder"], str(tmp_path), device="cuda", log=lambda _: None, capture_model=make)
+    assert made == [1] and ran_in == [copy]  # cached: no copy, no capture
+
+
 # -- progress --------------------------------------------------------------------------------------------
 class _Terminal(io.StringIO):
     def isatty(self):

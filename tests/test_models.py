@@ -237,3 +237,31 @@ def test_synthesize_batch_serves_several_requests():
         assert len(res.audios) == 3 and all(a.numel() > 0 and torch.isfinite(a).all() for a in res.audios)
         assert [len(t[0]) for t in res.tokens] == [28, 28, 28]
         assert res.rtf > 0 and set(res.stage_seconds) == set(pipe.model.stages)
+
+
+def test_preset_weights_are_drawn_on_the_cpu_whatever_the_device():
+    """CUDA's generator draws other numbers for the same seed: a preset built on the GPU would not
+    be the model its CPU-exported artifacts (same name, seed and fingerprint) were made from."""
+    model = load_model("cosyvoice2-tiny")
+    drawn_on = []
+
+    def build():
+        drawn_on.append(torch.empty(0).device.type)
+        return torch.nn.Linear(3, 3)
+
+    on_cpu = model.seeded_build(build, 7)
+    model.build_device = torch.device("meta")  # any other device: the draw stays on the CPU
+    elsewhere = model.seeded_build(build, 7)
+    assert drawn_on == ["cpu", "cpu"]
+    assert elsewhere.weight.device.type == "meta" and on_cpu.weight.device.type == "cpu"
+    again = load_model("cosyvoice2-tiny").seeded_build(build, 7)
+    assert torch.equal(on_cpu.weight, again.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["cosyvoice2-tiny", "orpheus-tiny"])
+def test_a_preset_loaded_for_the_gpu_has_the_cpu_presets_weights(name):
+    cpu, gpu = load_model(name), load_model(name, device="cuda")
+    for graph in cpu.graph_specs():
+        a, b = cpu.graph_module(graph).state_dict(), gpu.graph_module(graph).state_dict()
+        assert all(torch.equal(a[k], b[k].cpu()) for k in a), graph
