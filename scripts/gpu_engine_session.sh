@@ -180,9 +180,10 @@ if [ "${1:-}" = prefix ] || [ "${1:-}" = prefix-compiled ]; then
 fi
 if [ "${1:-}" = prefix ] || [ "${1:-}" = prefix-bench ] || [ "${1:-}" = prefix-loads ]; then
   for mode in prefix solver; do
-    run 200 loadtest-cv3-flow-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
+    # PREFIX_LEVELS=1,16,32,64,128 RUNS=3 STEP_S=280: the sweep that ranks the two modes (~300 s for both)
+    run "${STEP_S:-200}" loadtest-cv3-flow-$mode $PY -m runtime.loadtest --model cosyvoice3-random --device cuda \
         --backend llm=torch:bf16,flow=cudagraph:bf16,vocoder=cudagraph:bf16 --max-len 512 --max-streams 128 \
-        --concurrency 1,16,32 --requests 32 --tokens 125 --runs "${RUNS:-1}" --no-baseline --flow-mode $mode \
+        --concurrency "${PREFIX_LEVELS:-1,16,32}" --requests 32 --tokens 125 --runs "${RUNS:-1}" --no-baseline --flow-mode $mode \
         --json "$OUT/loadtest-cv3-flow-$mode.json"
   done
   exit 0
