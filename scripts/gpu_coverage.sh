@@ -17,7 +17,8 @@
 #   calibrate        the INT8 calibration captures the builds read (CPU work, cached beside the artifacts)
 #   wait-ort         wait (up to $ORT_WAIT_S) for onnxruntime-gpu in $ORTSITE, then use it
 #   validate-cv2     fp32 against torch on $DEVICE at min/opt/max, $SEEDS seeds, audio included
-#   build-cv2        fp16 + int8 of the CosyVoice2 flow graphs and vocoder, validated while built
+#   build-cv2        fp16 + int8 of the CosyVoice2 flow graphs and vocoder, validated while built (or one
+#                    graph a step, each with its own limit: build-cv2-estimator, -vocoder, -encoder)
 #   bench-cv2        ORT fp32 / fp16 against torch eager, per stage (flow in steps)
 #   validate-orpheus, build-orpheus (the SNAC vocoder)
 #   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
@@ -25,7 +26,8 @@
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
 # Steps may be named after `background` too: the 2026-12-07 chain left these owed (its fp32 validations of
 # the CosyVoice2 graphs and the Orpheus LLM passed, docs/performance.md):
-#   background export calibrate wait-ort llm16-cv2 build-cv2 validate-orpheus build-orpheus llm16-orpheus
+#   background export calibrate wait-ort llm16-cv2 build-cv2-estimator build-cv2-vocoder validate-orpheus
+#              build-orpheus llm16-orpheus build-cv2-encoder
 #              certify-cv2 certify-orpheus bench-cv2 bench-orpheus
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
@@ -49,7 +51,7 @@ PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
 # two CPU jobs side by side get half the cores each: with torch's default (every core each) two
 # calibrations on 12 cores ran over 10x slower than one alone
 HALF=$(( $($PIN nproc) / 2 )); ((HALF < 1)) && HALF=1
-ALL="export calibrate wait-ort validate-cv2 build-cv2 bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
+ALL="export calibrate wait-ort validate-cv2 build-cv2-estimator build-cv2-vocoder build-cv2-encoder bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
 
 case "${1:-}" in
   background)
@@ -146,6 +148,13 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
     build-cv2)
       run build-cv2 240 $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
         --graphs flow_encoder,flow_estimator,vocoder --bisect-rounds "$BISECT" ;;
+    build-cv2-encoder|build-cv2-estimator|build-cv2-vocoder)
+      # one graph a step, so that a long bisection (the estimator's fp16 took ~22 s a candidate: 4 ladder
+      # levels and 4 rounds are ~180 s) cannot starve the others of their turn
+      graph=${s#build-cv2-}; [ "$graph" = vocoder ] || graph=flow_$graph
+      limit=150; [ "$graph" = flow_estimator ] && limit=300
+      run $s $limit $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
+        --graphs $graph --bisect-rounds "$BISECT" ;;
     build-orpheus)
       run build-orpheus 240 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
         --graphs vocoder --bisect-rounds "$BISECT" ;;
