@@ -90,7 +90,10 @@ def fp32_nodes(model: onnx.ModelProto, level: FP16Level, spec: GraphSpec) -> lis
     scopes = set(spec.fp32_scopes) | set(spec.sensitive_scopes) if level.spec_scopes else set()
     names = []
     for n in model.graph.node:
-        scoped = any(part.split(".")[0] in scopes or part in scopes for part in _scopes(n))
+        # any component of a scope path, as `GraphSpec.in_fp32_scope` reads parameter paths: a graph
+        # whose module wraps the one declaring the islands (the CosyVoice2 vocoder's source cache around
+        # HiFT: "hift.f0_predictor") has them one level down, where the first component alone never matched
+        scoped = any(c in scopes for part in _scopes(n) for c in part.split("."))
         if level.all_fp32 or n.op_type in level.block_ops or scoped or (level.only_heavy and n.op_type not in HEAVY_OPS):
             names.append(n.name)
     return names

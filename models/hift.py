@@ -432,7 +432,8 @@ class HiFTGenerator(nn.Module):
         (magnitude, phase), each [B, n_fft/2+1, T*120+1], as upstream feeds them to `_istft`
         (magnitude before the 1e2 clip)."""
         net = self.conv_pre.weight.dtype
-        s_stft = _cast(self.stft.stacked(source.squeeze(1)), net)  # [B, 2F, frames]: real then imag, as upstream cat
+        # [B, 2F, frames]: real then imag, as upstream cat; a module call, so the STFT island is scoped
+        s_stft = _cast(self.stft(source.squeeze(1), stacked=True), net)
         x = self.conv_pre(_cast(mel, net))
         last = len(self.ups) - 1
         for i, up in enumerate(self.ups):

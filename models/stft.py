@@ -75,9 +75,12 @@ class STFT(nn.Module):
         xp = self._reflect_pad(x).unsqueeze(1)
         return F.conv1d(xp, _as(self.basis, x), stride=self.hop)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, stacked: bool = False):
+        """(real, imag), or with `stacked` the [B, 2F, frames] layout of `stacked`. Call the module,
+        not the method, where it must show in an exported graph: only a module call gives its nodes
+        the name scope that fp32 islands are found by (export.precision.fp32_nodes)."""
         spec = self.stacked(x)
-        return spec[:, : self.bins], spec[:, self.bins :]
+        return spec if stacked else (spec[:, : self.bins], spec[:, self.bins :])
 
 
 class ISTFT(nn.Module):

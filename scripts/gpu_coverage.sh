@@ -84,7 +84,7 @@ mkdir -p "$OUT"
 log="$OUT/coverage.log"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader 2>/dev/null | tee -a "$log"
 # ONNX Runtime's cuDNN frontend prints one line per convolution it finds no plan for: counted, not kept
-quiet() { grep -v "cudnn_frontend\|plugin EP device\|^\s*$\|^.\[m$"; }
+quiet() { grep -v "cudnn_frontend\|plugin EP device\|CUDNN_STATUS_NOT_SUPPORTED\|\"engineId\"\|at: 0 == newResults\|with the cudnn frontend json\|^\s*$\|^.\[m$"; }
 run() {
   local name=$1 limit=${STEP_S:-$2}; shift 2
   local left=$((BUDGET_S - SECONDS))

@@ -315,3 +315,22 @@ def test_index_arithmetic_stops_at_activations_and_mask_fill_values():
          numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert index_arithmetic(model) == ["cast_pos", "angle", "cos", "cast_mask", "inverse"]
+
+
+def test_fp32_islands_are_found_inside_a_wrapping_module(exported):
+    """The CosyVoice2 vocoder is HiFT wrapped by its source cache, so its islands (F0 predictor, sine
+    source, STFT / iSTFT) sit at name scopes such as "hift.f0_predictor": matching the scope's first
+    component only kept none of them, and the ladder's third level ran them in fp16. Every node of an
+    island must be kept, and only nodes of islands are kept beyond the level's op types."""
+    from export.precision import FP16_LEVELS, _scopes, fp32_nodes
+
+    model = onnx.load(os.path.join(exported["cosyvoice2-tiny"], "onnx", "fp32", "vocoder.onnx"), load_external_data=False)
+    spec = load_model("cosyvoice2-tiny").graph_specs()["vocoder"]
+    level = FP16_LEVELS[2]
+    assert level.spec_scopes and set(spec.fp32_scopes) == {"f0_predictor", "m_source", "stft", "istft"}
+    kept = set(fp32_nodes(model, level, spec))
+    in_island = {n.name for n in model.graph.node if any(spec.in_fp32_scope(s) for s in _scopes(n))}
+    by_op = {n.name for n in model.graph.node if n.op_type in level.block_ops}
+    islands_seen = {c for n in model.graph.node for s in _scopes(n) for c in s.split(".") if c in spec.fp32_scopes}
+    assert islands_seen == set(spec.fp32_scopes)  # the exporter names all four where the wrapper puts them
+    assert len(in_island) > 50 and in_island <= kept and kept == in_island | by_op
