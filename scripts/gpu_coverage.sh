@@ -24,11 +24,11 @@
 #   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
 #   bench-orpheus    ORT fp32 against torch eager
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
-# Steps may be named after `background` too: the 2026-12-07 chain left these owed (its fp32 validations of
-# the CosyVoice2 graphs and the Orpheus LLM passed, docs/performance.md):
-#   background export calibrate wait-ort llm16-cv2 build-cv2-estimator build-cv2-vocoder validate-orpheus
-#              build-orpheus llm16-orpheus build-cv2-encoder
-#              certify-cv2 certify-orpheus bench-cv2 bench-orpheus
+# Steps may be named after `background` too. Owed after the fourth attempt (docs/performance.md: the
+# CosyVoice2 fp16 LLM, estimator fp16, encoder and the Orpheus vocoder fp16/int8 passed on the H100):
+#   background export calibrate wait-ort llm16-orpheus build-cv2-vocoder build-orpheus bench-orpheus
+#              certify-cv2 build-cv2-estimator
+# (a machine lost: every artifact is made again; ORP_GRAPHS=vocoder when the session has < ~1,200 s left)
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
 # slow step leaves time to the rest. $EXPORT_CPUS pins the exports (e.g. 4-15, leaving cores to a benchmark
