@@ -434,6 +434,19 @@ def fp16_candidates(model: onnx.ModelProto) -> list[str]:
             and any(types.get(t) == onnx.TensorProto.FLOAT for t in (*n.input, *n.output) if t)]
 
 
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose two operands are both computed from the inputs (attention's Q x K^T and
+    probabilities x V), as against a layer's activations x weights. Static int8 gives such a product one
+    scale per tensor for values with no fixed range (softmax probabilities are mostly tiny, keys carry
+    outliers): the CosyVoice2 estimator was 0.79-0.82 off with every MatMul quantised, on the CPU and on
+    the H100 alike. A weight is an initializer, a Constant, or computed from those alone (a Transpose)."""
+    const = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:  # graph order is topological
+        if n.op_type == "Constant" or (n.input and all(i in const or not i for i in n.input)):
+            const.update(n.output)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in const for i in n.input)]
+
+
 def int8_candidates(src: str, op_types: list[str] = INT8_OPS) -> list[str]:
     model = onnx.load(src, load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in op_types]
@@ -576,16 +589,24 @@ def search_fp16(src: str, dst: str, check, max_rounds: int, log) -> dict:
 
 def search_int8(src: str, dst: str, feeds: list[dict], check, max_rounds: int, log, cache: str | None = None) -> dict:
     """The INT8 file of `src` with the most quantised matmuls / convolutions found: all of them if
-    that passes, else bisected from the first level that passes ("matmul": convolutions left out) or
-    from nothing quantised, to the nodes whose quantisation breaks the tolerance. As `search_fp16`;
-    `kept` lists the nodes left unquantised."""
+    that passes, else bisected from the first level that passes ("weight-matmul+conv": activation x
+    activation products left out; "weight-matmul" / "matmul": convolutions too) or from nothing
+    quantised, to the nodes whose quantisation breaks the tolerance. As `search_fp16`; `kept` lists
+    the nodes left unquantised."""
     heavy = int8_candidates(src)
-    types = {n.name: n.op_type for n in onnx.load(src, load_external_data=False).graph.node}
+    model = onnx.load(src, load_external_data=False)
+    types = {n.name: n.op_type for n in model.graph.node}
     search = _Search(lambda kept: to_int8(src, dst, feeds, INT8_OPS, exclude=kept, cache=cache), check, log)
     if search.run("matmul+conv", []):
         return search.outcome()
+    # then activations x weights only (attention's activation products left out, activation_matmuls says
+    # why), then without the convolutions too; "weight-" only where a graph has activation products
+    act = activation_matmuls(model)
     convs = [n for n in heavy if types[n] not in INT8_LEVELS[1][1]]
-    start = ("matmul", convs) if convs and search.run("matmul", convs) else None
+    levels = [("weight-matmul+conv", act)] if act else []
+    if convs:
+        levels.append(("weight-matmul" if act else "matmul", sorted(set(act) | set(convs), key=heavy.index)))
+    start = next(((name, kept) for name, kept in levels if search.run(name, kept)), None)
     if start is None:
         if not search.run("nothing-quantised", heavy):
             return search.outcome()
