@@ -209,9 +209,10 @@ def validate_cmd(model_name, backends, precisions, points, seeds, graphs, out_di
     ok = ok and not any(n["named"] for n in not_validated)
     gaps = f" ({len(not_validated)} not validated: {', '.join(n['graph'] + ' ' + n['backend'] for n in not_validated)})" \
         if not_validated else ""
-    click.echo(f"{'PASS' if ok else 'FAIL'}{gaps}: report in {mpath} and {jpath}")
+    # nothing validated is no PASS (it printed one before the error that followed it)
     if not results:
         raise UserError(f"nothing to validate in {root} for {backends} {precisions}.", "export first: python -m export onnx")
+    click.echo(f"{'PASS' if ok else 'FAIL'}{gaps}: report in {mpath} and {jpath}")
     if not ok:
         sys.exit(1)
 

@@ -14,7 +14,8 @@
 #   OUT=results ENGINES=/tmp/engines scripts/gpu_coverage.sh [steps...]
 # steps (default: all, in this order, most wanted first):
 #   export           fp32 ONNX of whatever is missing, both families at once (CPU work)
-#   calibrate        the INT8 calibration captures the builds read (CPU work, cached beside the artifacts)
+#   calibrate        the INT8 calibration captures the builds read (torch on $DEVICE, cached beside the artifacts)
+#   prepare          both at once (the captures need no ONNX; $CAL_PIN pins them apart from the exports)
 #   wait-ort         wait (up to $ORT_WAIT_S) for onnxruntime-gpu in $ORTSITE, then use it
 #   validate-cv2     fp32 against torch on $DEVICE at min/opt/max, $SEEDS seeds, audio included
 #   build-cv2        fp16 + int8 of the CosyVoice2 flow graphs and vocoder, validated while built (or one
@@ -26,8 +27,10 @@
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
 # Steps may be named after `background` too. Owed after the fourth attempt (docs/performance.md: the
 # CosyVoice2 fp16 LLM, estimator fp16, encoder and the Orpheus vocoder fp16/int8 passed on the H100):
-#   background export calibrate wait-ort llm16-orpheus build-cv2-vocoder build-orpheus bench-orpheus
-#              certify-cv2 build-cv2-estimator
+#   EST_PRECISION=int8 CERT_CV2_GRAPHS=flow_estimator,vocoder CAL_PIN="taskset -c 0-3"
+#   BENCH_ORP_BACKENDS="torch|vocoder=ort|vocoder=ort:fp16|vocoder=ort:int8" (ORT's fp32 LLM was measured)
+#   background prepare wait-ort build-cv2-vocoder build-orpheus bench-orpheus build-cv2-estimator
+#              llm16-orpheus certify-orpheus certify-cv2
 # (a machine lost: every artifact is made again; ORP_GRAPHS=vocoder when the session has < ~1,200 s left)
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
@@ -113,6 +116,9 @@ export_orpheus() {
   missing=$(for g in ${ORP_GRAPHS//,/ }; do has $ORP $g || printf '%s,' $g; done)
   [ -z "$missing" ] || run export-orpheus 360 $PIN $PY -m export onnx --model $ORP --graphs "${missing%,}" --out-dir "$ENGINES/$ORP"
 }
+calib() { run calibrate-$1 240 $PIN $PY -c "import sys; from models.registry import load_model; from export.calibration \
+import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[4]), sys.argv[2].split(','), sys.argv[3], device=sys.argv[4])" \
+  "$1" "$2" "$ENGINES/$1/calibration" "${CAL_DEVICE:-$DEVICE}"; }
 steps="${*:-$ALL}"
 for s in $steps; do
   case "$s" in
@@ -120,13 +126,17 @@ for s in $steps; do
       # both on the CPU at once (the Orpheus LLM alone takes ~130 s): the longest sets the time
       OMP_NUM_THREADS=$HALF export_cv2 & OMP_NUM_THREADS=$HALF export_orpheus & wait
       ;;
+    prepare)
+      # export and calibrate at once: the captures run the torch model on the GPU and need no ONNX, so
+      # they need not wait for the exports' CPU work (on $CAL_PIN, cores the exports leave free)
+      OMP_NUM_THREADS=$HALF export_cv2 & OMP_NUM_THREADS=$HALF export_orpheus &
+      PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $CV2 flow_encoder,flow_estimator,vocoder &
+      PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $ORP vocoder & wait
+      ;;
     calibrate)
       # what `export build --precision int8` would capture first, made while the GPU build of ORT travels
       # and the exports hold the CPU: on the GPU ($CAL_DEVICE; torch needs no ORT). On 6 CPU cores the
       # Orpheus capture (its 3B LLM writes the codes) did 12 of 18 texts in 200 s; on the H100, 18 in 180 s
-      calib() { run calibrate-$1 240 $PIN $PY -c "import sys; from models.registry import load_model; from export.calibration \
-import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[4]), sys.argv[2].split(','), sys.argv[3], device=sys.argv[4])" \
-        "$1" "$2" "$ENGINES/$1/calibration" "${CAL_DEVICE:-$DEVICE}"; }
       OMP_NUM_THREADS=$HALF calib $CV2 flow_encoder,flow_estimator,vocoder & OMP_NUM_THREADS=$HALF calib $ORP vocoder & wait
       ;;
     wait-ort)
@@ -152,8 +162,10 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
       # one graph a step, so that a long bisection (the estimator's fp16 took ~22 s a candidate: 4 ladder
       # levels and 4 rounds are ~180 s) cannot starve the others of their turn
       graph=${s#build-cv2-}; [ "$graph" = vocoder ] || graph=flow_$graph
-      limit=150; [ "$graph" = flow_estimator ] && limit=300
-      run $s $limit $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
+      limit=150; prec=fp16,int8
+      # EST_PRECISION=int8 builds only the estimator's int8 (its fp16 bisection is ~200 s of the 300)
+      [ "$graph" = flow_estimator ] && limit=300 && prec=${EST_PRECISION:-fp16,int8}
+      run $s $limit $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision $prec \
         --graphs $graph --bisect-rounds "$BISECT" ;;
     build-orpheus)
       run build-orpheus 240 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
@@ -165,7 +177,7 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
       run llm16-orpheus 420 $PY -m export build --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16 --graphs llm --bisect-rounds "$BISECT" ;;
     certify-cv2)
       run certify-cv2 150 $PY -m export validate --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision fp16,int8 \
-        --graphs $CV2_GRAPHS --seeds "$SEEDS"
+        --graphs ${CERT_CV2_GRAPHS:-$CV2_GRAPHS} --seeds "$SEEDS"
       keep $CV2 fp16-int8 certify-cv2 ;;
     certify-orpheus)
       run certify-orpheus 150 $PY -m export validate --model $ORP --out-dir "$ENGINES/$ORP" --device "$DEVICE" --precision fp16,int8 \
@@ -177,7 +189,7 @@ import load_or_capture; load_or_capture(load_model(sys.argv[1], device=sys.argv[
         --backends "torch|ort|ort:fp16|llm=ort,flow=ort:int8,vocoder=ort:int8" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
     bench-orpheus)
       run bench-orpheus 240 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
-        --backends "torch|ort|vocoder=ort:fp16|vocoder=ort:int8|ort:fp16" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;
+        --backends "${BENCH_ORP_BACKENDS:-torch|ort|vocoder=ort:fp16|vocoder=ort:int8|ort:fp16}" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;
     *) echo "unknown step $s (steps: $ALL)" | tee -a "$log"; exit 2 ;;
   esac
 done

@@ -114,6 +114,11 @@ def test_validate_says_which_graphs_it_could_not_validate(exported, tmp_path):
     assert "FAIL (1 not validated: vocoder ort-fp32)" in named.output
     assert not json.load(open(os.path.join(root, "validation.json")))["passed"]
 
+    nothing = CliRunner().invoke(export_main, [*args, "--precision", "int8"])
+    assert nothing.exit_code == 2, nothing.output
+    # the only verdict is the error: a PASS line before it read as a validation that passed
+    assert "PASS" not in nothing.output and f"error: nothing to validate in {root} for ort int8." in nothing.output
+
 
 def test_mixed_backends_and_flow_modes_agree(exported):
     model = load_model("cosyvoice3-tiny")
