@@ -153,7 +153,8 @@ class SpeechReplica:
     def facts(self) -> dict:
         """Which replica this is, and what Ray Serve says about the deployment's replicas."""
         out = {"replica_id": self.replica_id, "pid": os.getpid(), "node": socket.gethostname(),
-               "up_seconds": round(time.time() - self.started, 1), "placement": self.settings.placement}
+               "up_seconds": round(time.time() - self.started, 1), "placement": self.settings.placement,
+               "ray_token_auth": ray_token_auth()}
         try:
             from ray import serve
 
@@ -503,6 +504,8 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
         raise UserError(f"could not {where}: {first}",
                         "check `ray status` on the head node" if address else
                         "see Ray's log above; `ray stop` ends a stale local cluster") from None
+    if not ray_token_auth():
+        print(f"warning: {RAY_AUTH_OFF}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -537,6 +540,21 @@ def run(settings: ReplicaSettings, host: str, port: int, replicas: int | None, a
             # a stop must not wait forever. A local cluster's processes share this process's fate.
             _exit_now(f"Ray did not stop within {SHUTDOWN_S:g} s; its processes were left to end with this one", 0)
     print("stopped.", file=sys.stderr)
+
+
+# --api-key guards the HTTP API only. Ray's own ports (GCS, raylets, object stores) listen on the node's
+# address and run whatever code a connecting driver sends, so the cluster itself needs its token
+# authentication: Ray 2.59+ turns it on for a local `ray.init()` cluster (it makes a token in ~/.ray)
+# unless RAY_AUTH_MODE says otherwise, and a cluster joined with --ray-address has what its head set.
+RAY_AUTH_OFF = ("the Ray cluster runs without token authentication: anyone who reaches its ports can run code "
+                "on its machines (--api-key guards only the HTTP API). Fix: leave RAY_AUTH_MODE unset (a local cluster "
+                "then makes a token) or start the cluster with RAY_AUTH_MODE=token (docs/serving.md)")
+
+
+def ray_token_auth() -> bool:
+    """Whether this process talks to Ray with token authentication: ray.init() settles RAY_AUTH_MODE
+    (it sets "token" for a new local cluster, or when a token is found for a joined one)."""
+    return os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token"
 
 
 SHUTDOWN_S = 45.0  # Serve's graceful stop (replicas get graceful_shutdown_timeout_s) and Ray's, together

@@ -268,7 +268,10 @@ def test_both_replicas_answer_and_agree(ray_server):
     assert ref.size == 40 * 960
     for _, a in same_seed[1:]:
         assert a.shape == ref.shape and np.abs(a - ref).max() <= PCM_TOLERANCE  # rounding (as above)
-    assert httpx.get(ray_server.base + "/diagnostics").json()["replica"]["replica_states"] == {"RUNNING": 2}
+    replica = httpx.get(ray_server.base + "/diagnostics").json()["replica"]
+    assert replica["replica_states"] == {"RUNNING": 2}
+    # the local cluster guards its own ports with a token (--api-key covers only the HTTP API)
+    assert replica["ray_token_auth"] is True
 
 
 def test_a_voice_cloned_on_one_replica_is_used_by_the_other(ray_server):
@@ -384,11 +387,19 @@ def test_replicas_keep_the_packages_found_through_pythonpath(monkeypatch):
     assert serve_ray._worker_pythonpath() == serve_ray.REPO
 
 
-def test_a_replica_no_node_can_hold_is_refused_at_once():
-    # Ray Serve would wait for the resources forever, saying so only in its log
+@pytest.mark.parametrize("auth_mode", [None, "disabled"])
+def test_a_replica_no_node_can_hold_is_refused_at_once(auth_mode):
+    # Ray Serve would wait for the resources forever, saying so only in its log. The same start says
+    # whether Ray's own ports are guarded: a local cluster makes a token unless RAY_AUTH_MODE=disabled
+    from runtime.serve_ray import RAY_AUTH_OFF
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    if auth_mode:
+        env["RAY_AUTH_MODE"] = auth_mode
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "runtime.serve", "--ray", "--replica-cpus", "4096", "--port", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert (f"warning: {RAY_AUTH_OFF}" in res.stderr.splitlines()) == (auth_mode == "disabled"), res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
     assert re.fullmatch(r"error: no Ray node has 4096 CPU core\(s\) for a replica \(nodes: \d+ CPU, 0 GPU\)\. "
