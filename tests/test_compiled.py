@@ -224,6 +224,47 @@ def test_a_deferred_shape_runs_eagerly_until_it_is_captured():
     assert cb.metadata()["deferred_calls"] == 4 and cb.deferred_shapes == 0
 
 
+def test_a_deferred_signature_of_a_captured_function_waits_for_idle_time():
+    """`--new-shapes defer` holds for the functions a family runs itself (CosyVoice3's prefix forward,
+    replayed by `CapturedFunction`) as for the module's graphs: a new signature runs uncaptured (same
+    values), a run of calls with it (a round's Euler steps) counts as one meeting, the engine's idle
+    capture (`capture_deferred`) captures it from its shapes alone, and a third meeting captures it in
+    the call. Graph bookkeeping emulated on the CPU."""
+    name, graph = "orpheus-tiny", "vocoder"
+    spec = model(name).graph_specs()[graph]
+    cb = CompiledBackend(spec, "cpu", lambda: model(name).graph_module(graph), compile_backend=None,
+                         cuda_graphs="emulate")
+    cb.activate()
+
+    def scaled_sum(x, y, k):  # writes into y, as the prefix forward writes its keys and values
+        y.add_(x * k)
+        return y.sum(dim=-1)
+
+    f = cb.compiled(scaled_sum)
+    x = {n: torch.arange(float(n * 3)).view(n, 3) for n in (2, 4, 8)}
+
+    def call(n):
+        y = torch.ones(n, 3)
+        return f(x[n], y, 2.0).clone(), (torch.ones(n, 3) + 2.0 * x[n]).sum(-1)
+
+    got, want = call(2)  # not serving yet: captured at once
+    assert torch.equal(got, want) and f.stats()["captures"] == 1
+    cb.defer_new_shapes = True
+    for _ in range(5):  # one round of 5 steps at a new signature: one meeting, run uncaptured
+        got, want = call(4)
+        assert torch.equal(got, want)
+    assert (f.stats()["captures"], f.stats()["deferred_calls"], f.stats()["uncaptured_calls"]) == (1, 5, 0)
+    assert (cb.deferred_shapes, cb.metadata()["deferred_calls"], cb.metadata()["deferred_shapes"]) == (1, 5, 1)
+    assert cb.capture_deferred() == 1 and cb.capture_deferred() == 0
+    got, want = call(4)  # replayed: the real inputs copied over the zeros it was captured on
+    assert torch.equal(got, want) and (f.stats()["captures"], f.stats()["replays"], cb.deferred_shapes) == (2, 1, 0)
+    # met in three runs (another signature between them): the third captures it in the call
+    for k in range(3):
+        got, want = call(8)
+        assert torch.equal(got, want) and f.stats()["captures"] == (2 if k < 2 else 3)
+        call(2)
+    assert f.stats()["deferred_calls"] == 7 and cb.deferred_calls == 7 and cb.deferred_shapes == 0
+
 def test_copy_module_leaves_the_model_alone():
     fresh = load_model("cosyvoice3-tiny")
     spec = fresh.graph_specs()["flow_estimator"]

@@ -196,7 +196,7 @@ class CompiledBackend(Backend):
         self.defer_new_shapes = False
         self.capture_after = 3
         self._deferred: OrderedDict = OrderedDict()  # key -> [prepared inputs (own copies), eager calls]
-        self.deferred_calls = 0
+        self._eager_calls = 0
 
     # -- activation -------------------------------------------------------------------------------
     def _compile(self, fn):
@@ -284,8 +284,11 @@ class CompiledBackend(Backend):
             # the cudagraph backend: replayed as one CUDA graph per padded call signature
             with self._functions_lock:
                 if fn not in self._functions:
+                    # the serving engine's new-shape policy holds for these graphs as for the module's
                     self._functions[fn] = CapturedFunction(fn, self.device, self.graph_mode, bucket_size, self._pool,
-                                                           arena_bytes=self.capture_arena_bytes)
+                                                           arena_bytes=self.capture_arena_bytes,
+                                                           defer=lambda: self.defer_new_shapes,
+                                                           capture_after=self.capture_after)
                 return self._functions[fn]
         with self._functions_lock:  # two request threads must not compile the same function twice
             if fn not in self._functions:
@@ -436,7 +439,7 @@ class CompiledBackend(Backend):
                     if waiting is None:
                         waiting = self._deferred[key] = [[a.clone() for a in args], 0]
                     waiting[1] += 1
-                    self.deferred_calls += 1
+                    self._eager_calls += 1
                     return self._finish(self.module(*args), sizes, copy=False)
                 del self._deferred[key]  # met often enough: it is worth the stall now
                 entry = self._capture(key, args)
@@ -469,13 +472,23 @@ class CompiledBackend(Backend):
             self.evictions += 1
         return entry
 
+    def _captured_functions(self) -> list:
+        return [f for f in list(self._functions.values()) if isinstance(f, CapturedFunction)]
+
     @property
     def deferred_shapes(self) -> int:
-        """Shape keys run eagerly and not yet captured (see `defer_new_shapes`)."""
-        return len(self._deferred)
+        """Shape keys run eagerly and not yet captured (see `defer_new_shapes`), the captured
+        functions' signatures included."""
+        return len(self._deferred) + sum(f.deferred_shapes for f in self._captured_functions())
+
+    @property
+    def deferred_calls(self) -> int:
+        """Calls run eagerly because their shape was deferred (module and captured functions)."""
+        return self._eager_calls + sum(f.deferred_calls for f in self._captured_functions())
 
     def capture_deferred(self, limit: int = 1) -> int:
-        """Capture up to `limit` deferred shape keys, oldest first; returns how many."""
+        """Capture up to `limit` deferred shape keys, the module's oldest first, then the captured
+        functions'; returns how many."""
         done = 0
         with torch.inference_mode():
             while self._deferred and done < limit:
@@ -483,6 +496,9 @@ class CompiledBackend(Backend):
                 if key not in self._graphs:
                     self._capture(key, args)
                     done += 1
+        for f in self._captured_functions():
+            if done < limit:
+                done += f.capture_deferred(limit - done)
         return done
 
     def warmup(self, points: list[dict] | None = None) -> "CompiledBackend":
@@ -544,7 +560,7 @@ class CompiledBackend(Backend):
              "compile_backend": self.compile_backend, "compile_mode": self.compile_mode or "default",
              "dynamic": self.dynamic, "shapes": f"bucketed {self.rule.dim}" if self.rule else "exact",
              "graphs": len(self._graphs), "evictions": self.evictions,
-             "deferred_calls": self.deferred_calls, "deferred_shapes": len(self._deferred),
+             "deferred_calls": self.deferred_calls, "deferred_shapes": self.deferred_shapes,
              # functions of the module its callers run themselves, compiled here (Backend.compiled)
              "compiled_functions": [getattr(f, "__name__", "?") for f in self._functions],
              "captured_functions": {getattr(f, "__name__", "?"): c.stats() for f, c in self._functions.items()

@@ -10,6 +10,7 @@ logic without a GPU) or 'off'.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import warnings
@@ -144,14 +145,26 @@ class CapturedFunction:
     fit the arena runs as it is (such a call is large enough to keep the GPU busy without a graph), and
     so does every call after a capture that failed (a warning says why; `stats()["failed"]` keeps it).
     What a replay returns is the graph's static buffers: valid until the next call of this function
-    (the caller copies what it keeps)."""
+    (the caller copies what it keeps).
+
+    `defer()` true (the owning backend's `defer_new_shapes`, read at each call): a signature met for the
+    first time runs uncaptured and waits for `capture_deferred` (an idle engine) or its `capture_after`-th
+    meeting (a run of calls with that signature), as the backend's own graphs do. A waiting signature
+    keeps only its arguments' shapes and dtypes: its capture runs on zeros in the arena (a graph records
+    kernels, not values; a replay copies the real inputs in), so a deferred call holds no copy of its
+    inputs."""
 
     fixed_shapes = True
 
     def __init__(self, fn, device: torch.device, mode: str, size, pool=None, arena_bytes: int = 2 << 30,
-                 max_graphs: int = 256):
+                 max_graphs: int = 256, defer=None, capture_after: int = 3):
         """size: the backend's bucket rule for lengths (n -> padded n)."""
         self.fn, self.device, self.mode, self.pool = fn, device, mode, pool
+        self._defer = defer or (lambda: False)
+        self.capture_after = capture_after
+        self._deferred: OrderedDict = OrderedDict()  # signature -> [argument template, uncaptured calls]
+        self.deferred_calls = 0
+        self._last_key = None
         self.arena_bytes, self.max_graphs = arena_bytes, max_graphs
         self._bucket = size
         self.__name__ = getattr(fn, "__name__", "captured")
@@ -179,20 +192,60 @@ class CapturedFunction:
                      for a in args)
 
     def _static(self, args) -> list:
-        """The arguments' static copies, carved from the arena (tensors) or as they are (the rest)."""
+        """The arguments' static copies, carved from the arena (tensors; a `_Template` gives zeros) or
+        as they are (the rest)."""
         if self._arena is None:
             self._arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
         out, offset = [], 0
         for a in args:
-            if isinstance(a, torch.Tensor):
+            if isinstance(a, (torch.Tensor, _Template)):
                 n = a.numel() * a.element_size()
                 view = self._arena[offset: offset + n].view(a.dtype).view(a.shape)
-                view.copy_(a)
+                view.copy_(a) if isinstance(a, torch.Tensor) else view.zero_()
                 out.append(view)
                 offset += self._aligned(n)
             else:
                 out.append(a)
         return out
+
+    def _capture(self, key, static: list):
+        """Capture fn over `static` as `key`'s graph: its outputs, or None when the capture failed (said
+        once; every later call then runs uncaptured). Called under the lock."""
+        if self.mode == "cuda":
+            torch.cuda.synchronize(self.device)
+        try:
+            graph, outs, first, rest = capture(self.fn, static, self.device, self.mode, self.pool, warmup=1)
+        except Exception as e:  # noqa: BLE001 - said loudly and kept in stats(); the calls go on uncaptured
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            self.failed = f"{type(e).__name__}: {first_line}"
+            warnings.warn(f"{self.__name__} could not be captured as a CUDA graph ({self.failed}); it runs "
+                          "uncaptured from now on", RuntimeWarning, stacklevel=3)
+            self._graphs.clear()
+            self._deferred.clear()
+            self._arena = None
+            return None
+        self.captures += 1
+        self.capture_seconds += first + rest
+        self._graphs[key] = (graph, static, outs)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+            self.evictions += 1
+        return outs
+
+    @property
+    def deferred_shapes(self) -> int:
+        """Signatures run uncaptured and not yet captured (see `defer`)."""
+        return len(self._deferred)
+
+    def capture_deferred(self, limit: int = 1) -> int:
+        """Capture up to `limit` deferred signatures, oldest first; how many were captured."""
+        done = 0
+        with self._lock, torch.inference_mode():
+            while self._deferred and done < limit and self.failed is None:
+                key, (template, _) = self._deferred.popitem(last=False)
+                if key not in self._graphs and self._capture(key, self._static(template)) is not None:
+                    done += 1
+        return done
 
     def __call__(self, *args):
         need = sum(self._aligned(a.numel() * a.element_size()) for a in args if isinstance(a, torch.Tensor))
@@ -202,27 +255,24 @@ class CapturedFunction:
         key = self._signature(args)
         with self._lock, torch.inference_mode():  # the arena and the graphs' buffers are inference tensors
             entry = self._graphs.get(key)
+            # a caller's run of calls with one signature (the 10 Euler steps of one flow round) is one
+            # meeting of it, so `capture_after` counts rounds, not calls
+            same_run, self._last_key = key == self._last_key, key
+            if entry is None and self._defer():
+                waiting = self._deferred.get(key)
+                if waiting is None or same_run or waiting[1] + 1 < self.capture_after:
+                    if waiting is None:
+                        waiting = self._deferred[key] = [[_Template.of(a) if isinstance(a, torch.Tensor) else a
+                                                          for a in args], 0]
+                    waiting[1] += 0 if same_run else 1
+                    self.deferred_calls += 1
+                    return self.fn(*args)
+                del self._deferred[key]  # met often enough: it is worth the stall now
             if entry is None:
-                static = self._static(args)
-                if self.mode == "cuda":
-                    torch.cuda.synchronize(self.device)
-                try:
-                    graph, outs, first, rest = capture(self.fn, static, self.device, self.mode, self.pool, warmup=1)
-                except Exception as e:  # noqa: BLE001 - said loudly and kept in stats(); the calls go on uncaptured
-                    first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                    self.failed = f"{type(e).__name__}: {first_line}"
-                    warnings.warn(f"{self.__name__} could not be captured as a CUDA graph ({self.failed}); it runs "
-                                  "uncaptured from now on", RuntimeWarning, stacklevel=2)
-                    self._graphs.clear()
-                    self._arena = None
+                outs = self._capture(key, self._static(args))
+                if outs is None:
                     self.uncaptured_calls += 1
                     return self.fn(*args)
-                self.captures += 1
-                self.capture_seconds += first + rest
-                entry = self._graphs[key] = (graph, static, outs)
-                while len(self._graphs) > self.max_graphs:
-                    self._graphs.popitem(last=False)
-                    self.evictions += 1
                 return outs
             self._graphs.move_to_end(key)
             graph, static, outs = entry
@@ -236,10 +286,29 @@ class CapturedFunction:
     def stats(self) -> dict:
         return {"graphs": len(self._graphs), "captures": self.captures, "replays": self.replays,
                 "uncaptured_calls": self.uncaptured_calls, "evictions": self.evictions,
+                "deferred_calls": self.deferred_calls, "deferred_shapes": len(self._deferred),
                 "capture_seconds": round(self.capture_seconds, 3), "failed": self.failed,
                 "arena_bytes": 0 if self._arena is None else self.arena_bytes}
 
     def release(self) -> None:
         with self._lock:
             self._graphs.clear()
+            self._deferred.clear()
             self._arena = None
+
+
+class _Template:
+    """A tensor argument's shape and dtype, all a deferred capture needs of it."""
+
+    def __init__(self, shape, dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "_Template":
+        return cls(t.shape, t.dtype)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
