@@ -97,6 +97,10 @@ class ServeConfig:
     # set with replica_facts: a callable returning {replica id: its /metrics text} for every live
     # replica; GET /metrics?scope=cluster merges them (each sample labelled with its replica)
     cluster_metrics: object = None
+    # set with replica_facts: the other replicas' profiles (`statuses() -> {replica id: profile status}`,
+    # `trace(replica id) -> bytes | None`), so a profile recorded by one replica can be followed and
+    # downloaded through whichever replica the router picks
+    peer_profiles: object = None
 
 
 # -- errors ------------------------------------------------------------------------------------------------
@@ -825,10 +829,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
     async def api_error(request, e: ApiError):
         return e.response()
 
-    if cfg.replica_facts:
+    own_replica = str(cfg.replica_facts().get("replica_id", "")) if cfg.replica_facts else None
+    if own_replica is not None:
         # plain ASGI, not @app.middleware: that wrapper would sit between the streaming response and
         # the client's disconnect message
-        app.add_middleware(NameTheReplica, replica_id=str(cfg.replica_facts().get("replica_id", "")))
+        app.add_middleware(NameTheReplica, replica_id=own_replica)
 
     @app.exception_handler(UserError)
     async def user_error(request, e: UserError):
@@ -941,6 +946,20 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
                 **({"stream_state": engine.state_budget.stats()} if engine.state_budget is not None else {}),
                 **({"replica": await run_in_threadpool(cfg.replica_facts)} if cfg.replica_facts else {})}
 
+    async def profile_view() -> dict:
+        """This replica's profile status; behind a router, which replica that is and every replica's."""
+        out = srv.profiler.status()
+        if own_replica is not None:
+            out["replica"] = own_replica
+            if out.get("download"):
+                out["download"] += f"?replica={own_replica}"
+        if cfg.peer_profiles is not None:
+            try:
+                out["replicas"] = await run_in_threadpool(cfg.peer_profiles.statuses)
+            except Exception as e:  # noqa: BLE001 - the others' statuses are extra facts: say why they are missing
+                out["replicas_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        return out
+
     @app.post("/diagnostics/profile", status_code=202)
     async def start_profile(requests: int = 10):
         if not 1 <= requests <= cfg.max_profile_requests:
@@ -954,11 +973,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         if not started:
             raise ApiError(409, f"a profile is already being recorded ({srv.profiler.done} of {srv.profiler.wanted} "
                                 "requests). Fix: wait for it, or DELETE /diagnostics/profile.", None, "profile_running")
-        return srv.profiler.status()
+        return await profile_view()
 
     @app.get("/diagnostics/profile")
     async def profile_status():
-        return srv.profiler.status()
+        return await profile_view()
 
     @app.delete("/diagnostics/profile")
     async def cancel_profile():
@@ -966,8 +985,25 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **overrides) -
         return {**srv.profiler.status(), "cancelled": cancelled}
 
     @app.get("/diagnostics/profile/trace")
-    async def profile_trace():
+    async def profile_trace(replica: str | None = None):
         p = srv.profiler
+        if replica is not None and replica != own_replica:
+            # recorded by another replica (a router sent this request here): its trace, through the peers
+            if cfg.peer_profiles is None:
+                raise ApiError(404, f"replica={replica!r} is not this server's (it is not one of several replicas). "
+                                    "Fix: leave replica out.", "replica", "unknown_replica")
+            try:
+                data = await run_in_threadpool(cfg.peer_profiles.trace, replica)
+            except Exception as e:  # noqa: BLE001 - the owner went away with its trace
+                raise ApiError(404, f"the trace of replica {replica} cannot be fetched ({type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}). Fix: record a "
+                                    "new profile.", "replica", "profile_not_ready") from None
+            if data is None:
+                raise ApiError(404, f"replica {replica} has no trace ready (GET /diagnostics/profile lists every "
+                                    "replica's state). Fix: wait until its state is ready, or record one with POST "
+                                    "/diagnostics/profile?requests=N.", "replica", "profile_not_ready")
+            return Response(data, media_type="application/json",
+                            headers={"content-disposition": f'attachment; filename="trace-{replica}.json"'})
         if p.state != "ready":
             raise ApiError(409 if p.state in ("recording", "writing") else 404,
                            f"no trace to download (profile {p.state}, {p.done} of {p.wanted} requests recorded). "

@@ -21,6 +21,11 @@ routes requests across replicas and restarts one that dies; a request held by a 
   replica that answers merges what the board holds (a replica silent for `METRICS_MAX_AGE_S`, e.g. a
   dead one, drops out). Ray also exports its own per-deployment request counts and latencies from
   every node (`ray start --metrics-export-port`).
+- Profiles: `POST /diagnostics/profile` records on the replica that answers it (its next N requests).
+  Each replica pushes its profile status with its metrics, and a finished trace once, as a Ray object
+  it owns (`ray.put`), to the board; `GET /diagnostics/profile` on any replica lists every replica's
+  state under `replicas`, and `GET /diagnostics/profile/trace?replica=ID` fetches that replica's trace
+  through whichever replica answers (gone with the replica that owns it).
 - Code: replicas import this repository, so every node needs it at the same path (workers get it on
   their PYTHONPATH through the deployment's runtime environment).
 
@@ -115,7 +120,9 @@ class SpeechReplica:
         self.board = _metrics_board()
         # `app` is a name Ray Serve's wrapper uses for itself
         self.speech_app = create_app(engine, ServeConfig(**settings.serve, replica_facts=self.facts,
-                                                         cluster_metrics=self.cluster_metrics if self.board else None))
+                                                         cluster_metrics=self.cluster_metrics if self.board else None,
+                                                         peer_profiles=PeerProfiles(self.board) if self.board else None))
+        self._pushed_trace: str | None = None  # the trace file whose bytes the board holds
         # started and warmed here, not in the app's lifespan: Ray routes to a replica once its constructor
         # returns, and a replica still warming up would answer its share of the traffic with 503s (minutes
         # with a compiled backend, at every scale-up) while warm replicas sit idle
@@ -135,9 +142,25 @@ class SpeechReplica:
         while True:
             try:
                 self.board.put.remote(self.replica_id, self._own_metrics())
+                self._push_profile()
             except Exception:  # noqa: BLE001 - the board went with its driver: this replica is going too
                 return
             time.sleep(METRICS_PUSH_S)
+
+    def _push_profile(self) -> None:
+        """This replica's profile status, and a new trace's bytes once (a Ray object this replica owns,
+        passed inside a list so the board keeps the reference, not the bytes)."""
+        import ray
+
+        profiler = self.speech_app.state.server.profiler
+        status, trace = profiler.status(), None
+        if "download" in status:  # any replica serves it with the id (the router picks which answers)
+            status["download"] += f"?replica={self.replica_id}"
+        if status["state"] == "ready" and profiler.path != self._pushed_trace:
+            with open(profiler.path, "rb") as f:
+                trace = [ray.put(f.read())]
+            self._pushed_trace = profiler.path
+        self.board.put_profile.remote(self.replica_id, status, trace)
 
     def cluster_metrics(self) -> dict[str, str]:
         """{replica id: metrics text} of every replica heard from lately, this one's fresh."""
@@ -321,6 +344,24 @@ class MetricsBoard:
     def __init__(self):
         self.texts: dict[str, tuple[float, str]] = {}
         self.facts: dict[str, tuple[float, dict]] = {}
+        self.profiles: dict[str, tuple[float, dict]] = {}
+        self.traces: dict[str, list] = {}  # replica -> [reference to its last trace's bytes]
+
+    def put_profile(self, replica: str, status: dict, trace: list | None = None) -> None:
+        self.profiles[replica] = (time.time(), status)
+        if trace is not None:
+            self.traces[replica] = trace
+        elif status.get("state") != "ready":  # a new recording replaces (and the profiler deletes) the last one
+            self.traces.pop(replica, None)
+
+    def profile_statuses(self, max_age: float) -> dict[str, dict]:
+        now = time.time()
+        self.profiles = {r: (t, x) for r, (t, x) in self.profiles.items() if now - t <= max_age}
+        self.traces = {r: x for r, x in self.traces.items() if r in self.profiles}
+        return {r: x for r, (_, x) in self.profiles.items()}
+
+    def trace(self, replica: str) -> list | None:
+        return self.traces.get(replica)
 
     def put(self, replica: str, text: str, facts: dict | None = None) -> None:
         self.texts[replica] = (time.time(), text)
@@ -336,6 +377,20 @@ class MetricsBoard:
         now = time.time()
         self.facts = {r: (t, x) for r, (t, x) in self.facts.items() if now - t <= max_age}
         return {r: x for r, (_, x) in self.facts.items()}
+
+
+class PeerProfiles:
+    """The replicas' profiles as the board holds them (ServeConfig.peer_profiles)."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def statuses(self) -> dict[str, dict]:
+        return ray_get(self.board.profile_statuses.remote(METRICS_MAX_AGE_S))
+
+    def trace(self, replica: str) -> bytes | None:
+        held = ray_get(self.board.trace.remote(replica))
+        return None if held is None else ray_get(held[0], timeout=60)
 
 
 def _metrics_board():

@@ -14,6 +14,7 @@ replicas' samples.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -326,6 +327,37 @@ def test_cluster_metrics_hold_every_replica(ray_server):
     own = {f.name: f for f in text_string_to_metric_families(httpx.get(ray_server.base + "/metrics").text)}
     assert all("replica" not in s.labels for s in own["tts_max_streams"].samples)
 
+
+def test_a_profile_recorded_by_one_replica_is_followed_and_downloaded_through_any(ray_server):
+    """Behind Ray's router a profile is recorded by the replica that took the POST, and the calls that
+    follow it land anywhere: every replica lists every replica's profile state, and the trace comes
+    whole (the same bytes) through either replica; an unknown replica's trace is a 404."""
+    started = httpx.post(ray_server.base + "/diagnostics/profile", params={"requests": 2}, timeout=30)
+    assert started.status_code == 202, started.text
+    owner = started.json()["replica"]
+    assert owner in ray_server.ids and started.json()["state"] == "recording"
+    c = _client(ray_server.base)
+    deadline = time.time() + 120
+    while True:  # requests until the owner has served two (the router spreads them)
+        c.audio.speech.create(model="tts-1", voice="default", input=TEXT, response_format="wav",
+                              extra_body={"seed": 1, "tokens": 20})
+        status = httpx.get(ray_server.base + "/diagnostics/profile", timeout=30).json()
+        if status.get("replicas", {}).get(owner, {}).get("state") == "ready":
+            break
+        assert time.time() < deadline, status
+    assert status["replicas"][owner]["download"] == f"/diagnostics/profile/trace?replica={owner}"
+    bodies = {}
+    for _ in range(40):  # until both replicas have answered the download
+        r = httpx.get(ray_server.base + "/diagnostics/profile/trace", params={"replica": owner}, timeout=60)
+        assert r.status_code == 200, r.text
+        bodies[r.headers["x-tts-replica"]] = r.content
+        if len(bodies) == 2:
+            break
+    assert set(bodies) == set(ray_server.ids)
+    first, second = bodies.values()
+    assert first == second and "traceEvents" in json.loads(first)
+    missing = httpx.get(ray_server.base + "/diagnostics/profile/trace", params={"replica": "no-such-replica"}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "profile_not_ready"
 
 def test_a_killed_replica_loses_only_its_requests_and_comes_back(ray_server):
     """Six long streamed requests; once every one has its first audio, one replica is killed (SIGKILL):

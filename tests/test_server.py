@@ -512,6 +512,10 @@ def test_diagnostics_and_profile(cv3):
     events = r.json()["traceEvents"]
     threads = {e.get("tid") for e in events if str(e.get("name", "")).startswith("aten::")}
     assert len(threads) >= 2  # the LM thread and the batcher: the engine's threads are all in it
+    # one server, no replicas: naming one is a mistake, said as such
+    r = httpx.get(cv3 + "/diagnostics/profile/trace?replica=abc", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_replica"
+    assert "replica" not in httpx.get(cv3 + "/diagnostics/profile", headers=auth()).json()
 
 
 def test_loadtest_drives_the_server(cv3, tmp_path):
