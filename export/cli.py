@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -358,6 +359,33 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                                 capture_model=(lambda: _model(model_name, device=device, seed=seed)) if on_gpu else None)
         if on_gpu:
             torch.cuda.empty_cache()  # the copy is gone: its memory goes back for the ORT sessions
+    def record(g, prec, dst, found, reached, src_art, interim=False):
+        """Label `dst` with what it reached and record it in the manifest (with the node list beside it
+        and its certificate). `interim`: a candidate that passed while the search goes on (its notes
+        say so; the search's end records it again, or a better one)."""
+        kept = found["kept"]
+        meta = read_metadata(dst)
+        meta.update({"tts.precision": prec, "tts.precision_reached": reached["reached"]})
+        set_metadata(dst, meta)
+        notes = {k: v for k, v in found["facts"].items() if k not in ("fp32_node_names", "unquantized_node_names")}
+        notes.update(level=found["level"], tried=found["tried"], precision_reached=reached["reached"],
+                     matmul_conv={k: v for k, v in reached.items() if k != "reached"},
+                     fallback=found.get("fallback", False), kept_nodes=len(kept))
+        if interim:
+            notes["search"] = "under way: the last candidate that passed (a stopped build keeps this one)"
+        if found.get("bisection"):
+            notes["bisection"] = found["bisection"]
+        names_file = dst.replace(".onnx", ".fp32_nodes.json" if prec == "fp16" else ".unquantized_nodes.json")
+        write_sidecar(names_file, {"graph": g, "level": found["level"], "nodes": kept,
+                                   "why": "kept in fp32" if prec == "fp16" else "left unquantised"})
+        notes["kept_node_list"] = os.path.relpath(names_file, root)
+        art = file_artifact(root, dst, g, prec, "onnx", source_sha256=src_art.sha256,
+                            profiles=specs[g].profile(), spec=specs[g].to_dict(), notes=notes,
+                            fingerprint=src_art.fingerprint, made_from=src_art.made_from)
+        art.validation[f"ort:{device}"] = certificate(found["result"], None, reached, device)
+        manifest.add(art)
+        manifest.save()
+
     refused = []  # (graph, precision, why): not recorded, the build fails at the end
     with progress:
         for g in names:
@@ -368,18 +396,28 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                     continue
                 dst = onnx_path(root, prec, g)
                 log = lambda line, g=g, prec=prec: say(f"{g:<15} {prec}  {line}")  # noqa: E731
-                if prec == "fp16":
-                    found = search_fp16(src, dst, lambda: check(g, "fp16", dst), bisect_rounds, log)
-                else:
-                    cache = dst + ".ranges.json"  # this graph's calibration ranges, shared by its candidates
-                    if os.path.exists(cache):
-                        os.remove(cache)
-                    try:
-                        found = search_int8(src, dst, feeds.get(g, []), lambda: check(g, "int8", dst), bisect_rounds, log,
-                                            cache=cache)
-                    finally:
+                # candidates are written and validated beside the artifact (same file name, so an external
+                # data file keeps its name), and each one that passes is moved into place and recorded at
+                # once: a build stopped during a long bisection (a step limit, Ctrl-C) keeps the last
+                # candidate that passed, labelled as such, instead of losing the level that passed
+                trial = os.path.join(os.path.dirname(dst), ".candidates", os.path.basename(dst))
+                promote = lambda found, g=g, prec=prec, dst=dst, trial=trial: _promote(  # noqa: E731
+                    found, trial, dst, lambda f, r: record(g, prec, dst, f, r, src_art, interim=True))
+                try:
+                    if prec == "fp16":
+                        found = search_fp16(src, trial, lambda: check(g, "fp16", trial), bisect_rounds, log, promote)
+                    else:
+                        cache = dst + ".ranges.json"  # this graph's calibration ranges, shared by its candidates
                         if os.path.exists(cache):
                             os.remove(cache)
+                        try:
+                            found = search_int8(src, trial, feeds.get(g, []), lambda: check(g, "int8", trial), bisect_rounds,
+                                                log, cache=cache, on_pass=promote)
+                        finally:
+                            if os.path.exists(cache):
+                                os.remove(cache)
+                finally:
+                    _remove_candidates(trial)
                 reached = reached_precision(dst) if found["passed"] else {"reached": "none"}
                 fallback = not found["passed"] or reached["reached"] == "fp32"
                 if fallback and not allow_fallback:
@@ -401,25 +439,7 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
                              "result": check(g, prec, dst)}
                     reached = reached_precision(dst)
                 kept = found["kept"]
-                meta = read_metadata(dst)
-                meta.update({"tts.precision": prec, "tts.precision_reached": reached["reached"]})
-                set_metadata(dst, meta)
-                notes = {k: v for k, v in found["facts"].items() if k not in ("fp32_node_names", "unquantized_node_names")}
-                notes.update(level=found["level"], tried=found["tried"], precision_reached=reached["reached"],
-                             matmul_conv={k: v for k, v in reached.items() if k != "reached"}, fallback=fallback,
-                             kept_nodes=len(kept))
-                if found.get("bisection"):
-                    notes["bisection"] = found["bisection"]
-                names_file = dst.replace(".onnx", ".fp32_nodes.json" if prec == "fp16" else ".unquantized_nodes.json")
-                write_sidecar(names_file, {"graph": g, "level": found["level"], "nodes": kept,
-                                           "why": "kept in fp32" if prec == "fp16" else "left unquantised"})
-                notes["kept_node_list"] = os.path.relpath(names_file, root)
-                art = file_artifact(root, dst, g, prec, "onnx", source_sha256=src_art.sha256,
-                                    profiles=specs[g].profile(), spec=specs[g].to_dict(), notes=notes,
-                                    fingerprint=src_art.fingerprint, made_from=src_art.made_from)
-                art.validation[f"ort:{device}"] = certificate(found["result"], None, reached, device)
-                manifest.add(art)
-                manifest.save()
+                record(g, prec, dst, {**found, "fallback": fallback}, reached, src_art)
                 share = reached[f"matmul_conv_{prec}"]
                 which = f": {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}" if kept else ""
                 summary = (f"reached {reached['reached']} ({share}/{reached['matmul_conv']} matmul/conv in {prec}, "
@@ -473,3 +493,27 @@ def build_cmd(model_name, precisions, trt, aoti, graphs, out_dir, device, worksp
 
 if __name__ == "__main__":
     main()
+
+
+def _promote(found: dict, trial: str, dst: str, record) -> None:
+    """A candidate passed: move its file (and external data) from `trial` to `dst`, then
+    `record(found, reached)` it unless it reached no fp16 / int8 matmul or convolution (a fallback,
+    which only the end of the search may record, and only when allowed)."""
+    from export.precision import reached_precision
+
+    for suffix in ("", ".data"):
+        if os.path.exists(trial + suffix):
+            os.replace(trial + suffix, dst + suffix)
+        elif suffix and os.path.exists(dst + suffix):  # an earlier artifact's data file, not this one's
+            os.remove(dst + suffix)
+    reached = reached_precision(dst)
+    if reached["reached"] != "fp32":
+        record(found, reached)
+
+
+def _remove_candidates(trial: str) -> None:
+    for p in (trial, trial + ".data"):
+        if os.path.exists(p):
+            os.remove(p)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(trial))

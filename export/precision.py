@@ -515,8 +515,11 @@ class _Search:
     """Candidates of one graph and precision, each written to `dst` and validated by `check(dst)`;
     remembers every trial (for the manifest) and the last passing one."""
 
-    def __init__(self, write, check, log):
-        self.write, self.check, self.log = write, check, log
+    def __init__(self, write, check, log, on_pass=None):
+        """on_pass(outcome): called with each passing candidate (an outcome as `outcome()` returns),
+        whose file it then owns: the caller moves it where it keeps it (`export build` records it at
+        once, so a build stopped during a long bisection keeps the last candidate that passed)."""
+        self.write, self.check, self.log, self.on_pass = write, check, log, on_pass
         self.tried: list[dict] = []
         self.passing = None  # (label, kept nodes, facts, result) of the last candidate that passed
 
@@ -532,6 +535,8 @@ class _Search:
                  f"{'PASS' if res['passed'] else 'fail' + where}  {time.perf_counter() - t0:.1f} s")
         if res["passed"]:
             self.passing = (label, list(kept), facts, res)
+            if self.on_pass is not None:
+                self.on_pass(self.outcome())
         return res["passed"]
 
     def bisect(self, label: str, start: list[str], max_rounds: int) -> dict:
@@ -543,8 +548,10 @@ class _Search:
             return self.run(f"bisect {count[0]}/{max_rounds}", keep)
 
         b = bisect_keep(start, passes, max_rounds)
-        res = self.passing[3]  # the kept set only changes on a pass, so this is b.keep's validation
-        facts = self.write(b.keep)  # the last trial may have failed: write the kept set again
+        # the kept set only changes on a pass, so the last pass is b.keep's file and validation
+        _, _, facts, res = self.passing
+        if self.on_pass is None:  # the last trial may have failed: write the kept set again
+            facts = self.write(b.keep)
         self.passing = (f"bisected from {label}", b.keep, facts, res)
         return {"start": label, "start_kept": len(start), "rounds": b.rounds, "max_rounds": max_rounds,
                 "responsible": b.responsible, "unresolved": len(b.unresolved), "kept": len(b.keep)}
@@ -557,17 +564,20 @@ class _Search:
                 "bisection": bisection}
 
 
-def search_fp16(src: str, dst: str, check, max_rounds: int, log) -> dict:
+def search_fp16(src: str, dst: str, check, max_rounds: int, log, on_pass=None) -> dict:
     """The FP16 file of `src` with the fewest FP32 nodes found: all-fp16 if it passes `check()`
     (a validation of `dst`), else bisected from the first ladder level that passes (or from every
     float node kept) down to the nodes responsible, in at most `max_rounds` more validations
-    (0: keep the whole level). Returns {"passed", "level", "kept", "facts", "result", "tried", "bisection"}."""
+    (0: keep the whole level). Returns {"passed", "level", "kept", "facts", "result", "tried", "bisection"}.
+    With `on_pass` (see `_Search`) every passing candidate is handed over as it passes, and `dst` is
+    only the trials' scratch file."""
     model = onnx.load(src, load_external_data=False)
     spec = GraphSpec.from_json({p.key: p.value for p in model.metadata_props}["tts.spec"])
     candidates = fp16_candidates(model)
     allowed = set(candidates)
     state = {"label": "all-fp16"}
-    search = _Search(lambda kept: to_fp16(src, dst, FP16_LEVELS[0], keep=kept, label=state["label"]), check, log)
+    search = _Search(lambda kept: to_fp16(src, dst, FP16_LEVELS[0], keep=kept, label=state["label"]), check, log,
+                     on_pass)
     if search.run("all-fp16", []):
         return search.outcome()
     start = None
@@ -588,7 +598,8 @@ def search_fp16(src: str, dst: str, check, max_rounds: int, log) -> dict:
     return search.outcome(search.bisect(start[0], start[1], max_rounds))
 
 
-def search_int8(src: str, dst: str, feeds: list[dict], check, max_rounds: int, log, cache: str | None = None) -> dict:
+def search_int8(src: str, dst: str, feeds: list[dict], check, max_rounds: int, log, cache: str | None = None,
+                on_pass=None) -> dict:
     """The INT8 file of `src` with the most quantised matmuls / convolutions found: all of them if
     that passes, else bisected from the first level that passes ("weight-matmul+conv": activation x
     activation products left out; "weight-matmul" / "matmul": convolutions too) or from nothing
@@ -597,7 +608,7 @@ def search_int8(src: str, dst: str, feeds: list[dict], check, max_rounds: int, l
     heavy = int8_candidates(src)
     model = onnx.load(src, load_external_data=False)
     types = {n.name: n.op_type for n in model.graph.node}
-    search = _Search(lambda kept: to_int8(src, dst, feeds, INT8_OPS, exclude=kept, cache=cache), check, log)
+    search = _Search(lambda kept: to_int8(src, dst, feeds, INT8_OPS, exclude=kept, cache=cache), check, log, on_pass)
     if search.run("matmul+conv", []):
         return search.outcome()
     # then activations x weights only (attention's activation products left out, activation_matmuls says

@@ -96,6 +96,8 @@ def test_validate_says_which_graphs_it_could_not_validate(exported, tmp_path):
     shutil.copytree(exported["orpheus-tiny"], root)
     manifest = Manifest.load(root)
     manifest.artifacts.pop(("vocoder", "fp32", "onnx"))
+    for key in [k for k in manifest.artifacts if k[1] == "int8"]:  # tests/test_precision.py builds them here
+        manifest.artifacts.pop(key)
     manifest.save()
     fix = f"python -m export onnx --model orpheus-tiny --graphs vocoder --out-dir {root}"
     args = ["validate", "--model", "orpheus-tiny", "--points", "opt", "--seeds", "1", "--no-audio", "--out-dir", root]

@@ -369,3 +369,40 @@ def test_int8_ladder_leaves_attention_products_out_before_convolutions(exported,
     assert [t["level"] for t in out["tried"]] == ["matmul+conv", "weight-matmul+conv"]
     assert out["passed"] and out["level"] == "weight-matmul+conv" and sorted(out["kept"]) == sorted(act)
     assert len(int8_candidates(src)) - len(act) == 46  # every other matmul and convolution is int8
+
+
+def test_a_build_stopped_while_bisecting_keeps_the_level_that_passed(exported, tmp_path, monkeypatch):
+    """On the H100 the CosyVoice2 estimator's int8 passed its "weight-matmul" level (7.8e-02, 352 of 510
+    matmul / conv in int8), then the bisection ran into the step's time limit and the SIGTERM lost the
+    artifact: candidates were recorded only at the end. Each candidate that passes is now moved into
+    place and recorded at once, labelled as a search under way, so a stop keeps it. Here the validation
+    is scripted (the full conversion fails, the next level passes, the bisection is stopped)."""
+    import shutil
+
+    import export.validate
+
+    root = str(tmp_path / "cv2")
+    shutil.copytree(exported["cosyvoice2-tiny"], root)
+    real = export.validate.validate_graph
+    calls = []
+
+    def scripted(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 3:  # the first bisection round: the build is stopped here
+            raise RuntimeError("stopped")
+        res = real(*args, **kwargs)
+        return res if len(calls) == 2 else {**res, "passed": False}
+
+    monkeypatch.setattr(export.validate, "validate_graph", scripted)
+    res = CliRunner().invoke(export_main, ["build", "--model", "cosyvoice2-tiny", "--graphs", "vocoder", "--precision",
+                                           "fp16", "--bisect-rounds", "4", "--seeds", "1", "--out-dir", root])
+    assert isinstance(res.exception, RuntimeError) and str(res.exception) == "stopped", res.output
+    assert "vocoder         fp16  all-fp16" in res.output and "vocoder         fp16  fp32-norms" in res.output
+    manifest = Manifest.load(root)
+    art = manifest.get("vocoder", "fp16", "onnx")
+    assert art is not None and art.notes["level"] == "fp32-norms" and art.notes["search"].startswith("under way")
+    path = manifest.verify(art, fix="build again")  # the recorded file is the one that passed (its hash)
+    reached = reached_precision(path)["reached"]  # the tiny vocoder's norms hold no matmul / conv: all of them fp16
+    assert reached == "fp16" and read_metadata(path)["tts.precision_reached"] == reached
+    assert art.validation["ort:cpu"]["passed"] is True
+    assert not os.path.exists(os.path.join(os.path.dirname(path), ".candidates"))  # no candidate left behind
