@@ -25,12 +25,13 @@
 #   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
 #   bench-orpheus    ORT fp32 against torch eager
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
-# Steps may be named after `background` too. Owed after the fourth attempt (docs/performance.md: the
-# CosyVoice2 fp16 LLM, estimator fp16, encoder and the Orpheus vocoder fp16/int8 passed on the H100):
-#   EST_PRECISION=int8 CERT_CV2_GRAPHS=flow_estimator,vocoder CAL_PIN="taskset -c 0-3"
-#   BENCH_ORP_BACKENDS="torch|vocoder=ort|vocoder=ort:fp16|vocoder=ort:int8" (ORT's fp32 LLM was measured)
-#   background prepare wait-ort build-cv2-vocoder build-orpheus bench-orpheus build-cv2-estimator
-#              llm16-orpheus certify-orpheus certify-cv2
+# Steps may be named after `background` too. Owed after the fifth attempt (docs/performance.md: the
+# CosyVoice2 fp16 LLM, estimator fp16 and int8 level, encoder, the Orpheus vocoder fp16/int8 and its bench
+# passed on the H100; HiFT fp16 stays at 24/90 convolutions): the Orpheus fp16 LLM, the estimator's int8
+# recorded and benched, the CosyVoice2 certificates:
+#   EST_PRECISION=int8 CAL_PIN="taskset -c 0-3" BISECT=0
+#   background prepare wait-ort build-cv2-estimator llm16-orpheus bench-cv2 certify-cv2
+# (bench-cv2 then has its int8 row; a session with < ~1,200 s left: ORP_GRAPHS=vocoder, no llm16-orpheus)
 # (a machine lost: every artifact is made again; ORP_GRAPHS=vocoder when the session has < ~1,200 s left)
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
