@@ -23,7 +23,8 @@
 #   bench-cv2        ORT fp32 / fp16 against torch eager, per stage (flow in steps)
 #   validate-orpheus, build-orpheus (the SNAC vocoder)
 #   llm16-cv2, llm16-orpheus   fp16 LLM graphs (bisected to the nodes that must stay fp32, $BISECT rounds)
-#   bench-orpheus    ORT fp32 against torch eager
+#   bench-orpheus    ORT fp32 against torch eager ($BENCH_ORP_BACKENDS; bench-cv2: $BENCH_CV2_BACKENDS)
+#   probe-hift       HiFT's fp16 on ORT CUDA under each provider option set, and its first non-finite conv
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
 # Steps may be named after `background` too. Owed after the fifth attempt (docs/performance.md: the
 # CosyVoice2 fp16 LLM, estimator fp16 and int8 level, encoder, the Orpheus vocoder fp16/int8 and its bench
@@ -55,7 +56,7 @@ PIN=""; [ -n "${EXPORT_CPUS:-}" ] && PIN="taskset -c $EXPORT_CPUS"
 # two CPU jobs side by side get half the cores each: with torch's default (every core each) two
 # calibrations on 12 cores ran over 10x slower than one alone
 HALF=$(( $($PIN nproc) / 2 )); ((HALF < 1)) && HALF=1
-ALL="export calibrate wait-ort validate-cv2 build-cv2-estimator build-cv2-vocoder build-cv2-encoder bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
+ALL="export calibrate wait-ort probe-hift validate-cv2 build-cv2-estimator build-cv2-vocoder build-cv2-encoder bench-cv2 validate-orpheus build-orpheus llm16-cv2 llm16-orpheus bench-orpheus certify-cv2 certify-orpheus"
 
 case "${1:-}" in
   background)
@@ -130,9 +131,12 @@ for s in $steps; do
     prepare)
       # export and calibrate at once: the captures run the torch model on the GPU and need no ONNX, so
       # they need not wait for the exports' CPU work (on $CAL_PIN, cores the exports leave free)
-      OMP_NUM_THREADS=$HALF export_cv2 & OMP_NUM_THREADS=$HALF export_orpheus &
+      # ORP_GRAPHS=none: a chain of CosyVoice2 steps only (no Orpheus export or capture)
+      OMP_NUM_THREADS=$HALF export_cv2 &
+      [ "$ORP_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_orpheus & }
       PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $CV2 flow_encoder,flow_estimator,vocoder &
-      PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $ORP vocoder & wait
+      [ "$ORP_GRAPHS" = none ] || { PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $ORP vocoder & }
+      wait
       ;;
     calibrate)
       # what `export build --precision int8` would capture first, made while the GPU build of ORT travels
@@ -187,7 +191,12 @@ for s in $steps; do
     bench-cv2)
       # a precision without its artifact (a build that failed or was cut) is listed as skipped
       run bench-cv2 240 $PY -m runtime.bench --model $CV2 --device "$DEVICE" --engines-dir "$ENGINES/$CV2" --flow-mode steps \
-        --backends "torch|ort|ort:fp16|llm=ort,flow=ort:int8,vocoder=ort:int8" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
+        --backends "${BENCH_CV2_BACKENDS:-torch|ort|ort:fp16|llm=ort,flow=ort:int8,vocoder=ort:int8}" --lengths 50,500 --reps 5 --json "$OUT/bench-$CV2.json" ;;
+    probe-hift)
+      # why HiFT's fp16 gives inf on ORT CUDA only: the fp16 files under each CUDA option set, and the
+      # first convolution whose output is not finite (scripts/probe_ort_fp16.py)
+      run probe-hift 200 $PY scripts/probe_ort_fp16.py --engines-dir "$ENGINES/$CV2" --graph vocoder --point opt \
+        --json "$OUT/probe-hift.json" ;;
     bench-orpheus)
       run bench-orpheus 240 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
         --backends "${BENCH_ORP_BACKENDS:-torch|ort|vocoder=ort:fp16|vocoder=ort:int8|ort:fp16}" --lengths 50,200 --reps 3 --warmup 1 --json "$OUT/bench-$ORP.json" ;;

@@ -74,6 +74,24 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def cuda_provider_options(index: int, stream: int | None = None, **overrides) -> dict:
+    """The CUDA execution provider's options every ORT session of the runtime uses (the HiFT probe,
+    scripts/probe_ort_fp16.py, varies them one by one from here)."""
+    # use_tf32 0: an fp32 artifact computes in fp32 (ORT's CUDA EP defaults to TF32 matmuls, which
+    # moved fp32 LLM logits by 2.7e-4 of their scale on the H200, beyond the fp32 tolerance)
+    # kSameAsRequested: the arena grows by what a call needs, not to the next power of two (a 9 GB
+    # request would reserve 16 GB and run out of memory on an 80 GB card beside torch)
+    # HEURISTIC: with DEFAULT (+ NC1D layout) ORT ran HiFT's fp32 convs in "fallback mode", 5-9x
+    # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for HiFT's fp16
+    # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"); the fp16 build then keeps the vocoder in fp32.
+    opts = {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0",
+            "arena_extend_strategy": "kSameAsRequested"}
+    if stream is not None:
+        opts["user_compute_stream"] = str(stream)
+    opts.update({k: str(v) for k, v in overrides.items()})
+    return opts
+
+
 class OrtBackend(ArtifactBackend):
     kind = "ort"
 
@@ -97,15 +115,7 @@ class OrtBackend(ArtifactBackend):
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        # use_tf32 0: an fp32 artifact computes in fp32 (ORT's CUDA EP defaults to TF32 matmuls, which
-        # moved fp32 LLM logits by 2.7e-4 of their scale on the H200, beyond the fp32 tolerance)
-        # kSameAsRequested: the arena grows by what a call needs, not to the next power of two (a 9 GB
-        # request would reserve 16 GB and run out of memory on an 80 GB card beside torch)
-        cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
-                "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
-        # HEURISTIC: with DEFAULT (+ NC1D layout) ORT ran HiFT's fp32 convs in "fallback mode", 5-9x
-        # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for HiFT's fp16
-        # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"); the fp16 build then keeps the vocoder in fp32.
+        cuda = cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream)
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def _activate(self) -> None:

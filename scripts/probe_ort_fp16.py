@@ -1,0 +1,204 @@
+"""Why does an fp16 graph give inf on ONNX Runtime's CUDA provider when it is finite on the CPU?
+
+Made for CosyVoice2's HiFT vocoder: every fp16 level of it returns inf on ORT CUDA (the 90 convolutions
+alone in fp16 are enough), its largest fp32 convolution output at opt is 15.7, and ORT's CPU provider
+runs the same all-fp16 file with finite output (docs/performance.md, "coverage, fifth attempt"). So
+the suspect is a kernel ORT's CUDA provider picks, which its options change. This runs the fp16 files
+under each option set and the one variant that exposes every convolution's input and output:
+
+    python scripts/probe_ort_fp16.py --engines-dir ENGINES/cosyvoice2-random --graph vocoder \
+        --point opt --json probe.json
+
+Prints one line per run (non-finite values in the output, worst error scaled by the reference's largest
+value, ms per call) and writes them all to --json. The reference is the fp32 file under the runtime's
+own options (scripts/../runtime/backends/onnxrt.py: cuda_provider_options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+from export.precision import FP16_LEVELS, to_fp16  # noqa: E402
+from models.spec import GraphSpec  # noqa: E402
+from runtime.artifacts import Manifest, read_metadata  # noqa: E402
+from runtime.backends.onnxrt import cuda_provider_options  # noqa: E402
+
+# one change at a time from the runtime's options, then the two that matter together
+OPTION_SETS = [
+    ("runtime", {}, "all"),
+    ("algo=EXHAUSTIVE", {"cudnn_conv_algo_search": "EXHAUSTIVE"}, "all"),
+    ("algo=DEFAULT", {"cudnn_conv_algo_search": "DEFAULT"}, "all"),
+    ("conv1d_pad_to_nc1d=1", {"cudnn_conv1d_pad_to_nc1d": "1"}, "all"),
+    ("algo=DEFAULT,nc1d=1", {"cudnn_conv_algo_search": "DEFAULT", "cudnn_conv1d_pad_to_nc1d": "1"}, "all"),
+    ("max_workspace=0", {"cudnn_conv_use_max_workspace": "0"}, "all"),
+    ("prefer_nhwc=1", {"prefer_nhwc": "1"}, "all"),
+    ("fuse_conv_bias=0", {"fuse_conv_bias": "0"}, "all"),
+    ("graph_opt=basic", {}, "basic"),
+    ("graph_opt=off", {}, "off"),
+]
+
+
+CUDA = True
+
+
+def session(path: str, overrides: dict, level: str, cuda: bool = True):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                     "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    providers = ([("CUDAExecutionProvider", cuda_provider_options(0, **overrides)), "CPUExecutionProvider"]
+                 if cuda and CUDA else ["CPUExecutionProvider"])
+    return ort.InferenceSession(path, opts, providers=providers)
+
+
+def run_timed(sess, feed: dict, reps: int) -> tuple[list, float]:
+    outs = sess.run(None, feed)  # the first run picks the kernels (EXHAUSTIVE benchmarks them here)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        outs = sess.run(None, feed)
+    return outs, (time.perf_counter() - t0) / max(reps, 1) * 1e3
+
+
+def compare(outs: list, ref: list) -> dict:
+    nonfinite = int(sum((~np.isfinite(o.astype(np.float32))).sum() for o in outs))
+    worst = 0.0
+    for o, r in zip(outs, ref):
+        if o.shape != r.shape:
+            return {"nonfinite": nonfinite, "scaled_error": None, "shape": list(o.shape)}
+        o = o.astype(np.float32)
+        ok = np.isfinite(o)
+        scale = float(np.abs(r).max()) or 1.0
+        if ok.any():
+            worst = max(worst, float(np.abs(o[ok] - r[ok]).max()) / scale)
+    return {"nonfinite": nonfinite, "scaled_error": worst}
+
+
+def expose_convs(src: str, dst: str) -> list[dict]:
+    """A copy of `src` whose every Conv / ConvTranspose input and output is also a graph output, and
+    what each of those convolutions is (kernel, dilation, groups, channels), in graph order."""
+    model = onnx.load(src)
+    # the converter leaves some value_info types as they were in fp32: infer them all again
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    inits = {t.name: t for t in model.graph.initializer}
+    have = {o.name for o in model.graph.output}
+    convs = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        w = inits.get(n.input[1])
+        convs.append({"name": n.name, "op": n.op_type, "input": n.input[0], "output": n.output[0],
+                      "weight_shape": list(w.dims) if w is not None else None,
+                      "weight_type": onnx.TensorProto.DataType.Name(w.data_type) if w is not None else None,
+                      **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in attrs.items()
+                         if k in ("dilations", "group", "kernel_shape", "pads", "strides")}})
+        for name in (n.input[0], n.output[0]):
+            if name in have or name not in types:
+                continue
+            model.graph.output.append(types[name])
+            have.add(name)
+    onnx.save(model, dst)
+    return convs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines-dir", required=True)
+    ap.add_argument("--graph", default="vocoder")
+    ap.add_argument("--point", default="opt")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default="probe_ort_fp16.json")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke test of this script")
+    args = ap.parse_args()
+    global CUDA
+    CUDA = args.device == "cuda"
+
+    manifest = Manifest.load(args.engines_dir)
+    src = manifest.abspath(manifest.require(args.graph, "fp32", "onnx", "run python -m export onnx first"))
+    spec = GraphSpec.from_json(read_metadata(src)["tts.spec"])
+    feed = {k: v.numpy() for k, v in spec.sample_feed(args.point, seed=0).items()}
+    print(f"{args.graph} at {args.point}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items()), flush=True)
+    results: dict = {"graph": args.graph, "point": args.point, "runs": []}
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    ref, ms = run_timed(session(src, {}, "all"), feed, args.reps)
+    print(f"reference fp32 (runtime options): {ms:.2f} ms, max |y| {max(float(np.abs(r).max()) for r in ref):.3g}", flush=True)
+    tmp = tempfile.mkdtemp(prefix="probe-fp16-")
+    files = {}
+    for level in (FP16_LEVELS[0], FP16_LEVELS[-1]):  # all-fp16, and only the matmuls / convs in fp16
+        dst = os.path.join(tmp, f"{level.name}.onnx")
+        facts = to_fp16(src, dst, level)
+        files[level.name] = dst
+        print(f"{level.name}: matmul/conv in fp16 {facts['matmul_conv_in_fp16']}", flush=True)
+
+    def record(label: str, file: str, build):
+        row = {"file": file, "options": label}
+        try:
+            t0 = time.perf_counter()
+            sess = build()
+            row["session_s"] = round(time.perf_counter() - t0, 2)
+            outs, ms = run_timed(sess, feed, args.reps)
+            row.update(compare(outs, ref), ms=round(ms, 3))
+        except Exception as e:  # noqa: BLE001 - a failing option set is a result like the others
+            row["error"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        results["runs"].append(row)
+        save()
+        err = row.get("scaled_error")
+        print(f"{file:24s} {label:24s} nonfinite {row.get('nonfinite', '-'):>9} "
+              f"error {('%.3g' % err) if err is not None else '-':>9} ms {row.get('ms', '-'):>8} {row.get('error', '')}",
+              flush=True)
+
+    record("cpu provider", "all-fp16", lambda: session(files["all-fp16"], {}, "all", cuda=False))
+    for label, overrides, level in OPTION_SETS:
+        record(label, "all-fp16", lambda o=overrides, lv=level: session(files["all-fp16"], o, lv))
+    heavy = FP16_LEVELS[-1].name
+    for label, overrides, level in OPTION_SETS[:5]:
+        record(label, heavy, lambda o=overrides, lv=level: session(files[heavy], o, lv))
+
+    # where the first non-finite value appears (with the runtime's options); exposing the tensors
+    # stops ORT from fusing them away, so the final output's state is recorded again
+    exposed = os.path.join(tmp, "exposed.onnx")
+    convs = expose_convs(files["all-fp16"], exposed)
+    sess = session(exposed, {}, "all")
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(None, feed)))
+    final = [o.name for o in onnx.load(src, load_external_data=False).graph.output]
+    results["exposed_final_nonfinite"] = int(sum((~np.isfinite(values[n].astype(np.float32))).sum() for n in final))
+    first = None
+    for c in convs:
+        for side in ("input", "output"):
+            v = values.get(c[side])
+            c[f"{side}_nonfinite"] = None if v is None else int((~np.isfinite(v.astype(np.float32))).sum())
+            c[f"{side}_max_abs"] = None if v is None else float(np.nanmax(np.abs(np.where(np.isfinite(v), v, 0)).astype(np.float32)))
+        if first is None and (c["output_nonfinite"] or 0) > 0:
+            first = c
+    results["convs"] = convs
+    results["first_nonfinite_conv"] = first
+    save()
+    print(f"exposed variant: final output nonfinite {results['exposed_final_nonfinite']}; "
+          f"convs with nonfinite output {sum(1 for c in convs if c['output_nonfinite'])} of {len(convs)}", flush=True)
+    if first:
+        print("first: " + json.dumps({k: first[k] for k in first if k not in ('input', 'output')}), flush=True)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
