@@ -48,7 +48,7 @@ BUDGET_S="${BUDGET_S:-100000}"; MIN_STEP_S="${MIN_STEP_S:-30}"
 ORTSITE="${ORTSITE:-/tmp/ortsite}"; ORT_WAIT_S="${ORT_WAIT_S:-400}"; CHAIN="${CHAIN:-/tmp/cov}"
 # the tiny presets and DEVICE=cpu run the same steps on a laptop (a smoke test of this script)
 CV2="${CV2:-cosyvoice2-random}"; ORP="${ORP:-orpheus-random}"
-CV2_GRAPHS=llm,flow_encoder,flow_estimator,vocoder
+CV2_GRAPHS="${CV2_GRAPHS:-llm,flow_encoder,flow_estimator,vocoder}"  # the graphs the export step makes
 # ORP_GRAPHS=vocoder leaves the 13 GB LLM out (its export is ~175 s of CPU and its fp16 build 420 s of GPU)
 # when a session has too little device time for it
 ORP_GRAPHS="${ORP_GRAPHS:-llm,vocoder}"
