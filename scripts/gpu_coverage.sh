@@ -195,7 +195,7 @@ for s in $steps; do
     probe-hift)
       # why HiFT's fp16 gives inf on ORT CUDA only: the fp16 files under each CUDA option set, and the
       # first convolution whose output is not finite (scripts/probe_ort_fp16.py)
-      run probe-hift 200 $PY scripts/probe_ort_fp16.py --engines-dir "$ENGINES/$CV2" --graph vocoder --point opt \
+      run probe-hift 200 $PY scripts/probe_ort_fp16.py --engines-dir "$ENGINES/$CV2" --graph vocoder --point opt --device "$DEVICE" \
         --json "$OUT/probe-hift.json" ;;
     bench-orpheus)
       run bench-orpheus 240 $PY -m runtime.bench --model $ORP --device "$DEVICE" --engines-dir "$ENGINES/$ORP" \
