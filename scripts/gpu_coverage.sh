@@ -126,7 +126,9 @@ for s in $steps; do
   case "$s" in
     export)
       # both on the CPU at once (the Orpheus LLM alone takes ~130 s): the longest sets the time
-      OMP_NUM_THREADS=$HALF export_cv2 & OMP_NUM_THREADS=$HALF export_orpheus & wait
+      OMP_NUM_THREADS=$HALF export_cv2 &
+      [ "$ORP_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_orpheus & }
+      wait
       ;;
     prepare)
       # export and calibrate at once: the captures run the torch model on the GPU and need no ONNX, so
