@@ -406,3 +406,43 @@ def test_a_build_stopped_while_bisecting_keeps_the_level_that_passed(exported, t
     assert reached == "fp16" and read_metadata(path)["tts.precision_reached"] == reached
     assert art.validation["ort:cpu"]["passed"] is True
     assert not os.path.exists(os.path.join(os.path.dirname(path), ".candidates"))  # no candidate left behind
+
+
+def test_fp16_probe_runs_every_option_set_and_its_2d_rewrite_is_exact(exported, tmp_path):
+    """scripts/probe_ort_fp16.py (the HiFT fp16 diagnosis for ORT CUDA) on the CPU provider: every
+    option set gives a row, every convolution's input and output is read back, and its 1-D -> 2-D
+    convolution rewrite computes the fp32 graph's values (it only changes which kernels run)."""
+    import subprocess
+
+    import numpy as np
+    import onnxruntime as ort
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "probe_ort_fp16.py")
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        from probe_ort_fp16 import OPTION_SETS, conv1d_as_2d
+    finally:
+        sys.path.pop(0)
+    root = exported["cosyvoice2-tiny"]
+    src = os.path.join(root, "onnx", "fp32", "vocoder.onnx")
+    n = sum(1 for node in onnx.load(src, load_external_data=False).graph.node if node.op_type in ("Conv", "ConvTranspose"))
+    assert conv1d_as_2d(src, str(tmp_path / "as2d.onnx")) == n > 50
+    spec = load_model("cosyvoice2-tiny").graph_specs()["vocoder"]
+    feed = {k: v.numpy() for k, v in spec.sample_feed("opt", seed=3).items()}
+    ref = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feed)
+    got = ort.InferenceSession(str(tmp_path / "as2d.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    for r, g in zip(ref, got):
+        assert g.shape == r.shape and np.abs(g - r).max() <= 1e-5 * max(np.abs(r).max(), 1.0)
+
+    out = tmp_path / "probe.json"
+    res = subprocess.run([sys.executable, script, "--engines-dir", root, "--device", "cpu", "--reps", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    probe = json.loads(out.read_text())
+    rows = {(r["file"], r["options"]) for r in probe["runs"]}
+    assert {("all-fp16", label) for label, _, _ in OPTION_SETS} <= rows
+    assert ("all-fp16", "cpu provider") in rows and len(rows) == len(probe["runs"]) == len(OPTION_SETS) + 4 + 1 + 5
+    for r in probe["runs"]:
+        assert "error" not in r and r["nonfinite"] == 0 and r["scaled_error"] < 0.02, r
+    assert len(probe["convs"]) == n and probe["first_nonfinite_conv"] is None
+    assert all(c["output_nonfinite"] == 0 and c["input_max_abs"] > 0 for c in probe["convs"])
