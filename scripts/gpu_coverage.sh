@@ -28,11 +28,13 @@
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
 # Steps may be named after `background` too. Owed after the fifth attempt (docs/performance.md: the
 # CosyVoice2 fp16 LLM, estimator fp16 and int8 level, encoder, the Orpheus vocoder fp16/int8 and its bench
-# passed on the H100; HiFT fp16 stays at 24/90 convolutions): the Orpheus fp16 LLM, the estimator's int8
-# recorded and benched, the CosyVoice2 certificates:
-#   EST_PRECISION=int8 CAL_PIN="taskset -c 0-3" BISECT=0
-#   background prepare wait-ort build-cv2-estimator llm16-orpheus bench-cv2 certify-cv2
-# (bench-cv2 then has its int8 row; a session with < ~1,200 s left: ORP_GRAPHS=vocoder, no llm16-orpheus)
+# passed on the H100; HiFT fp16 stays at 24/90 convolutions; the sixth session got no machine): HiFT's
+# fp16 probe, the estimator's int8 recorded, certified and benched, then the Orpheus fp16 LLM:
+#   ORP_GRAPHS=none CV2_GRAPHS=flow_encoder,flow_estimator,vocoder EST_PRECISION=int8 BISECT=0
+#   CAL_PIN="taskset -c 0-3" CERT_CV2_GRAPHS=flow_encoder,flow_estimator BENCH_CV2_BACKENDS="torch|flow=ort|flow=ort:int8"
+#   background prepare wait-ort probe-hift build-cv2-estimator build-cv2-encoder bench-cv2 certify-cv2
+# (~750 s of chain; the HiFT probe alone: CV2_GRAPHS=vocoder ... background export wait-ort probe-hift;
+# the Orpheus fp16 LLM, ~600 s more: ORP_GRAPHS=llm ... export wait-ort llm16-orpheus)
 # (a machine lost: every artifact is made again; ORP_GRAPHS=vocoder when the session has < ~1,200 s left)
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
