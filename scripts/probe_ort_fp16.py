@@ -11,7 +11,7 @@ under each option set and the one variant that exposes every convolution's input
 
 Prints one line per run (non-finite values in the output, worst error scaled by the reference's largest
 value, ms per call) and writes them all to --json. The reference is the fp32 file under the runtime's
-own options (scripts/../runtime/backends/onnxrt.py: cuda_provider_options).
+own options (runtime/backends/onnxrt.py: cuda_provider_options).
 """
 
 from __future__ import annotations
