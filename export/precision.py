@@ -38,6 +38,7 @@ import onnx
 
 from models.errors import UserError
 from models.spec import GraphSpec
+from runtime.artifacts import ORT_CUDA_OPTIONS_KEY
 
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -274,6 +275,29 @@ def _load_inferred(src: str) -> onnx.ModelProto:
     return inferred
 
 
+def fp16_conv1d_nodes(model: onnx.ModelProto) -> list[str]:
+    """The Conv / ConvTranspose nodes whose weight is a 1-D kernel stored in fp16."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        w = inits.get(n.input[1]) if n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 else None
+        if w is not None and len(w.dims) == 3 and w.data_type == onnx.TensorProto.FLOAT16:
+            out.append(n.name)
+    return out
+
+
+def ort_cuda_options_of_fp16(model: onnx.ModelProto) -> dict[str, str]:
+    """The ONNX Runtime CUDA options an fp16 file needs on top of the runtime's own.
+
+    fp16 1-D convolutions: with the runtime's cudnn_conv_algo_search=HEURISTIC (which keeps fp32 1-D
+    convolutions out of ORT's slow fallback path), cuDNN's heuristic query finds no plan for some fp16
+    dilated 1-D convolutions and the run fails (HiFT at opt on an H100: node_conv1d_74, 64 channels,
+    kernel 7, dilation 5, HEURISTIC_QUERY_FAILED). Padding them to 2-D (NC1D) gives cuDNN kernels it
+    has: the all-fp16 HiFT then ran finite, 7.5 ms against 10.9 ms in fp32 (docs/performance.md,
+    seventh attempt)."""
+    return {"cudnn_conv1d_pad_to_nc1d": "1"} if fp16_conv1d_nodes(model) else {}
+
+
 def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None, label: str | None = None) -> dict:
     """Write an FP16 variant of `src` keeping `level`'s nodes (or exactly `keep`) in FP32; returns what was kept."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -304,7 +328,12 @@ def to_fp16(src: str, dst: str, level: FP16Level, keep: list[str] | None = None,
         _dedupe_casts(converted)
         _exact_fp32_islands(converted, src)
     del converted.metadata_props[:]
-    for k, v in {**meta, "tts.precision": "fp16", "tts.fp16_level": level.name}.items():
+    meta = {**meta, "tts.precision": "fp16", "tts.fp16_level": level.name}
+    meta.pop(ORT_CUDA_OPTIONS_KEY, None)
+    cuda_options = ort_cuda_options_of_fp16(converted)
+    if cuda_options:
+        meta[ORT_CUDA_OPTIONS_KEY] = json.dumps(cuda_options, sort_keys=True)
+    for k, v in meta.items():
         converted.metadata_props.add(key=k, value=v)
     _save(converted, dst)
     return {"level": level.name, "fp32_nodes": len(keep), "index_arithmetic_fp32": len(index_nodes),
@@ -528,11 +557,18 @@ class _Search:
         facts = self.write(kept)
         res = self.check()
         worst = _worst(res)
+        # a candidate that could not run scores inf: say why, or it reads as an overflow (the fp16
+        # HiFT's cuDNN failure passed for inf values through three builds)
+        error = next((p["error"] for p in res["points"] if p.get("error")), None)
         self.tried.append({"level": label, "kept": len(kept), "max_rel_error": worst, "passed": res["passed"],
-                           **({"stopped_at": res["stopped_at"]} if res.get("stopped_at") else {})})
+                           **({"stopped_at": res["stopped_at"]} if res.get("stopped_at") else {}),
+                           **({"error": error} if error else {})})
         where = f" at {res['stopped_at']}" if res.get("stopped_at") else ""
-        self.log(f"{label:<26} {len(kept):5d} kept  max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
-                 f"{'PASS' if res['passed'] else 'fail' + where}  {time.perf_counter() - t0:.1f} s")
+        if error:
+            self.log(f"{label:<26} {len(kept):5d} kept  could not run{where}: {error}  {time.perf_counter() - t0:.1f} s")
+        else:
+            self.log(f"{label:<26} {len(kept):5d} kept  max rel err {worst:.2e} (tol {res['points'][0]['tolerance']:g}) "
+                     f"{'PASS' if res['passed'] else 'fail' + where}  {time.perf_counter() - t0:.1f} s")
         if res["passed"]:
             self.passing = (label, list(kept), facts, res)
             if self.on_pass is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 
@@ -248,7 +249,7 @@ def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, 
             try:
                 results = Comparator.run([ref_runner, cand_runner], data_loader=data)
             except Exception as e:  # noqa: BLE001 - a candidate that cannot run fails like a wrong one
-                error = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                error = run_error_summary(e)
                 break
             ref_out = results[ref_runner.name][0]
             cand_out = results[cand_runner.name][0]
@@ -285,6 +286,19 @@ def validate_graph(model: TTSModel, graph: str, candidate: Backend, label: str, 
     if fail_fast and not result["passed"]:
         result["stopped_at"] = rows[-1]["point"]
     return result
+
+
+def run_error_summary(e: BaseException) -> str:
+    """One line for a run that raised: its first line, plus the cuDNN status that ORT buries after
+    long source paths (e.g. HEURISTIC_QUERY_FAILED), which says more than the rest."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:200]
+    status = re.search(r"CUDNN_FE failure \d+: (\w+)|(CUDNN_STATUS_\w+)", text)
+    if status and (status.group(1) or status.group(2)) not in line:
+        line += f" [{status.group(1) or status.group(2)}]"
+    return line
 
 
 def worst_error(result: dict) -> float:

@@ -30,6 +30,9 @@ from models.spec import GraphSpec
 
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
+# ONNX metadata: ONNX Runtime CUDA provider options a file needs (JSON object), written by the
+# conversion that made the need and applied by the ort backend on top of its own
+ORT_CUDA_OPTIONS_KEY = "tts.ort_cuda_options"
 
 
 def default_dir(model_name: str) -> str:

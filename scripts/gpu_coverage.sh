@@ -128,7 +128,7 @@ for s in $steps; do
   case "$s" in
     export)
       # both on the CPU at once (the Orpheus LLM alone takes ~130 s): the longest sets the time
-      OMP_NUM_THREADS=$HALF export_cv2 &
+      [ "$CV2_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_cv2 & }
       [ "$ORP_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_orpheus & }
       wait
       ;;
@@ -136,7 +136,7 @@ for s in $steps; do
       # export and calibrate at once: the captures run the torch model on the GPU and need no ONNX, so
       # they need not wait for the exports' CPU work (on $CAL_PIN, cores the exports leave free)
       # ORP_GRAPHS=none: a chain of CosyVoice2 steps only (no Orpheus export or capture)
-      OMP_NUM_THREADS=$HALF export_cv2 &
+      [ "$CV2_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_cv2 & }
       [ "$ORP_GRAPHS" = none ] || { OMP_NUM_THREADS=$HALF export_orpheus & }
       PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $CV2 flow_encoder,flow_estimator,vocoder &
       [ "$ORP_GRAPHS" = none ] || { PIN="${CAL_PIN:-$PIN}" OMP_NUM_THREADS=2 calib $ORP vocoder & }
@@ -174,6 +174,7 @@ for s in $steps; do
       limit=150; prec=fp16,int8
       # EST_PRECISION=int8 builds only the estimator's int8 (its fp16 bisection is ~200 s of the 300)
       [ "$graph" = flow_estimator ] && limit=300 && prec=${EST_PRECISION:-fp16,int8}
+      [ "$graph" = vocoder ] && prec=${VOC_PRECISION:-fp16,int8}
       run $s $limit $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision $prec \
         --graphs $graph --bisect-rounds "$BISECT" ;;
     build-orpheus)

@@ -1,17 +1,20 @@
-"""Why does an fp16 graph give inf on ONNX Runtime's CUDA provider when it is finite on the CPU?
+"""Does an fp16 graph run on ONNX Runtime's CUDA provider, under which options, and how fast?
 
-Made for CosyVoice2's HiFT vocoder: every fp16 level of it returns inf on ORT CUDA (the 90 convolutions
-alone in fp16 are enough), its largest fp32 convolution output at opt is 15.7, and ORT's CPU provider
-runs the same all-fp16 file with finite output (docs/performance.md, "coverage, fifth attempt"). So
-the suspect is a kernel ORT's CUDA provider picks, which its options change. This runs the fp16 files
-under each option set and the one variant that exposes every convolution's input and output:
+Made for CosyVoice2's HiFT vocoder, whose fp16 levels all scored "inf" in three GPU builds. The first
+run of this probe on an H100 (docs/performance.md, seventh attempt) found no overflow: under the
+runtime's cudnn_conv_algo_search=HEURISTIC, cuDNN's heuristic query finds no plan for one fp16 dilated
+1-D convolution (HEURISTIC_QUERY_FAILED), the run fails, and a failed run scored inf. With the 1-D
+convolutions padded to 2-D (cudnn_conv1d_pad_to_nc1d=1, now in the fp16 file's metadata) it runs
+finite and faster than fp32. This runs the fp16 files under each option set, and a variant that
+exposes every convolution's input and output:
 
     python scripts/probe_ort_fp16.py --engines-dir ENGINES/cosyvoice2-random --graph vocoder \
         --point opt --json probe.json
 
 Prints one line per run (non-finite values in the output, worst error scaled by the reference's largest
-value, ms per call) and writes them all to --json. The reference is the fp32 file under the runtime's
-own options (runtime/backends/onnxrt.py: cuda_provider_options).
+value, ms per call, or the error) and writes them all to --json. "runtime" is what the runtime runs: its
+own options (runtime/backends/onnxrt.py: cuda_provider_options) with the file's (ORT_CUDA_OPTIONS_KEY);
+the reference is the fp32 file so. ORT's silent CPU retry of a failed CUDA run is turned off.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from export.precision import FP16_LEVELS, to_fp16  # noqa: E402
+from export.validate import run_error_summary  # noqa: E402
 from models.spec import GraphSpec  # noqa: E402
-from runtime.artifacts import Manifest, read_metadata  # noqa: E402
+from runtime.artifacts import ORT_CUDA_OPTIONS_KEY, Manifest, read_metadata  # noqa: E402
 from runtime.backends.onnxrt import cuda_provider_options  # noqa: E402
 
 # one change at a time from the runtime's options, then the two that matter together
@@ -45,6 +49,8 @@ OPTION_SETS = [
     ("fuse_conv_bias=0", {"fuse_conv_bias": "0"}, "all"),
     ("graph_opt=basic", {}, "basic"),
     ("graph_opt=off", {}, "off"),
+    # the file's own options undone: what three builds ran into
+    ("without nc1d", {"cudnn_conv1d_pad_to_nc1d": "0"}, "all"),
 ]
 
 
@@ -59,9 +65,17 @@ def session(path: str, overrides: dict, level: str, cuda: bool = True):
     opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                      "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                      "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-    providers = ([("CUDAExecutionProvider", cuda_provider_options(0, **overrides)), "CPUExecutionProvider"]
+    try:
+        wanted = json.loads(read_metadata(path).get(ORT_CUDA_OPTIONS_KEY) or "{}")
+    except ValueError:
+        wanted = {}
+    providers = ([("CUDAExecutionProvider", cuda_provider_options(0, **{**wanted, **overrides})), "CPUExecutionProvider"]
                  if cuda and CUDA else ["CPUExecutionProvider"])
-    return ort.InferenceSession(path, opts, providers=providers)
+    sess = ort.InferenceSession(path, opts, providers=providers)
+    # ORT's Python session reruns a failed CUDA run on the CPU provider without a word: the first
+    # probe on an H100 measured the CPU under the runtime's options that way. A failure is a result.
+    sess.disable_fallback()
+    return sess
 
 
 def run_timed(sess, feed: dict, reps: int) -> tuple[list, float]:
@@ -197,9 +211,9 @@ def main() -> None:
             sess = build()
             row["session_s"] = round(time.perf_counter() - t0, 2)
             outs, ms = run_timed(sess, feed, reps)
-            row.update(compare(outs, ref), ms=round(ms, 3))
+            row.update(compare(outs, ref), ms=round(ms, 3), provider=sess.get_providers()[0])
         except Exception as e:  # noqa: BLE001 - a failing option set is a result like the others
-            row["error"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            row["error"] = run_error_summary(e)
         results["runs"].append(row)
         save()
         err = row.get("scaled_error")

@@ -443,6 +443,93 @@ def test_fp16_probe_runs_every_option_set_and_its_2d_rewrite_is_exact(exported, 
     assert {("all-fp16", label) for label, _, _ in OPTION_SETS} <= rows
     assert ("all-fp16", "cpu provider") in rows and len(rows) == len(probe["runs"]) == len(OPTION_SETS) + 4 + 1 + 5
     for r in probe["runs"]:
-        assert "error" not in r and r["nonfinite"] == 0 and r["scaled_error"] < 0.02, r
+        assert "error" not in r and r["provider"] == "CPUExecutionProvider" and r["nonfinite"] == 0 and r["scaled_error"] < 0.02, r
     assert len(probe["convs"]) == n and probe["first_nonfinite_conv"] is None
     assert all(c["output_nonfinite"] == 0 and c["input_max_abs"] > 0 for c in probe["convs"])
+
+
+def test_fp16_files_with_1d_convolutions_ask_ort_cuda_for_the_nc1d_padding(exported, tmp_path, monkeypatch):
+    """On an H100 the runtime's cudnn_conv_algo_search=HEURISTIC found no cuDNN plan for one of HiFT's
+    fp16 dilated 1-D convolutions (HEURISTIC_QUERY_FAILED), so every fp16 HiFT candidate failed to run;
+    with cudnn_conv1d_pad_to_nc1d=1 the all-fp16 file ran finite, faster than fp32. The fp16
+    conversion records that option in the file, the ort backend applies it on CUDA, and never lets ORT
+    rerun a failed CUDA run on the CPU behind its back."""
+    import types as _types
+
+    import onnxruntime as ort
+
+    import runtime.backends.onnxrt as onnxrt
+    from export.precision import FP16_LEVELS, fp16_conv1d_nodes, to_fp16
+    from runtime.artifacts import ORT_CUDA_OPTIONS_KEY, set_metadata
+
+    src = os.path.join(exported["cosyvoice2-tiny"], "onnx", "fp32", "vocoder.onnx")
+    convs = [n.name for n in onnx.load(src, load_external_data=False).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    dst = str(tmp_path / "vocoder16.onnx")
+    to_fp16(src, dst, FP16_LEVELS[0])
+    assert len(fp16_conv1d_nodes(onnx.load(dst))) == len(convs)
+    assert json.loads(read_metadata(dst)[ORT_CUDA_OPTIONS_KEY]) == {"cudnn_conv1d_pad_to_nc1d": "1"}
+    # the convolutions kept in fp32: nothing to ask for
+    kept = str(tmp_path / "vocoder16-convs32.onnx")
+    to_fp16(src, kept, FP16_LEVELS[0], keep=convs)
+    assert fp16_conv1d_nodes(onnx.load(kept)) == [] and ORT_CUDA_OPTIONS_KEY not in read_metadata(kept)
+
+    spec = load_model("cosyvoice2-tiny").graph_specs()["vocoder"]
+    cpu = onnxrt.OrtBackend(spec, torch.device("cpu"), dst).activate()
+    try:
+        assert cpu.session._enable_fallback is False
+        assert "ort_cuda_options" not in cpu.metadata()  # a CPU session has no CUDA options
+    finally:
+        cpu.deactivate()
+
+    # the CUDA provider options the backend would create its session with (no GPU needed to build them)
+    monkeypatch.setattr(onnxrt, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: _types.SimpleNamespace(cuda_stream=7))
+    gpu = onnxrt.OrtBackend(spec, torch.device("cuda", 0), dst)
+    gpu.meta = read_metadata(dst)
+    (name, opts), fallback = gpu.providers()
+    assert name == "CUDAExecutionProvider" and fallback == "CPUExecutionProvider"
+    assert opts == {**onnxrt.cuda_provider_options(0, 7), "cudnn_conv1d_pad_to_nc1d": "1"}
+    assert opts["cudnn_conv_algo_search"] == "HEURISTIC" and opts["user_compute_stream"] == "7"
+    gpu.meta = read_metadata(kept)
+    assert "cudnn_conv1d_pad_to_nc1d" not in gpu.providers()[0][1]
+
+    set_metadata(dst, {**read_metadata(dst), ORT_CUDA_OPTIONS_KEY: "[1]"})
+    gpu.meta = read_metadata(dst)
+    with pytest.raises(UserError) as e:
+        gpu.providers()
+    assert str(e.value) == (f"{dst} has unreadable tts.ort_cuda_options metadata (not an object). "
+                            "Fix: build it again: python -m export onnx")
+
+
+def test_a_candidate_that_cannot_run_is_logged_with_its_error_not_as_inf():
+    """Three GPU builds logged the fp16 HiFT as "max rel err inf ... fail at opt" when its candidates
+    had not run at all (a cuDNN error): the log and the manifest's trials now carry the error."""
+    from export.precision import _Search
+    from export.validate import run_error_summary
+
+    ort_error = RuntimeError("[ONNXRuntimeError] : 11 : EP_FAIL : Non-zero status code returned while running Conv "
+                             "node. Name:'node_conv1d_74' Status Message: Failed to initialize CUDNN Frontend: "
+                             "/src/onnxruntime/core/providers/cuda/cudnn_fe_call.cc:117 (long template text) "
+                             "CUDNN_FE failure 8: HEURISTIC_QUERY_FAILED ; GPU=0\nsecond line")
+    summary = run_error_summary(ort_error)
+    assert summary.startswith("[ONNXRuntimeError] : 11 : EP_FAIL : Non-zero status code returned while running Conv node.")
+    assert len(summary) == 200 + len(" [HEURISTIC_QUERY_FAILED]") and summary.endswith(" [HEURISTIC_QUERY_FAILED]")
+    assert run_error_summary(ValueError("")) == "ValueError"
+
+    def point(name, err, error=None):
+        return {"point": name, "tolerance": 0.02, "outputs": {"audio": {"max_rel_error": err}},
+                **({"error": error} if error else {})}
+
+    failed = {"passed": False, "stopped_at": "opt",
+              "points": [point("min", 1e-3), point("opt", float("inf"), summary)]}
+    logs = []
+    search = _Search(lambda kept: {}, lambda: failed, logs.append)
+    assert search.run("all-fp16", []) is False
+    assert logs[0].startswith(f"all-fp16                       0 kept  could not run at opt: {summary}  ")
+    assert "inf" not in logs[0].replace("Failed to initialize", "") and search.tried[0]["error"] == summary
+    wrong = {"passed": False, "stopped_at": "max", "points": [point("max", 0.5)]}
+    search = _Search(lambda kept: {}, lambda: wrong, logs.append)
+    assert search.run("fp32-norms", ["a"]) is False
+    assert logs[1].startswith("fp32-norms                     1 kept  max rel err 5.00e-01 (tol 0.02) fail at max  ")
+    assert "error" not in search.tried[0]

@@ -13,12 +13,14 @@ are listed in `metadata()["cpu_nodes"]`.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from models.errors import UserError
 from models.spec import DTYPES, GraphSpec
-from runtime.artifacts import read_metadata
+from runtime.artifacts import ORT_CUDA_OPTIONS_KEY, read_metadata
 from runtime.backends.base import ArtifactBackend, BackendKind
 
 # ORT's IOBinding names element types by numpy dtype
@@ -82,8 +84,9 @@ def cuda_provider_options(index: int, stream: int | None = None, **overrides) ->
     # kSameAsRequested: the arena grows by what a call needs, not to the next power of two (a 9 GB
     # request would reserve 16 GB and run out of memory on an 80 GB card beside torch)
     # HEURISTIC: with DEFAULT (+ NC1D layout) ORT ran HiFT's fp32 convs in "fallback mode", 5-9x
-    # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for HiFT's fp16
-    # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"); the fp16 build then keeps the vocoder in fp32.
+    # slower on the H200 (docs/performance.md). The heuristic finds no cuDNN plan for some fp16
+    # dilated 1-D convs ("HEURISTIC_QUERY_FAILED"): fp16 files with 1-D convs ask for the NC1D padding
+    # in their metadata (ORT_CUDA_OPTIONS_KEY; export/precision.py says what was measured).
     opts = {"device_id": index, "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0",
             "arena_extend_strategy": "kSameAsRequested"}
     if stream is not None:
@@ -103,6 +106,21 @@ class OrtBackend(ArtifactBackend):
         self.meta: dict = {}
         self.placement: dict = {}
 
+    def file_cuda_options(self) -> dict[str, str]:
+        """The CUDA provider options the file asks for in its metadata (the conversion that made it
+        records what its kernels need, e.g. export/precision.py: ort_cuda_options_of_fp16)."""
+        text = self.meta.get(ORT_CUDA_OPTIONS_KEY)
+        if not text:
+            return {}
+        try:
+            opts = json.loads(text)
+            if not isinstance(opts, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise UserError(f"{self.path} has unreadable {ORT_CUDA_OPTIONS_KEY} metadata ({e}).",
+                            f"build it again: {self.rebuild}") from None
+        return {str(k): str(v) for k, v in opts.items()}
+
     def providers(self) -> list:
         """Execution providers for this device; a missing CUDA provider is an error, never a fallback."""
         import onnxruntime as ort
@@ -115,14 +133,14 @@ class OrtBackend(ArtifactBackend):
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        cuda = cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream)
+        cuda = cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream, **self.file_cuda_options())
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
         import onnxruntime as ort
 
-        providers = self.providers()
         self.meta = read_metadata(self.path)
+        providers = self.providers()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -135,6 +153,10 @@ class OrtBackend(ArtifactBackend):
         except Exception as e:  # ORT raises its own exception types; the message is what helps
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"ONNX Runtime cannot load {self.path}: {first[:200]}", f"build it again: {self.rebuild}") from None
+        # ORT's Python session retries a run whose CUDA kernel fails on the CPU provider, silently: a
+        # failure must be one (an fp16 HiFT passed for "inf" in three builds that way, docs/performance.md)
+        if hasattr(self.session, "disable_fallback"):
+            self.session.disable_fallback()
         if self.device.type == "cuda":
             if self.session.get_providers()[0] != "CUDAExecutionProvider":
                 raise UserError(f"ONNX Runtime did not put {self.spec.name} on CUDA.", GPU_FIX.format(stage=self.spec.stage))
@@ -188,6 +210,8 @@ class OrtBackend(ArtifactBackend):
 
     def metadata(self):
         m = {**super().metadata(), "precision": self.meta.get("tts.precision", "?")}
+        if self.device.type == "cuda" and self.file_cuda_options():
+            m["ort_cuda_options"] = self.file_cuda_options()
         if self.session is not None:
             m["providers"] = self.session.get_providers()
         m.update(self.placement)
