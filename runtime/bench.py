@@ -127,7 +127,7 @@ def bench_backend(model, choice: str, device: torch.device, lengths: list[int], 
     for graph, spec in specs.items():
         if graph not in runners:
             try:
-                runners[graph] = create_backend(pipe.choice.first(spec.stage), model, spec, device, engines_dir)
+                runners[graph] = create_backend(pipe.choice.first(spec.stage, graph), model, spec, device, engines_dir)
             except UserError as e:  # an optional extra graph without an artifact is skipped alone
                 out.setdefault("skipped_graphs", {})[graph] = str(e)
     lm = model.lm

@@ -728,14 +728,14 @@ class Engine:
                             "reserve SMs (a positive count) on a CUDA device only; 0 turns it off")
         self.lm_reserved_sms = lm_reserved_sms
         self._green = None  # the token2wav side's green context (kept alive while its stream is used)
-        choice = BackendChoice.parse(backends, model.stages)
+        choice = BackendChoice.for_model(backends, model)
         lm_stage = model.graph_specs()[model.lm.graph].stage
-        lm_option = choice.first(lm_stage).resolved(precision)
+        lm_options = choice.of(lm_stage, model.lm.graph)
+        lm_option = lm_options[0].resolved(precision)
         self._lm_stage = lm_stage
-        if role != "token2wav" and (lm_option.kind not in ("torch", "cudagraph", "compile")
-                                    or len(choice.stages[lm_stage]) > 1):
+        if role != "token2wav" and (lm_option.kind not in ("torch", "cudagraph", "compile") or len(lm_options) > 1):
             raise UserError(f"the engine runs the {lm_stage} stage with torch, cudagraph or compile (its continuous batching "
-                            f"needs the static slot cache), not {'/'.join(map(str, choice.stages[lm_stage]))}.",
+                            f"needs the static slot cache), not {'/'.join(map(str, lm_options))}.",
                             f"choose {lm_stage}=compile:bf16 (or torch); the other stages may use any backend")
         if stream_state_gb is not None and stream_state_gb < 0:
             raise UserError(f"stream_state_gb {stream_state_gb} is negative.", "pass 0 or more GiB (0: keep nothing)")
@@ -744,7 +744,9 @@ class Engine:
         # the LM graph is driven by the slot decoder; the pipeline loads the other stages' backends (a
         # role loads its own stages only: the LM's backend casts the weights the slot decoder runs)
         stages = {"full": None, "lm": (lm_stage,), "token2wav": tuple(s for s in model.stages if s != lm_stage)}[role]
-        self.pipe = Pipeline(model, BackendChoice({**choice.stages, lm_stage: (choice.first(lm_stage),)}), device=device,
+        one_lm = BackendChoice({**choice.stages, lm_stage: (lm_options[0],)},
+                               {g: o for g, o in choice.graphs.items() if g != model.lm.graph})
+        self.pipe = Pipeline(model, one_lm, device=device,
                              engines_dir=engines_dir, precision=precision, options=options, stages=stages)
         self.options = self.pipe.options
         if self.options.get("flow_mode") == "prefix" and role != "lm":

@@ -162,7 +162,7 @@ class Pipeline:
         # the stop check) instead of on the host; a CPU pipeline gains nothing from it
         self.sample_on_device = self.device.type == "cuda"
         self.options = model.resolve_options(options)
-        self.choice = BackendChoice.parse(backends, model.stages)
+        self.choice = BackendChoice.for_model(backends, model)
         self.observer = observer or PipelineObserver()
         specs = model.graph_specs()
         self.loaded: dict[str, Loaded] = {}
@@ -170,7 +170,7 @@ class Pipeline:
             if stages is not None and stage not in stages:
                 continue
             for g in graphs:
-                self.loaded[g] = load_backend(self.choice.stages[stage], model, specs[g], self.device, engines_dir,
+                self.loaded[g] = load_backend(self.choice.of(stage, g), model, specs[g], self.device, engines_dir,
                                               precision)
         self.runners = {g: x.backend for g, x in self.loaded.items()}
         self.stage_of = {g: specs[g].stage for g in self.runners}
@@ -207,16 +207,18 @@ class Pipeline:
         return total
 
     def describe_backends(self) -> str:
-        """`stage=kind:precision` per stage, plus what a fallback chain passed over and why."""
+        """`stage=kind:precision` per stage (per graph where a stage's graphs run different ones), plus
+        what a fallback chain passed over and why."""
         parts, notes = {}, []
         for g, x in self.loaded.items():
-            parts.setdefault(self.stage_of[g], set()).add(str(x.option))
+            parts.setdefault(self.stage_of[g], {})[g] = str(x.option)
             notes += [f"{g}: {o} passed over ({reason})" for o, reason in x.passed_over]
             reached = getattr(x.backend, "precision_reached", None)
             if reached == "fp32" and x.option.precision not in (None, "fp32"):
                 # a build allowed to fall back put an fp32 file in this slot: say what really runs
                 notes.append(f"{g}: {x.option} runs fp32 (its {x.option.precision} build fell back; see the manifest)")
-        line = ", ".join(f"{s}={'+'.join(sorted(k))}" for s, k in parts.items())
+        line = ", ".join(f"{s}={next(iter(k.values()))}" if len(set(k.values())) == 1
+                         else ", ".join(f"{g}={o}" for g, o in k.items()) for s, k in parts.items())
         return line + "".join(f"\n  {n}" for n in notes)
 
     # -- graph calls --------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def check_utf8(value: str | None, option: str) -> None:
               help="Generate exactly this many speech tokens per sentence (benchmarks; ignores stop tokens).")
 @click.option("--backend", "backends", default="torch", show_default=True,
               help="One backend for all stages (compile:bf16), or per stage: llm=compile:bf16,flow=ort:fp16,vocoder=ort; "
+                   "a graph named beside its stage overrides it (flow=ort:fp16,flow_estimator=ort:int8); "
                    "kind/kind tries several in order (flow=trt:fp16/compile:bf16/torch) and says which one runs.")
 @click.option("--engines-dir", default=None, help="Folder with exported artifacts (default engines/<model>).")
 @click.option("--precision", default="fp32", show_default=True, help="Artifact precision for ort/trt backends.")

@@ -26,15 +26,18 @@
 #   bench-orpheus    ORT fp32 against torch eager ($BENCH_ORP_BACKENDS; bench-cv2: $BENCH_CV2_BACKENDS)
 #   probe-hift       HiFT's fp16 on ORT CUDA under each provider option set, and its first non-finite conv
 #   certify-cv2, certify-orpheus   the low-precision artifacts validated again with $SEEDS seeds
-# Steps may be named after `background` too. Owed after the fifth attempt (docs/performance.md: the
-# CosyVoice2 fp16 LLM, estimator fp16 and int8 level, encoder, the Orpheus vocoder fp16/int8 and its bench
-# passed on the H100; HiFT fp16 stays at 24/90 convolutions; the sixth session got no machine): HiFT's
-# fp16 probe, the estimator's int8 recorded, certified and benched, then the Orpheus fp16 LLM:
-#   ORP_GRAPHS=none CV2_GRAPHS=flow_encoder,flow_estimator,vocoder EST_PRECISION=int8 BISECT=0
-#   CAL_PIN="taskset -c 0-3" CERT_CV2_GRAPHS=flow_encoder,flow_estimator BENCH_CV2_BACKENDS="torch|flow=ort|flow=ort:int8"
-#   background prepare wait-ort probe-hift build-cv2-estimator build-cv2-encoder bench-cv2 certify-cv2
-# (~750 s of chain; the HiFT probe alone: CV2_GRAPHS=vocoder ... background export wait-ort probe-hift;
-# the Orpheus fp16 LLM, ~600 s more: ORP_GRAPHS=llm ... export wait-ort llm16-orpheus)
+# Steps may be named after `background` too. Owed after the seventh attempt (docs/performance.md: HiFT's
+# fp16 "inf" was a cuDNN failure under HEURISTIC, the fp16 files now ask for NC1D padding; the estimator's
+# int8 and the encoder's fp16 passed and were certified, the encoder's int8 fails; the Orpheus fp16 LLM
+# passed all-fp16): the fp16 HiFT with NC1D built and validated at min/opt/max, then the bench with the
+# per-graph choice the int8 estimator needs, and the certificates:
+#   ORP_GRAPHS=none CV2_GRAPHS=flow_encoder,flow_estimator,vocoder VOC_PRECISION=fp16 ENC_PRECISION=fp16
+#   EST_PRECISION=int8 BISECT=0 CAL_PIN="taskset -c 0-3" EXPORT_CPUS=4-15 SEEDS=2
+#   BENCH_CV2_BACKENDS="torch|flow=ort,vocoder=ort|flow=ort,flow_encoder=ort:fp16,vocoder=ort:fp16|flow=ort:int8,flow_encoder=ort:fp16,vocoder=ort:fp16"
+#   background prepare wait-ort build-cv2-vocoder build-cv2-encoder build-cv2-estimator bench-cv2 certify-cv2
+# (~1,100 s of chain: the estimator's int8 search alone took 405 s; the HiFT question alone:
+# CV2_GRAPHS=vocoder VOC_PRECISION=fp16 ... background export wait-ort build-cv2-vocoder probe-hift;
+# the Orpheus fp16 LLM's certificate and bench come after)
 # (a machine lost: every artifact is made again; ORP_GRAPHS=vocoder when the session has < ~1,200 s left)
 # Every step is bounded by its own limit (a guess with room from the times seen on an H100; $STEP_S, if
 # set, replaces them all) and the whole chain by $BUDGET_S (a step that cannot get $MIN_STEP_S is skipped and said), so a
@@ -175,6 +178,7 @@ for s in $steps; do
       # EST_PRECISION=int8 builds only the estimator's int8 (its fp16 bisection is ~200 s of the 300)
       [ "$graph" = flow_estimator ] && limit=300 && prec=${EST_PRECISION:-fp16,int8}
       [ "$graph" = vocoder ] && prec=${VOC_PRECISION:-fp16,int8}
+      [ "$graph" = flow_encoder ] && prec=${ENC_PRECISION:-fp16,int8}
       run $s $limit $PY -m export build --model $CV2 --out-dir "$ENGINES/$CV2" --device "$DEVICE" --precision $prec \
         --graphs $graph --bisect-rounds "$BISECT" ;;
     build-orpheus)

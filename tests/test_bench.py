@@ -65,3 +65,5 @@ def test_backend_lists_split_on_commas_or_bars():
     assert backend_choices("torch|ort") == ["torch", "ort"]  # once refused as the backend 'torch|ort'
     assert backend_choices("torch|llm=ort,flow=ort:fp16,vocoder=ort") == ["torch", "llm=ort,flow=ort:fp16,vocoder=ort"]
     assert backend_choices(" torch , ") == ["torch"]
+    # a graph named beside its stage (its own precision) stays in its row
+    assert backend_choices("torch|flow=ort:int8,flow_encoder=ort:fp16") == ["torch", "flow=ort:int8,flow_encoder=ort:fp16"]

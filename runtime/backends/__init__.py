@@ -51,14 +51,25 @@ class Option:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """Per stage, the ordered options to try (one option: no fallback)."""
+    """Per stage, the ordered options to try (one option: no fallback); per graph, options that
+    override its stage's (e.g. `flow=ort:fp16,flow_estimator=ort:int8`: a graph may reach a
+    precision that another graph of its stage does not)."""
 
     stages: dict = field(default_factory=dict)  # stage -> tuple[Option, ...]
+    graphs: dict = field(default_factory=dict)  # graph -> tuple[Option, ...], overriding its stage's
 
     @classmethod
-    def parse(cls, choice: "str | dict | BackendChoice", stages: tuple[str, ...]) -> "BackendChoice":
+    def for_model(cls, choice: "str | dict | BackendChoice", model) -> "BackendChoice":
+        """`parse` with the model's stages and graphs."""
+        return cls.parse(choice, model.stages, {g: s.stage for g, s in model.graph_specs().items()})
+
+    @classmethod
+    def parse(cls, choice: "str | dict | BackendChoice", stages: tuple[str, ...],
+              graphs: dict[str, str] | None = None) -> "BackendChoice":
+        """`graphs`: graph -> its stage, the graph names a choice may name besides the stages."""
         if isinstance(choice, BackendChoice):
             return choice
+        graphs = {g: st for g, st in (graphs or {}).items() if g not in stages}  # a stage's name is the stage
         if isinstance(choice, dict):
             parts = [(s, v) for s, v in choice.items()]
         elif "=" not in choice:
@@ -72,20 +83,28 @@ class BackendChoice:
                                     f"write e.g. {','.join(f'{s}=torch' for s in stages)}")
                 parts.append((stage.strip(), value))
         table: dict[str, tuple[Option, ...]] = {}
+        per_graph: dict[str, tuple[Option, ...]] = {}
         for stage, value in parts:
-            if stage not in stages:
-                raise UserError(f"this model has no stage named {stage}.", f"choose among the stages {', '.join(stages)}")
-            if stage in table:
-                raise UserError(f"the backend choice names stage {stage} twice.",
-                                f"give each stage one choice; try several in order with /, e.g. {stage}=compile:bf16/torch")
-            table[stage] = tuple(_option(stage, v) for v in value.split("/"))
-        return cls({s: table.get(s, (Option("torch"),)) for s in stages})
+            if stage not in stages and stage not in graphs:
+                also = f" (or one of its graphs: {', '.join(sorted(graphs))})" if graphs else ""
+                raise UserError(f"this model has no stage named {stage}.", f"choose among the stages {', '.join(stages)}{also}")
+            into = table if stage in stages else per_graph
+            if stage in into:
+                raise UserError(f"the backend choice names {'stage' if into is table else 'graph'} {stage} twice.",
+                                f"give each {'stage' if into is table else 'graph'} one choice; try several in order with /, "
+                                f"e.g. {stage}=compile:bf16/torch")
+            into[stage] = tuple(_option(stage, v) for v in value.split("/"))
+        return cls({s: table.get(s, (Option("torch"),)) for s in stages}, per_graph)
 
-    def first(self, stage: str) -> Option:
-        return self.stages[stage][0]
+    def of(self, stage: str, graph: str | None = None) -> tuple:
+        """The options of one graph of `stage` (its own, else its stage's)."""
+        return self.graphs.get(graph) or self.stages[stage]
+
+    def first(self, stage: str, graph: str | None = None) -> Option:
+        return self.of(stage, graph)[0]
 
     def as_dict(self) -> dict[str, str]:
-        return {s: "/".join(map(str, opts)) for s, opts in self.stages.items()}
+        return {s: "/".join(map(str, opts)) for s, opts in {**self.stages, **self.graphs}.items()}
 
     def __str__(self) -> str:
         return ",".join(f"{s}={v}" for s, v in self.as_dict().items())
