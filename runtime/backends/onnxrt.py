@@ -133,14 +133,16 @@ class OrtBackend(ArtifactBackend):
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # use the CUDA / cuDNN libraries torch already loaded
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.meta = self.meta or read_metadata(self.path)  # after the check above: no CUDA provider is the error to name
         cuda = cuda_provider_options(index, torch.cuda.current_stream(index).cuda_stream, **self.file_cuda_options())
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def _activate(self) -> None:
         import onnxruntime as ort
 
-        self.meta = read_metadata(self.path)
+        self.meta = {}  # read again at every activation (providers() reads it first on CUDA)
         providers = self.providers()
+        self.meta = self.meta or read_metadata(self.path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
